@@ -1,0 +1,193 @@
+"""Learnable AugMix severity: a reparameterised log-normal whose sample carries a gradient.
+
+``log s ~ N(mu, sigma^2)`` with ``mu = log_severity_mu`` and ``sigma = exp(log_severity_log_sigma)``
+(the parametrisation of the reference learnable-severity script). Unlike that script, the sample is
+drawn with ``rsample`` and never ``.item()``-ed, so the loss that the AugMix views feed reaches
+``mu`` and ``sigma`` through the continuous op magnitudes (see ``augmix_gpu.ops``).
+
+The regulariser is the closed-form ``KL(N(mu, sigma^2) || N(log(initial) + offset, prior_std^2))``;
+the loss adds ``beta_augmenter_reg * kl() * kl_scale`` (``augmix_gpu.losses.augmix_objective``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+OBJECTIVES = ("minimize", "adversarial")
+
+
+class _GradReverse(torch.autograd.Function):
+    """Identity forward, negated gradient backward (Ganin & Lempitsky 2015).
+
+    Used by ``objective="adversarial"``: the optimiser still *descends* the total loss, so a
+    reversed gradient on the sample makes the severity *ascend* the loss the views feed (AugMax's
+    adversarial augmentation, Wang et al. 2021), while the KL (computed from mu/sigma, not from the
+    sample) still pulls it towards the prior.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def _straight_through_clamp(s: Tensor, max_value: float) -> Tensor:
+    """``min(s, max_value)`` in value, identity in gradient.
+
+    A hard clamp would zero the gradient whenever a sample lands above the bound, freezing mu in
+    exactly the region where the KL and the loss disagree; a smooth bound (e.g. ``max*s/(s+max)``)
+    would distort every sample (3 -> 2.3 for max 10). The straight-through clamp keeps samples below
+    the bound exact and the gradient alive above it.
+    """
+    return s + (s.clamp(max=max_value) - s).detach()
+
+
+class LearnableSeverity(nn.Module):
+    """Log-normal AugMix severity with reparameterised samples and a Gaussian prior on log s.
+
+    Args:
+        initial_aug_severity: initial median severity; ``log_severity_mu`` starts at its log and the
+            prior is centred on ``log(initial_aug_severity) + prior_severity_mean_offset``.
+        prior_severity_std: std of the prior on ``log s`` (nats of log-severity).
+        prior_severity_mean_offset: shift of the prior mean in log space.
+        per_sample: draw one ``eps`` per sample (``[B]``) instead of one per batch (``[]``, the
+            reference script's behaviour).
+        max_severity: upper bound of s (AugMix levels live in [0, 10]); enforced by a
+            straight-through clamp so the gradient survives.
+        initial_sigma: initial std of ``log s`` (0.1 in the reference script).
+        objective: ``"minimize"`` (s follows the training loss) or ``"adversarial"`` (s ascends the
+            loss the views feed, through gradient reversal).
+    """
+
+    def __init__(
+        self,
+        initial_aug_severity: float = 3.0,
+        prior_severity_std: float = 1.0,
+        prior_severity_mean_offset: float = 0.0,
+        per_sample: bool = False,
+        max_severity: float = 10.0,
+        initial_sigma: float = 0.1,
+        objective: str = "minimize",
+    ) -> None:
+        super().__init__()
+        _validate(initial_aug_severity, prior_severity_std, max_severity, initial_sigma, objective)
+        self.initial_aug_severity = float(initial_aug_severity)
+        self.prior_severity_std = float(prior_severity_std)
+        self.prior_severity_mean_offset = float(prior_severity_mean_offset)
+        self.per_sample = bool(per_sample)
+        self.max_severity = float(max_severity)
+        self.initial_sigma = float(initial_sigma)
+        self.objective = objective
+        # Prior on log s; plain floats (configuration, not state): a checkpoint holds mu and
+        # log_sigma only, and the prior comes from the run's arguments.
+        self.prior_mu = math.log(self.initial_aug_severity) + self.prior_severity_mean_offset
+        self.log_severity_mu = nn.Parameter(torch.tensor(math.log(self.initial_aug_severity)))
+        self.log_severity_log_sigma = nn.Parameter(torch.tensor(math.log(self.initial_sigma)))
+        self.last_sample: Tensor | None = None
+
+    @property
+    def sigma(self) -> Tensor:
+        """Std of ``log s`` (a tensor that carries the gradient)."""
+        return self.log_severity_log_sigma.exp()
+
+    def rsample(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw s = exp(mu + sigma * eps), bounded to (0, max_severity], differentiable in mu, sigma.
+
+        Returns a ``[]`` tensor (one severity for the batch) or ``[batch_size]`` if ``per_sample``.
+        ``eps`` is drawn on the generator's device (CPU when no generator is given) and moved to the
+        parameters' device, so a CPU generator reproduces the same draw on any device.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        mu = self.log_severity_mu
+        shape = (batch_size,) if self.per_sample else ()
+        eps_device = generator.device if generator is not None else torch.device("cpu")
+        eps = torch.randn(shape, generator=generator, device=eps_device, dtype=torch.float32)
+        eps = eps.to(device=mu.device, dtype=mu.dtype)
+        s = torch.exp(mu + self.sigma * eps)
+        s = _straight_through_clamp(s, self.max_severity)
+        if self.objective == "adversarial":
+            s = _GradReverse.apply(s)
+        self.last_sample = s.detach()
+        return s
+
+    def kl(self) -> Tensor:
+        """Closed-form ``KL(N(mu, sigma^2) || N(prior_mu, prior_std^2))`` in nats, a scalar.
+
+        ``log(sp/sq) + (sq^2 + (mq - mp)^2) / (2 sp^2) - 1/2`` for q = N(mq, sq^2), p = N(mp, sp^2).
+        """
+        sp = self.prior_severity_std
+        sq2 = torch.exp(2.0 * self.log_severity_log_sigma)
+        return (
+            math.log(sp)
+            - self.log_severity_log_sigma
+            + (sq2 + (self.log_severity_mu - self.prior_mu) ** 2) / (2.0 * sp * sp)
+            - 0.5
+        )
+
+    def mean_severity(self) -> float:
+        """E[s] = exp(mu + sigma^2/2) of the unbounded log-normal (the clamp is ignored)."""
+        with torch.no_grad():
+            return float(torch.exp(self.log_severity_mu + 0.5 * self.sigma**2))
+
+    def median_severity(self) -> float:
+        """Median of s, exp(mu)."""
+        with torch.no_grad():
+            return float(torch.exp(self.log_severity_mu))
+
+    def stats(self) -> dict[str, float]:
+        """Scalars for logs, JSON and W&B; ``severity_last`` is the mean of the last draw (NaN before any)."""
+        last = float("nan") if self.last_sample is None else float(self.last_sample.float().mean())
+        with torch.no_grad():
+            return {
+                "severity_mu": float(self.log_severity_mu),
+                "severity_sigma": float(self.sigma),
+                "severity_mean": self.mean_severity(),
+                "severity_median": self.median_severity(),
+                "severity_last": last,
+            }
+
+    def extra_repr(self) -> str:
+        return (
+            f"initial_aug_severity={self.initial_aug_severity}, "
+            f"prior_severity_std={self.prior_severity_std}, "
+            f"prior_severity_mean_offset={self.prior_severity_mean_offset}, "
+            f"per_sample={self.per_sample}, max_severity={self.max_severity}, "
+            f"objective={self.objective!r}"
+        )
+
+
+def _validate(
+    initial_aug_severity: float,
+    prior_severity_std: float,
+    max_severity: float,
+    initial_sigma: float,
+    objective: str,
+) -> None:
+    """Reject configurations that would give NaN/inf parameters or an empty support."""
+
+    def finite_positive(name: str, value: float) -> None:
+        try:
+            ok = math.isfinite(float(value)) and float(value) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    finite_positive("max_severity", max_severity)
+    finite_positive("initial_aug_severity", initial_aug_severity)
+    if initial_aug_severity > max_severity:
+        raise ValueError(
+            f"initial_aug_severity must be in (0, max_severity={max_severity}], got "
+            f"{initial_aug_severity}: lower it or raise max_severity"
+        )
+    finite_positive("prior_severity_std", prior_severity_std)
+    finite_positive("initial_sigma", initial_sigma)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")

@@ -1,0 +1,180 @@
+"""LearnableSeverity: KL, sampling distribution, bound, gradient reversal, configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+from torch.distributions import LogNormal, Normal, kl_divergence
+
+from augmix_gpu.severity import OBJECTIVES, LearnableSeverity
+
+# Two-sided tail probability for the statistical tests: with fixed seeds they are deterministic,
+# this only says how unlikely a false failure would be for an arbitrary seed.
+ALPHA = 1e-4
+
+
+@pytest.mark.parametrize(
+    ("initial", "std", "offset", "mu", "log_sigma"),
+    [(3.0, 1.0, 0.0, None, None), (1.5, 0.3, -0.4, 0.2, -1.0), (8.0, 2.0, 0.7, 1.9, 0.3)],
+)
+def test_kl_matches_torch_distributions(initial, std, offset, mu, log_sigma) -> None:
+    sev = LearnableSeverity(initial, prior_severity_std=std, prior_severity_mean_offset=offset)
+    with torch.no_grad():
+        if mu is not None:
+            sev.log_severity_mu.fill_(mu)
+            sev.log_severity_log_sigma.fill_(log_sigma)
+    q = Normal(sev.log_severity_mu, sev.log_severity_log_sigma.exp())
+    p = Normal(torch.tensor(math.log(initial) + offset), torch.tensor(std))
+    assert sev.kl().item() == pytest.approx(kl_divergence(q, p).item(), rel=1e-5, abs=1e-6)
+
+
+def test_kl_is_zero_at_the_prior_and_has_gradient() -> None:
+    sev = LearnableSeverity(3.0, prior_severity_std=0.1, initial_sigma=0.1)
+    assert sev.kl().item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        sev.log_severity_mu.add_(0.5)
+    sev.kl().backward()
+    assert sev.log_severity_mu.grad.item() > 0  # descending the KL pulls mu back down
+
+
+def _check_normal(x: torch.Tensor, mu: float, sigma: float) -> None:
+    """Sample mean (z-test) and variance (chi-square test) of x against N(mu, sigma^2)."""
+    n = x.numel()
+    x = x.double()
+    z = (x.mean().item() - mu) / (sigma / math.sqrt(n))
+    assert abs(z) < stats.norm.ppf(1 - ALPHA / 2), f"mean of log s off by {z:.2f} standard errors"
+    chi = (n - 1) * x.var(unbiased=True).item() / sigma**2
+    lo, hi = stats.chi2.ppf([ALPHA / 2, 1 - ALPHA / 2], n - 1)
+    assert lo < chi < hi, f"variance of log s: chi2={chi:.1f} outside ({lo:.1f}, {hi:.1f})"
+
+
+def _set(sev: LearnableSeverity, mu: float, sigma: float) -> None:
+    with torch.no_grad():
+        sev.log_severity_mu.fill_(mu)
+        sev.log_severity_log_sigma.fill_(math.log(sigma))
+
+
+def test_per_batch_samples_are_lognormal() -> None:
+    # mu = log 2, sigma = 0.4: the bound 10 sits 4 sigma above mu, so the clamp is negligible
+    # (P = 3e-5 per draw).
+    sev = LearnableSeverity(2.0)
+    _set(sev, math.log(2.0), 0.4)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sev.rsample(8, generator=g) for _ in range(4000)])
+    assert draws.shape == (4000,)  # one scalar per batch
+    _check_normal(draws.detach().log(), math.log(2.0), 0.4)
+
+
+def test_per_sample_samples_are_lognormal() -> None:
+    sev = LearnableSeverity(2.0, per_sample=True)
+    _set(sev, math.log(1.5), 0.5)
+    s = sev.rsample(20000, generator=torch.Generator().manual_seed(1))
+    assert s.shape == (20000,)
+    _check_normal(s.detach().log(), math.log(1.5), 0.5)
+    # And a wrong sigma would be caught: the same draws fail the test for sigma = 0.52.
+    with pytest.raises(AssertionError):
+        _check_normal(s.detach().log(), math.log(1.5), 0.52)
+
+
+def test_generator_reproducibility() -> None:
+    sev = LearnableSeverity(per_sample=True, initial_sigma=0.3)
+    a = sev.rsample(5, generator=torch.Generator().manual_seed(7))
+    b = sev.rsample(5, generator=torch.Generator().manual_seed(7))
+    c = sev.rsample(5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(sev.last_sample, c.detach())
+
+
+def test_bound_keeps_value_and_gradient() -> None:
+    sev = LearnableSeverity(9.0, max_severity=10.0, initial_sigma=1.0, per_sample=True)
+    s = sev.rsample(2000, generator=torch.Generator().manual_seed(2))
+    assert (s > 0).all() and (s <= 10.0).all()
+    assert (s == 10.0).sum() > 100  # about half the draws are clamped
+    s.sum().backward()
+    # Straight-through: d s / d mu is the unclamped exp(mu + sigma eps) > 0 for every sample.
+    assert sev.log_severity_mu.grad.item() > s.detach().sum().item()
+
+
+def test_rsample_gradient_is_reparameterised() -> None:
+    sev = LearnableSeverity(3.0, initial_sigma=0.2)
+    g = torch.Generator().manual_seed(3)
+    s = sev.rsample(4, generator=g)
+    eps = (s.detach().log() - sev.log_severity_mu.detach()) / 0.2
+    s.backward()
+    assert sev.log_severity_mu.grad.item() == pytest.approx(s.item(), rel=1e-5)
+    assert sev.log_severity_log_sigma.grad.item() == pytest.approx(
+        s.item() * 0.2 * eps.item(), rel=1e-4, abs=1e-6
+    )
+
+
+def test_adversarial_reverses_the_sample_gradient_not_the_kl() -> None:
+    grads = {}
+    for objective in OBJECTIVES:
+        sev = LearnableSeverity(3.0, prior_severity_std=0.5, objective=objective)
+        with torch.no_grad():
+            sev.log_severity_mu.add_(0.3)
+        s = sev.rsample(4, generator=torch.Generator().manual_seed(4))
+        s.backward()
+        grads[objective, "sample"] = sev.log_severity_mu.grad.item()
+        sev.zero_grad()
+        sev.kl().backward()
+        grads[objective, "kl"] = sev.log_severity_mu.grad.item()
+    assert grads["minimize", "sample"] > 0
+    assert grads["adversarial", "sample"] == pytest.approx(-grads["minimize", "sample"])
+    assert grads["minimize", "kl"] > 0
+    assert grads["adversarial", "kl"] == pytest.approx(grads["minimize", "kl"])
+
+
+def test_stats_and_mean() -> None:
+    sev = LearnableSeverity(3.0, initial_sigma=0.4)
+    st = sev.stats()
+    assert set(st) >= {"severity_mu", "severity_sigma", "severity_mean", "severity_last"}
+    assert math.isnan(st["severity_last"])
+    ref = LogNormal(torch.tensor(math.log(3.0)), torch.tensor(0.4))
+    assert sev.mean_severity() == pytest.approx(ref.mean.item(), rel=1e-6)
+    assert sev.median_severity() == pytest.approx(3.0, rel=1e-6)
+    assert st["severity_sigma"] == pytest.approx(0.4, rel=1e-6)
+    s = sev.rsample(2, generator=torch.Generator().manual_seed(5))
+    assert sev.stats()["severity_last"] == pytest.approx(s.item())
+
+
+def test_state_dict_round_trip() -> None:
+    a = LearnableSeverity(3.0)
+    _set(a, 0.7, 0.25)
+    b = LearnableSeverity(3.0)
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {"log_severity_mu", "log_severity_log_sigma"}
+    assert b.median_severity() == pytest.approx(math.exp(0.7), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"initial_aug_severity": 0.0},
+            "initial_aug_severity must be a finite number > 0, got 0.0",
+        ),
+        ({"initial_aug_severity": -1.0}, "initial_aug_severity .* got -1.0"),
+        (
+            {"initial_aug_severity": 12.0},
+            r"initial_aug_severity must be in \(0, max_severity=10.0\]",
+        ),
+        ({"prior_severity_std": 0.0}, "prior_severity_std must be a finite number > 0"),
+        ({"prior_severity_std": -2.0}, "prior_severity_std .* got -2.0"),
+        ({"initial_sigma": 0.0}, "initial_sigma must be a finite number > 0"),
+        ({"max_severity": float("nan")}, "max_severity must be a finite number > 0"),
+        ({"objective": "maximize"}, r"objective must be one of \('minimize', 'adversarial'\)"),
+    ],
+)
+def test_bad_configuration(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LearnableSeverity(**kwargs)
+
+
+def test_bad_batch_size() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        LearnableSeverity().rsample(0)
