@@ -1,0 +1,121 @@
+"""torchrun environment, process group and rank helpers.
+
+torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK) is the engine; a plain
+``python train.py`` is a world of one. NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: no process group (world of one)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes files and shows the progress bar."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks this rank's GPU when CUDA is available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda was requested but CUDA is not available: use --device cpu"
+            )
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Read the torchrun environment and start the process group when WORLD_SIZE > 1."""
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                **({"device_id": dev} if dev.type == "cuda" else {}),
+            )
+    elif dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistEnv(rank, local_rank, world_size, dev, backend)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over ranks in place (counts, not means, so every sample weighs the same)."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate a 1-D tensor of per-rank length over ranks (rank order)."""
+    if not env.distributed:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(env.world_size)]
+    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor.reshape(-1)
+    gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when the flag is set on any rank (stop signals, non-finite losses)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
