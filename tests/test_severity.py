@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import natural_batch
 from scipy import stats
 from torch.distributions import LogNormal, Normal, kl_divergence
 
+from augmix_gpu.ops import OPS
 from augmix_gpu.severity import OBJECTIVES, LearnableSeverity
 
 # Two-sided tail probability for the statistical tests: with fixed seeds they are deterministic,
@@ -178,3 +180,88 @@ def test_bad_configuration(kwargs: dict, match: str) -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         LearnableSeverity().rsample(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients from the views to s, op by op: view = op(x, sign * op.parameter(0.1 + u * (s - 0.1)))
+# ---------------------------------------------------------------------------------------------
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return natural_batch(n, size, seed).double() / 255.0
+
+
+def _op_of_s(name: str, x: torch.Tensor, u: float, sign: float):
+    op = OPS[name]
+
+    def f(s: torch.Tensor) -> torch.Tensor:
+        level = 0.1 + u * (s - 0.1)
+        param = (sign if op.signed else 1.0) * op.parameter(level.expand(x.shape[0]))
+        return op.apply(x, param)
+
+    return f
+
+
+def _ops_with(kind: str) -> list[str]:
+    return [name for name, op in OPS.items() if op.gradient == kind]
+
+
+def test_gradient_kinds_cover_the_table() -> None:
+    assert set(_ops_with("exact")) == {
+        "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
+        "color", "contrast", "brightness", "sharpness",
+    }  # fmt: skip
+    assert set(_ops_with("straight_through")) == {"posterize", "solarize"}
+    assert set(_ops_with("none")) == {"autocontrast", "equalize"}
+    assert len(OPS) == 13
+
+
+@pytest.mark.parametrize("name", _ops_with("exact"))
+@pytest.mark.parametrize(("s0", "u", "sign"), [(3.0, 0.7, 1.0), (6.5, 0.35, -1.0)])
+def test_exact_ops_gradcheck_in_s(name: str, s0: float, u: float, sign: float) -> None:
+    x = _images(2, 12, seed=11)
+    s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+    f = _op_of_s(name, x, u, sign)
+    out = f(s)
+    # The view must actually move with s, or gradcheck would pass trivially.
+    (g,) = torch.autograd.grad(out.sum(), s)
+    assert g.abs().item() > 1e-3
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", _ops_with("none"))
+def test_magnitude_free_ops_do_not_depend_on_s(name: str) -> None:
+    x = _images(2, 12)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    out = _op_of_s(name, x, 0.5, 1.0)(s)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("name", _ops_with("straight_through"))
+def test_straight_through_ops_follow_finite_differences_on_average(name: str) -> None:
+    """Over many (image, level) pairs the surrogate gradient of a random linear read-out of the
+    view is finite and has the sign of a central finite difference (step 0.5 in s) on average."""
+    g = torch.Generator().manual_seed(0)
+    x = _images(24, 16, seed=100)
+    agree, total, corr_num = 0, 0, 0.0
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        w = torch.rand(xi.shape, generator=g, dtype=torch.float64) + 0.5  # positive read-out
+        for s0 in (1.0, 2.5, 4.0, 5.5, 7.0, 8.5):
+            u = 0.5 + 0.5 * torch.rand((), generator=g).item()
+            f = _op_of_s(name, xi, u, 1.0)
+            s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad((w * f(s)).sum(), s)
+            assert torch.isfinite(grad)
+            with torch.no_grad():
+                fd = ((w * f(s + 0.5)).sum() - (w * f(s - 0.5)).sum()) / 1.0
+            if fd.abs() < 1e-9:
+                continue
+            total += 1
+            agree += int(torch.sign(grad) == torch.sign(fd))
+            corr_num += (grad * fd).item()
+    assert total > 72  # most pairs move (a threshold above every pixel does not)
+    assert agree / total > 0.8, (
+        f"{name}: gradient sign agrees with finite differences {agree}/{total}"
+    )
+    assert corr_num > 0
