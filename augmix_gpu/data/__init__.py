@@ -1,0 +1,28 @@
+"""Data layer: one DALI pipeline builder (train / val / corrupted), sharded seeded epochs,
+ImageFolder-compatible validation, CIFAR arrays, an embedded synthetic task and a -C maker.
+
+Importing this package does not import DALI, imagecorruptions or touch CUDA: pipelines are built
+inside `DaliLoader.epoch()`, corruptions are imported when a -C set is written.
+"""
+
+from .cifar import CifarArrays, load_cifar, load_cifar_c
+from .folders import IMG_EXTENSIONS, DatasetError, find_classes, scan_folder
+from .loader import DaliLoader, build_loader
+from .make_c import CORRUPTIONS, EXTRA_CORRUPTIONS, make_corrupted_dataset
+from .synthetic import make_synthetic_dataset
+
+__all__ = [
+    "CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "IMG_EXTENSIONS",
+    "CifarArrays",
+    "DaliLoader",
+    "DatasetError",
+    "build_loader",
+    "find_classes",
+    "load_cifar",
+    "load_cifar_c",
+    "make_corrupted_dataset",
+    "make_synthetic_dataset",
+    "scan_folder",
+]

@@ -1,0 +1,123 @@
+"""The one DALI pipeline builder: train / val / corrupted recipes over JPEG files or CIFAR arrays.
+
+The GPU and CPU paths are this same graph with another device string: `device="gpu"` decodes with
+`device="mixed"` (nvJPEG, host Huffman + device IDCT) on `device_id`, and every later op then runs
+on the GPU because its input lives there; `device="cpu"` decodes with libjpeg-turbo
+(`device_id=None`, a CPU-only pipeline). DALI is imported inside the function so that importing
+`augmix_gpu.data` stays cheap and CUDA-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+RECIPES = ("train", "val", "corrupted")
+# torchvision RandomResizedCrop defaults (Szegedy et al. 2015, "Inception" crop).
+RANDOM_AREA = (0.08, 1.0)
+RANDOM_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+CIFAR_PAD = 4  # px; the CIFAR AugMix recipe's RandomCrop(32, padding=4), zero fill
+
+
+def build_pipeline(
+    recipe: str,
+    *,
+    batch_size: int,
+    device: str,
+    device_id: int | None,
+    seed: int,
+    num_threads: int,
+    prefetch: int,
+    files: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    array_source: Callable[[Any], tuple] | None = None,
+    crop_size: int = 224,
+    resize_size: int = 256,
+    c_resize: int | None = None,
+) -> Any:
+    """A built `nvidia.dali.Pipeline` with outputs `(images uint8 [B,3,H,W] CHW, labels int32 [B,1])`.
+
+    Exactly one input: `files` + `labels` (read in the given order, one pass = one epoch; the
+    caller already shuffled and sharded them), or `array_source`, a DALI batch callback returning
+    `(images [B,H,W,3] uint8, labels [B] int32)` plus, for `train`, `(anchors [B,2] int32 as (y, x)
+    in [-4, 4], flips [B] int32)` drawn by the caller (so CIFAR batches are exactly reproducible).
+    """
+    from nvidia import dali
+    from nvidia.dali import fn, types
+
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu' here, got {device!r}")
+    if (files is None) == (array_source is None):
+        raise ValueError("pass exactly one of files (+labels) or array_source")
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    to_chw = dict(dtype=types.UINT8, output_layout="CHW")
+    pipe = dali.Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed,
+        prefetch_queue_depth=prefetch,
+    )
+    with pipe:
+        if files is not None:
+            # Random ops get their own seeds from `seed`; DALI keeps one RNG per batch slot,
+            # so the crops do not depend on num_threads.
+            encoded, lab = fn.readers.file(
+                files=list(files), labels=list(labels), random_shuffle=False, name="reader"
+            )
+            if recipe == "train":
+                # ROI decode: only the sampled window is decoded (libjpeg-turbo / nvJPEG crop).
+                images = fn.decoders.image_random_crop(
+                    encoded,
+                    device=decoder_device,
+                    output_type=types.RGB,
+                    random_area=list(RANDOM_AREA),
+                    random_aspect_ratio=list(RANDOM_ASPECT),
+                    num_attempts=10,  # torchvision's retry count, then the centre-crop fallback
+                )
+                # Linear + antialias = PIL's bilinear on downscaling, as torchvision does.
+                images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, antialias=True)
+                images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **to_chw)
+            else:
+                images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+                shorter = resize_size if recipe == "val" else c_resize
+                if shorter is not None:
+                    images = fn.resize(images, resize_shorter=shorter, antialias=True)
+                # `trim_to_shape`: an image smaller than the crop is kept whole (the -C protocol
+                # crops only what is larger); the val recipe always has shorter >= crop.
+                images = fn.crop_mirror_normalize(
+                    images,
+                    crop=(crop_size, crop_size),
+                    out_of_bounds_policy="trim_to_shape",
+                    **to_chw,
+                )
+        else:
+            if recipe == "train":
+                images, lab, anchors, flips = fn.external_source(
+                    source=array_source, num_outputs=4, batch=True, layout=["HWC", "", "", ""]
+                )
+            else:
+                images, lab = fn.external_source(
+                    source=array_source, num_outputs=2, batch=True, layout=["HWC", ""]
+                )
+            if device == "gpu":
+                images = images.gpu()
+            if recipe == "train":
+                # Pad 4 px with zeros then crop back to the input size == a window at anchor in
+                # [-4, 4] with out-of-bounds pixels filled with 0.
+                images = fn.slice(
+                    images,
+                    start=anchors,
+                    shape=images.shape(dtype=types.INT32)[0:2],
+                    axis_names="HW",
+                    out_of_bounds_policy="pad",
+                    fill_values=0,
+                )
+                images = fn.crop_mirror_normalize(images, mirror=flips, **to_chw)
+            else:
+                images = fn.crop_mirror_normalize(images, **to_chw)
+        pipe.set_outputs(images, lab)
+    pipe.build()
+    return pipe

@@ -1,0 +1,213 @@
+"""An embedded, procedural 10-class image task written as ImageNet-layout JPEG folders.
+
+Why: the trainer, the evaluator and the -C maker need a real dataset on a machine with no network
+and no GPU. Each class is a shape (circle, square, triangle, ...); everything else is nuisance,
+drawn at random per image: fill colour and stripe texture, background colour, gradient and
+texture, position, scale, rotation (+-20 deg, so square/diamond and plus/x stay distinct), a small
+distractor blob, pixel noise, sometimes low contrast. A small CNN learns it in minutes on a CPU,
+but not perfectly in one epoch.
+
+Every image is a pure function of (seed, split, class, index): adding images or classes never
+changes the existing ones. The tree is written to a temporary folder and renamed into place, with
+a `.complete` marker holding the parameters, so a cache can tell a finished set from a torn one.
+
+    python -m augmix_gpu.data.synthetic OUT --classes 10 --train_per_class 500 --val_per_class 50 --size 64 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .folders import DatasetError
+
+MARKER = ".complete"
+SPLITS = ("train", "val")
+JPEG_QUALITY = 90
+_SQRT_HALF = np.float32(np.sqrt(0.5))
+
+
+def _plus(u, v):
+    return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.9)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.9))
+
+
+# Shape masks on coordinates (u, v) normalised so the shape fits the unit disc; v points down.
+SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": lambda u, v: u * u + v * v <= 0.85,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.7,
+    "triangle": lambda u, v: (v <= 0.6) & (v >= -0.9 + 1.732 * np.abs(u)),
+    "plus": _plus,
+    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.3),
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 0.95,
+    "x": lambda u, v: _plus((u + v) * _SQRT_HALF, (u - v) * _SQRT_HALF),
+    "crescent": lambda u, v: (u * u + v * v <= 0.9) & ((u - 0.45) ** 2 + v * v >= 0.55),
+    "tee": lambda u, v: (
+        ((np.abs(u) <= 0.9) & (v >= -0.9) & (v <= -0.45))
+        | ((np.abs(u) <= 0.22) & (np.abs(v) <= 0.9))
+    ),
+    "star": lambda u, v: np.sqrt(u * u + v * v) <= 0.5 + 0.4 * np.cos(5 * np.arctan2(u, -v)),
+}
+CLASS_NAMES = tuple(f"{i:02d}_{name}" for i, name in enumerate(SHAPES))
+
+
+def _stripes(gx: np.ndarray, gy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A soft stripe pattern in [0, 1] at a random angle and period (3-12 px at 64 px)."""
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(3, 12) / 64.0
+    phase = (gx * np.cos(angle) + gy * np.sin(angle)) / period
+    return (0.5 + 0.5 * np.sin(2 * np.pi * phase + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+
+
+def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One `[size, size, 3]` uint8 image of class `label`, every nuisance drawn from `rng`."""
+    ss = 2 * size  # draw at 2x and box-filter down: anti-aliased edges
+    g = (np.arange(ss, dtype=np.float32) + 0.5) / ss
+    gy, gx = np.meshgrid(g, g, indexing="ij")  # in [0, 1]
+
+    # Background: colour + linear gradient + optional texture.
+    bg = rng.uniform(0, 1, 3).astype(np.float32)
+    grad = rng.uniform(-0.35, 0.35, 3).astype(np.float32)
+    ramp_angle = rng.uniform(0, 2 * np.pi)
+    ramp = (gx * np.cos(ramp_angle) + gy * np.sin(ramp_angle))[..., None]
+    img = bg + grad * (ramp - 0.5)
+    if rng.random() < 0.6:
+        img = img + rng.uniform(0.05, 0.3) * (_stripes(gx, gy, rng)[..., None] - 0.5)
+
+    # Shape: position, scale, rotation; fill colour, sometimes close to the background.
+    radius = rng.uniform(0.2, 0.42)
+    cx, cy = rng.uniform(radius * 0.9, 1 - radius * 0.9, 2)
+    theta = np.deg2rad(rng.uniform(-20, 20))
+    dx, dy = (gx - cx) / radius, (gy - cy) / radius
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    mask = SHAPES[list(SHAPES)[label]](u, v)[..., None]
+    if rng.random() < 0.15:  # low contrast: the fill is the background shifted a little
+        fg = np.clip(bg + rng.choice([-1, 1], 3) * rng.uniform(0.12, 0.25, 3), 0, 1)
+    else:
+        fg = rng.uniform(0, 1, 3)
+    fill = np.broadcast_to(fg.astype(np.float32), img.shape)
+    if rng.random() < 0.5:
+        fg2 = rng.uniform(0, 1, 3).astype(np.float32)
+        t = _stripes(gx, gy, rng)[..., None]
+        fill = fill * (1 - t) + fg2 * t
+    img = np.where(mask, fill, img)
+
+    # Distractor: a small disc or box of a random colour anywhere.
+    if rng.random() < 0.5:
+        r = rng.uniform(0.04, 0.1)
+        px, py = rng.uniform(0, 1, 2)
+        if rng.random() < 0.5:
+            blob = (gx - px) ** 2 + (gy - py) ** 2 <= r * r
+        else:
+            blob = (np.abs(gx - px) <= r) & (np.abs(gy - py) <= r)
+        img = np.where(blob[..., None], rng.uniform(0, 1, 3).astype(np.float32), img)
+
+    img = img.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
+    img = img + rng.normal(0, rng.uniform(0.0, 0.08), img.shape)  # pixel noise, sigma up to 20/255
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _params(
+    num_classes: int, train_per_class: int, val_per_class: int, size: int, seed: int
+) -> dict:
+    return dict(
+        classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+        size=size, seed=seed, version=1,
+    )  # fmt: skip
+
+
+def is_complete(out: str | os.PathLike, params: dict | None = None) -> bool:
+    """True when `out` holds a finished set (marker present and, if given, the same parameters)."""
+    marker = Path(out) / MARKER
+    if not marker.is_file():
+        return False
+    return params is None or json.loads(marker.read_text()) == params
+
+
+def make_synthetic_dataset(
+    out: str | os.PathLike,
+    *,
+    num_classes: int = 10,
+    train_per_class: int = 500,
+    val_per_class: int = 50,
+    size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write `out/train/<class>/*.JPEG` and `out/val/<class>/*.JPEG`; return `out`.
+
+    A finished set with the same parameters is reused as is (cache); anything else already at
+    `out` is an error unless `overwrite=True`.
+    """
+    if not 1 <= num_classes <= len(SHAPES):
+        raise ValueError(
+            f"num_classes must be in 1..{len(SHAPES)} (one shape each), got {num_classes}"
+        )
+    if size < 32:
+        raise ValueError(f"size must be >= 32 px (the -C corruptions need it), got {size}")
+    if train_per_class < 1 or val_per_class < 0:
+        raise ValueError(
+            f"need train_per_class >= 1 and val_per_class >= 0, got {train_per_class}, {val_per_class}"
+        )
+    out = Path(out)
+    params = _params(num_classes, train_per_class, val_per_class, size, seed)
+    if is_complete(out, params):
+        return out
+    if out.exists():
+        if not overwrite:
+            raise DatasetError(
+                f"{str(out)!r} exists but is not a finished synthetic set with these parameters "
+                f"({params}): delete it, choose another folder, or pass overwrite=True"
+            )
+        shutil.rmtree(out)
+    from tqdm import tqdm
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {"train": train_per_class, "val": val_per_class}
+    total = num_classes * (train_per_class + val_per_class)
+    with tqdm(total=total, desc=f"synthetic {out.name}", unit="img", disable=not progress) as bar:
+        for split_id, split in enumerate(SPLITS):
+            for label in range(num_classes):
+                folder = tmp / split / CLASS_NAMES[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(counts[split]):
+                    rng = np.random.default_rng([seed, split_id, label, i])
+                    Image.fromarray(render(label, size, rng)).save(
+                        folder / f"{split}_{label:02d}_{i:05d}.JPEG", quality=JPEG_QUALITY
+                    )
+                    bar.update()
+    (tmp / MARKER).write_text(json.dumps(params))
+    os.replace(tmp, out)  # atomic on one filesystem: readers see nothing or everything
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output folder (gets train/ and val/)")
+    p.add_argument(
+        "--classes", type=int, default=10, help=f"number of shape classes (1..{len(SHAPES)})"
+    )
+    p.add_argument("--train_per_class", type=int, default=500)
+    p.add_argument("--val_per_class", type=int, default=50)
+    p.add_argument("--size", type=int, default=64, help="image side in px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT")
+    a = p.parse_args(argv)
+    out = make_synthetic_dataset(
+        a.out, num_classes=a.classes, train_per_class=a.train_per_class, val_per_class=a.val_per_class,
+        size=a.size, seed=a.seed, overwrite=a.overwrite,
+    )  # fmt: skip
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
