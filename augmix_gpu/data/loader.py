@@ -150,15 +150,15 @@ class DaliLoader:
         )
 
     def _array_source(self, idx: np.ndarray, epoch: int, start_step: int):
-        """A DALI batch callback over the rank's indices; CIFAR crops drawn per (seed, epoch, rank, step)."""
+        """A DALI batch callback over `idx` (this rank, from `start_step` on); crops drawn per (seed, epoch, rank, step)."""
         images, labels, bs = self._arrays.images, self._labels, self.batch_size
         steps = len(idx) // bs
 
-        def source(iteration: int):
-            step = start_step + iteration
-            if step >= steps:
+        def source(iteration: int):  # `idx` starts at `start_step`
+            if iteration >= steps:
                 raise StopIteration
-            batch = idx[step * bs : (step + 1) * bs]
+            batch = idx[iteration * bs : (iteration + 1) * bs]
+            step = start_step + iteration
             out = (images[batch], labels[batch].astype(np.int32))
             if not self.is_train:
                 return out
