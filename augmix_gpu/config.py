@@ -1,0 +1,295 @@
+"""Training configuration: the reference script's CLI, preset files, and how they compose.
+
+Precedence, lowest to highest: built-in defaults < ``--config FILE`` (TOML) < flags given on the
+command line. The resolved configuration is a plain dict, saved beside every run and inside every
+checkpoint, so a run can always be reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .models import available_archs
+
+AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
+DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
+PRECISIONS = {
+    "32": "32",
+    "32-true": "32",
+    "16": "16",
+    "16-mixed": "16",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG = "demo.toml"
+
+# Per-dataset defaults for the values left at None: the embedded synthetic task must train on two
+# CPU cores in minutes, ImageNet is the real target (ResNet-50 at 224 px).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "imagenet": {"arch": "resnet50", "crop_size": 224, "val_resize": 256},
+    "synthetic": {"arch": "tiny_resnet", "crop_size": 56, "val_resize": 64},
+    "cifar10": {"arch": "resnet18", "crop_size": 32, "val_resize": 32},
+    "cifar100": {"arch": "resnet18", "crop_size": 32, "val_resize": 32},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a classifier with (learnable) AugMix + JSD under torchrun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    # --- the reference learnable-severity script's interface ---
+    a("--epochs", type=int, default=90)
+    a("--batch", type=int, default=128, help="global batch size (split evenly over ranks)")
+    a("--workers", type=int, default=4, help="DALI threads per rank")
+    a("--lr", type=float, default=1e-4, help="network learning rate (see --lr_scale_batch)")
+    a("--gpus", type=int, default=-1, help="compat: 0 forces the CPU; use torchrun for several")
+    a(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="32",
+        help="32 | 16 (fp16 + GradScaler) | bf16",
+    )
+    a("--matmul_precision", choices=("highest", "high", "medium"), default="highest")
+    a("--grad_clip_val", type=float, default=0.0, help="clip the global grad norm (0: off)")
+    a("--ckpt_dir_base", default="./checkpoints")
+    a("--eval_only", action="store_true", help="evaluate --ckpt_path (or --pretrained) and exit")
+    a("--ckpt_path", default=None, help="checkpoint to evaluate with --eval_only")
+    a(
+        "--resume",
+        default=None,
+        help="checkpoint to continue from, or 'auto' for <run dir>/last.ckpt",
+    )
+    a("--seed", type=int, default=0)
+    a("--no_wandb", action="store_true", help="same as --wandb disabled")
+    a("--aug_type", choices=AUG_TYPES, default="learnable_augmix_jsd")
+    a("--augmix_mixture_width", type=int, default=3)
+    a("--augmix_mixture_depth", type=int, default=-1, help="-1: uniform in {1,2,3} per chain")
+    a(
+        "--initial_aug_severity",
+        type=float,
+        default=3.0,
+        help="fixed severity, or the learnable start",
+    )
+    a("--prior_severity_std_learnable_aug", type=float, default=1.0)
+    a("--prior_severity_mean_offset_learnable_aug", type=float, default=0.0)
+    a("--beta_jsd", type=float, default=12.0)
+    a(
+        "--beta_augmenter_reg",
+        type=float,
+        default=1.0,
+        help="KL weight (KL divided by global batch)",
+    )
+    a("--beta_net", type=float, default=0.01, help="the network's weight decay")
+    # --- ours ---
+    a("--config", default=None, help="TOML preset; flags given here override it")
+    a(
+        "--data",
+        default=None,
+        help="ImageNet layout DIR/train, DIR/val (CIFAR: the torchvision folder)",
+    )
+    a(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="default: synthetic without --data, else imagenet",
+    )
+    a(
+        "--imagenet_c",
+        default=None,
+        help="-C tree to evaluate after training (synthetic: generated)",
+    )
+    a("--arch", default=None, help="torchvision classification model or tiny_resnet")
+    a("--pretrained", default=None, help="local weights file or a cached torchvision weights name")
+    a("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    a("--momentum", type=float, default=0.9)
+    a(
+        "--lr_scale_batch",
+        type=int,
+        default=0,
+        help="if >0: lr *= global batch / this (linear scaling)",
+    )
+    a("--schedule", choices=("cosine", "step", "cosine_restarts", "constant"), default="cosine")
+    a("--warmup_epochs", type=float, default=0.0)
+    a("--step_epochs", type=int, default=30, help="step schedule: x0.1 every this many epochs")
+    a("--restart_epochs", type=int, default=10, help="cosine_restarts: period in epochs")
+    a(
+        "--severity_lr_mult",
+        type=float,
+        default=10.0,
+        help="severity lr = lr x this (reference: 10)",
+    )
+    a("--initial_severity_sigma", type=float, default=0.1)
+    a(
+        "--per_sample_severity",
+        action="store_true",
+        help="one severity draw per sample, not per batch",
+    )
+    a("--max_severity", type=float, default=10.0)
+    a("--severity_objective", choices=("minimize", "adversarial"), default="minimize")
+    a("--all_ops", action="store_true", help="add color/contrast/brightness/sharpness (overlap -C)")
+    a("--channels_last", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the network")
+    a("--wandb", choices=("online", "offline", "disabled"), default="offline")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--crop_size", type=int, default=None)
+    a("--val_resize", type=int, default=None)
+    a(
+        "--max_steps_per_epoch",
+        type=int,
+        default=0,
+        help="cap steps per epoch (0: all); for smoke runs",
+    )
+    a(
+        "--max_nonfinite",
+        type=int,
+        default=20,
+        help="stop after this many non-finite steps in a row",
+    )
+    a(
+        "--save_every_steps",
+        type=int,
+        default=0,
+        help="also write last.ckpt every N steps (0: per epoch)",
+    )
+    a("--synthetic_train_per_class", type=int, default=200)
+    a("--synthetic_val_per_class", type=int, default=50)
+    a("--c_severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    a("--no_c_eval", action="store_true", help="skip the -C evaluation after training")
+    a("--no_progress", action="store_true")
+    # Test hooks, hidden from --help: stop as if SIGTERM arrived at this global step; force a NaN
+    # loss at these global steps.
+    a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
+    a("--debug_nonfinite_steps", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    return p
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
+    """The flags the user actually typed (argparse cannot tell a default from a typed default)."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public iterator
+        if action.option_strings and action.dest != "help":
+            kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+                kwargs["action"] = "store_true"
+            else:
+                kwargs.update(type=action.type, nargs=action.nargs, choices=action.choices)
+            shadow.add_argument(*action.option_strings, **kwargs)
+    return vars(shadow.parse_known_args(argv)[0])
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / path).is_file():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--config {str(path)!r}: no such file (presets live in {CONFIG_DIR})"
+        )
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
+    """Defaults < config file < typed flags, then dataset defaults fill what is still None."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args(argv))
+    explicit = _explicit_flags(parser, argv)
+    config = dict(defaults)
+    if (
+        not defaults["config"]
+        and not defaults["data"]
+        and defaults["dataset"] in (None, "synthetic")
+    ):
+        defaults["config"] = config["config"] = DEMO_CONFIG  # no data given: the embedded demo
+    if defaults["config"]:
+        from_file = load_config_file(defaults["config"])
+        unknown = sorted(set(from_file) - set(defaults))
+        if unknown:
+            raise ValueError(f"--config {defaults['config']}: unknown keys {unknown}")
+        config.update(from_file)
+    config.update(explicit)
+    if config["dataset"] is None:
+        config["dataset"] = "imagenet" if config["data"] else "synthetic"
+    for key, value in DATASET_DEFAULTS[config["dataset"]].items():
+        if config.get(key) is None:
+            config[key] = value
+    config["precision"] = PRECISIONS[str(config["precision"])]
+    if config["no_wandb"]:
+        config["wandb"] = "disabled"
+    return config
+
+
+def validate_config(config: dict[str, Any], world_size: int) -> None:
+    """Fail before any work, with a message that says what to fix."""
+
+    def bad(flag: str, got: Any, want: str) -> None:
+        raise ValueError(f"--{flag} {got!r}: {want}")
+
+    if config["epochs"] < 1:
+        bad("epochs", config["epochs"], "need at least 1 epoch")
+    if config["batch"] < world_size:
+        bad("batch", config["batch"], f"the global batch must be >= the world size ({world_size})")
+    if config["batch"] % world_size:
+        bad(
+            "batch", config["batch"], f"the global batch must divide evenly over {world_size} ranks"
+        )
+    if config["lr"] <= 0:
+        bad("lr", config["lr"], "must be > 0")
+    if config["augmix_mixture_width"] < 1:
+        bad("augmix_mixture_width", config["augmix_mixture_width"], "must be >= 1")
+    if config["augmix_mixture_depth"] == 0 or config["augmix_mixture_depth"] < -1:
+        bad(
+            "augmix_mixture_depth",
+            config["augmix_mixture_depth"],
+            "must be -1 (random 1-3) or >= 1",
+        )
+    if not 0 < config["initial_aug_severity"] <= config["max_severity"]:
+        bad(
+            "initial_aug_severity",
+            config["initial_aug_severity"],
+            f"must be in (0, {config['max_severity']}]",
+        )
+    if config["grad_clip_val"] < 0:
+        bad("grad_clip_val", config["grad_clip_val"], "must be >= 0 (0 disables clipping)")
+    if config["data"] is not None and not Path(config["data"]).is_dir():
+        bad(
+            "data",
+            config["data"],
+            "no such folder (expected DIR/train/<class>/... and DIR/val/<class>/...)",
+        )
+    if config["dataset"] == "synthetic" and config["data"] is not None:
+        bad(
+            "dataset",
+            "synthetic",
+            "the synthetic dataset is generated; drop --data or pick another --dataset",
+        )
+    if config["dataset"] in ("cifar10", "cifar100") and config["data"] is None:
+        bad(
+            "data",
+            None,
+            f"--dataset {config['dataset']} needs --data pointing at torchvision's CIFAR folder",
+        )
+    if config["eval_only"] and not (config["ckpt_path"] or config["pretrained"]):
+        bad("eval_only", True, "needs --ckpt_path (or --pretrained) to know what to evaluate")
+    if config["resume"] and config["resume"] != "auto" and not Path(config["resume"]).is_file():
+        bad("resume", config["resume"], "no such checkpoint file (or use --resume auto)")
+    if config["gpus"] > 1 and world_size == 1:
+        bad(
+            "gpus",
+            config["gpus"],
+            f"launch several processes with torchrun --nproc_per_node={config['gpus']}",
+        )
+    if config["arch"] not in available_archs():
+        close = difflib.get_close_matches(config["arch"], available_archs(), n=3)
+        bad(
+            "arch",
+            config["arch"],
+            "unknown model" + (f"; did you mean {', '.join(close)}?" if close else ""),
+        )

@@ -1,0 +1,84 @@
+"""Which data a run uses: an ImageNet-layout folder, torchvision's CIFAR folders, or the embedded
+synthetic task (generated once into a cache folder, with its -C version).
+
+Only rank 0 generates; the other ranks wait at a barrier, so a torchrun job never writes the
+cache twice. A finished cache is recognised by the generator's completion marker, so an
+interrupted generation is redone rather than silently used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .distributed import DistEnv, barrier
+
+CACHE_ENV = "AUGMIX_GPU_CACHE"
+
+
+def cache_root() -> Path:
+    """``$AUGMIX_GPU_CACHE`` or ``~/.cache/augmix_gpu``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "augmix_gpu")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: Any  # folder path or CifarArrays
+    val: Any
+    corrupted: Path | None  # ImageNet-C layout root (corruption/severity/class/file), if any
+    description: str
+
+
+def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
+    from .data import make_corrupted_dataset, make_synthetic_dataset
+
+    ntr, nva, seed = (
+        config["synthetic_train_per_class"],
+        config["synthetic_val_per_class"],
+        config["seed"],
+    )
+    sev = tuple(config["c_severities"])
+    root = cache_root() / f"synthetic-10c-{ntr}tr-{nva}va-64px-seed{seed}"
+    c_root = None if config["no_c_eval"] else root / ("c-sev" + "".join(map(str, sev)))
+    if env.is_main:
+        make_synthetic_dataset(
+            root,
+            num_classes=10,
+            train_per_class=ntr,
+            val_per_class=nva,
+            size=64,
+            seed=seed,
+            overwrite=True,
+        )
+        if c_root is not None:
+            make_corrupted_dataset(
+                root / "val",
+                c_root,
+                severities=sev,
+                seed=seed,
+                workers=config["workers"],
+                overwrite=True,
+            )
+    barrier(env)
+    return DataSpec(root / "train", root / "val", c_root, f"synthetic 10-class 64 px ({root})")
+
+
+def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
+    """Resolve ``--dataset`` / ``--data`` / ``--imagenet_c`` into loader sources."""
+    dataset = config["dataset"]
+    if dataset == "synthetic":
+        spec = _synthetic(config, env)
+        if config["imagenet_c"]:
+            spec = DataSpec(spec.train, spec.val, Path(config["imagenet_c"]), spec.description)
+        return spec
+    corrupted = Path(config["imagenet_c"]) if config["imagenet_c"] else None
+    if dataset in ("cifar10", "cifar100"):
+        from .data import load_cifar
+
+        train = load_cifar(config["data"], name=dataset, train=True)
+        val = load_cifar(config["data"], name=dataset, train=False)
+        return DataSpec(train, val, corrupted, f"{dataset} ({config['data']})")
+    root = Path(config["data"])
+    return DataSpec(root / "train", root / "val", corrupted, f"ImageNet layout ({root})")

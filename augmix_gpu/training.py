@@ -1,0 +1,368 @@
+"""The training run, top to bottom: data, model, augmenter, optimizer, resume, epochs, evaluation.
+
+``fit(config, env)`` is what ``train.py`` calls after resolving the configuration and joining
+the process group. Rank 0 logs and writes files; every rank computes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .augmix import AugMixBatch
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .datasets import DataSpec, prepare_data
+from .distributed import DistEnv, barrier
+from .engine import (
+    AMP_DTYPES,
+    AugmentedClassifier,
+    StepContext,
+    StopFlag,
+    TrainState,
+    build_optimizer,
+    train_one_epoch,
+)
+from .models import build_model
+from .severity import LearnableSeverity
+
+
+def log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        tqdm.write(message)
+
+
+def run_dir(config: dict[str, Any]) -> Path:
+    return Path(config["ckpt_dir_base"]) / config["aug_type"]
+
+
+def build_augmenter(config: dict[str, Any]) -> AugMixBatch | None:
+    """None for ``none``; a fixed or learnable severity AugMix otherwise."""
+    if config["aug_type"] == "none":
+        return None
+    severity: float | LearnableSeverity = config["initial_aug_severity"]
+    if config["aug_type"] == "learnable_augmix_jsd":
+        severity = LearnableSeverity(
+            initial_aug_severity=config["initial_aug_severity"],
+            prior_severity_std=config["prior_severity_std_learnable_aug"],
+            prior_severity_mean_offset=config["prior_severity_mean_offset_learnable_aug"],
+            per_sample=config["per_sample_severity"],
+            max_severity=config["max_severity"],
+            initial_sigma=config["initial_severity_sigma"],
+            objective=config["severity_objective"],
+        )
+    return AugMixBatch(
+        width=config["augmix_mixture_width"],
+        depth=config["augmix_mixture_depth"],
+        alpha=1.0,
+        all_ops=config["all_ops"],
+        severity=severity,
+        num_views=1 if config["aug_type"] == "augmix" else 2,
+    )
+
+
+def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
+    from .data import build_loader
+
+    common = {
+        "batch_size": config["batch"] // env.world_size,
+        "device": "gpu" if env.device.type == "cuda" else "cpu",
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "seed": config["seed"],
+        "crop_size": config["crop_size"],
+        "resize_size": config["val_resize"],
+        "num_threads": config["workers"],
+    }
+    train = build_loader(spec.train, "train", **common)
+    val = build_loader(spec.val, "val", classes=train.classes, **common)
+    return train, val
+
+
+def _gather(obj: Any, env: DistEnv) -> list[Any]:
+    """One object per rank, in rank order (rank-local RNG states for an exact resume)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def make_checkpoint(
+    net, optimizer, scaler, state, generator, config, classes, history, env
+) -> dict:
+    generators = _gather(generator.get_state(), env)
+    rngs = _gather(capture_rng_state(), env)
+    return {
+        "model": net.model.state_dict(),
+        "augmenter": net.augmenter.state_dict() if net.augmenter is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "schedule": {"name": config["schedule"], "global_step": state.global_step},
+        "train_state": asdict(state),
+        "generators": generators,
+        "rng": rngs,
+        "classes": classes,
+        "config": config,
+        "history": history,
+        "world_size": env.world_size,
+    }
+
+
+def resume_from(
+    path: Path, net, optimizer, scaler, generator, config, env
+) -> tuple[TrainState, list]:
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    for key in ("aug_type", "arch", "dataset", "all_ops", "batch"):
+        if saved.get(key) != config.get(key):
+            raise ValueError(
+                f"--resume {path}: it was trained with {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
+            )
+    if ckpt.get("world_size") != env.world_size:
+        raise ValueError(
+            f"--resume {path}: saved with world size {ckpt.get('world_size')}, now {env.world_size}"
+        )
+    net.model.load_state_dict(ckpt["model"])
+    if net.augmenter is not None:
+        net.augmenter.load_state_dict(ckpt["augmenter"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    generator.set_state(ckpt["generators"][env.rank])
+    restore_rng_state(ckpt["rng"][env.rank])
+    return TrainState(**ckpt["train_state"]), ckpt.get("history", [])
+
+
+def init_wandb(config: dict[str, Any], out: Path, env: DistEnv):
+    if config["wandb"] == "disabled" or not env.is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log(env, "note: W&B logging skipped (pip install 'augmix-gpu[wandb]' to enable it)")
+        return None
+    return wandb.init(project="augmix-gpu", config=config, dir=str(out), mode=config["wandb"])
+
+
+def evaluate_clean(net: AugmentedClassifier, loader, env: DistEnv, config: dict[str, Any]):
+    from .evaluation import evaluate_loader
+
+    net.model.eval()
+    result = evaluate_loader(
+        net.model,
+        loader,
+        env,
+        amp_dtype=AMP_DTYPES[config["precision"]],
+        desc="val",
+        progress=env.is_main and not config["no_progress"],
+        channels_last=config["channels_last"],
+    )
+    net.model.train()
+    return result
+
+
+def replica_checksum(net: AugmentedClassifier) -> float:
+    """A float64 sum over all parameters and buffers: equal on every rank iff replicas agree."""
+    with torch.no_grad():
+        return float(
+            sum(
+                t.detach().double().sum().item()
+                for t in net.state_dict().values()
+                if t.is_floating_point()
+            )
+        )
+
+
+def fit(config: dict[str, Any], env: DistEnv) -> int:
+    out = run_dir(config)
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    spec = prepare_data(config, env)
+    train_loader, val_loader = build_loaders(config, env, spec)
+    classes = train_loader.classes
+    log(
+        env,
+        f"data: {spec.description}; {len(classes)} classes; {len(train_loader)} steps/epoch/rank; "
+        f"world size {env.world_size} on {env.device}",
+    )
+
+    model = build_model(config["arch"], len(classes), config["pretrained"])
+    net = AugmentedClassifier(
+        model,
+        config["aug_type"],
+        build_augmenter(config),
+        amp_dtype=AMP_DTYPES[config["precision"]],
+        channels_last=config["channels_last"],
+    )
+    net = net.to(env.device)
+    if config["channels_last"]:
+        net.model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, config, config["batch"])
+    scaler = torch.amp.GradScaler(env.device.type, enabled=config["precision"] == "16")
+    generator = torch.Generator(env.device).manual_seed(config["seed"] * 1_000_003 + env.rank)
+
+    state, history = TrainState(), []
+    resume = out / "last.ckpt" if config["resume"] == "auto" else config["resume"]
+    if resume and Path(resume).is_file():
+        state, history = resume_from(Path(resume), net, optimizer, scaler, generator, config, env)
+        log(env, f"resumed from {resume}: epoch {state.epoch}, step {state.step_in_epoch}")
+
+    ddp_net = (
+        DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if env.distributed
+        else net
+    )
+    if config["compile"]:
+        net.model.compile()
+    stop = StopFlag()
+    stop.install()
+    ctx = StepContext(
+        ddp_net,
+        net,
+        optimizer,
+        scaler,
+        config,
+        env,
+        generator,
+        len(train_loader),
+        stop,
+        frozenset(config["debug_nonfinite_steps"]),
+    )
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    wandb_run = init_wandb(config, out, env)
+
+    def save(name: str) -> None:
+        ckpt = make_checkpoint(
+            net, optimizer, scaler, state, generator, config, classes, history, env
+        )
+        if env.is_main:
+            save_atomic(ckpt, out / name)
+
+    def on_step(s: TrainState) -> None:
+        if s.global_step == config["debug_stop_at_step"]:
+            stop.requested, stop.signal_name = True, "debug stop"
+        if config["save_every_steps"] and s.global_step % config["save_every_steps"] == 0:
+            save("last.ckpt")
+        if (
+            wandb_run is not None
+            and s.severity_trajectory
+            and s.severity_trajectory[-1]["step"] == s.global_step
+        ):
+            wandb_run.log(s.severity_trajectory[-1], step=s.global_step)
+
+    best_top1 = max((h["val_top1"] for h in history), default=-1.0)
+    steps = min(len(train_loader), config["max_steps_per_epoch"] or len(train_loader))
+    while state.epoch < config["epochs"]:
+        bar = tqdm(
+            total=steps,
+            initial=state.step_in_epoch,
+            desc=f"epoch {state.epoch + 1}/{config['epochs']}",
+            disable=not env.is_main or config["no_progress"],
+            dynamic_ncols=True,
+        )
+        metrics = train_one_epoch(
+            ctx,
+            state,
+            train_loader.epoch(state.epoch, start_step=state.step_in_epoch),
+            on_step=on_step,
+            progress=bar,
+        )
+        bar.close()
+        if stop.requested:
+            save("last.ckpt")
+            log(
+                env,
+                f"{stop.signal_name or 'stop'} received: saved {out / 'last.ckpt'} at epoch "
+                f"{state.epoch}, step {state.step_in_epoch}; continue with --resume auto",
+            )
+            return 0
+        val = evaluate_clean(net, val_loader, env, config)
+        record = {
+            "epoch": state.epoch + 1,
+            "global_step": state.global_step,
+            **metrics,
+            "lr": optimizer.param_groups[0]["lr"],
+            "val_top1": val.top1,
+            "val_top5": val.top5,
+            "val_nll": val.nll,
+        }
+        if net.severity is not None:
+            record.update(net.severity.stats())
+        history.append(record)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        log(
+            env,
+            "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            ),
+        )
+        if wandb_run is not None:
+            wandb_run.log(record, step=state.global_step)
+        save("last.ckpt")
+        if val.top1 > best_top1:
+            best_top1 = val.top1
+            save("best.ckpt")
+    barrier(env)
+
+    results: dict[str, Any] = {
+        "config": config,
+        "history": history,
+        "severity_trajectory": state.severity_trajectory,
+        "skipped_nonfinite": state.skipped_nonfinite,
+        "world_size": env.world_size,
+        "best": max(history, key=lambda h: h["val_top1"]) if history else None,
+        "final": history[-1] if history else None,
+        "classes": classes,
+        "replica_checksums": _gather(replica_checksum(net), env),
+    }
+    if spec.corrupted is not None and not config["no_c_eval"]:
+        results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)
+    if env.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        log(env, f"results: {out / 'results.json'}")
+    if wandb_run is not None:
+        wandb_run.finish()
+    return 0
+
+
+def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
+    """Clean vs corrupted evaluation of the final model, reports written under ``out/eval``."""
+    from .evaluation import evaluate_robustness, markdown_table, write_reports
+
+    net.model.eval()
+    start = time.perf_counter()
+    results = evaluate_robustness(
+        net.model,
+        env,
+        classes=classes,
+        val_dir=spec.val,
+        imagenet_c_dir=spec.corrupted,
+        severities=config["c_severities"],
+        batch_size=config["batch"] // env.world_size,
+        num_threads=config["workers"],
+        crop_size=config["crop_size"],
+        resize_size=config["val_resize"],
+        progress=env.is_main and not config["no_progress"],
+        extra_info={
+            "aug_type": config["aug_type"],
+            "all_ops": config["all_ops"],
+            "arch": config["arch"],
+        },
+    )
+    if env.is_main:
+        write_reports(results, out / "eval")
+        log(env, markdown_table(results))
+        log(
+            env,
+            f"robustness evaluation took {time.perf_counter() - start:.0f} s; reports in {out / 'eval'}",
+        )
+    return results

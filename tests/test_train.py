@@ -1,0 +1,253 @@
+"""train.py end to end on the CPU: modes, DDP under torchrun (gloo), exact resume, SIGTERM,
+non-finite losses and argument errors. Small synthetic data, a tiny ResNet, a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from augmix_gpu.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = [sys.executable, str(REPO / "train.py")]
+# A small synthetic task: 10 classes x 12 train / 4 val images, 32 px crops, batch 20.
+SMALL = [
+    "--synthetic_train_per_class", "12", "--synthetic_val_per_class", "4", "--no_c_eval",
+    "--batch", "20", "--crop_size", "32", "--val_resize", "36", "--workers", "1",
+    "--no_progress", "--wandb", "disabled", "--lr", "3e-3", "--epochs", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One synthetic dataset for the whole module (the trainer generates it on first use)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_train(args: list[str], cache: Path, *, timeout: float = 240, torchrun: int = 0):
+    env = {**os.environ, "AUGMIX_GPU_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    cmd = TRAIN + args
+    if torchrun:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+               "--master_addr=127.0.0.1", f"--master_port={port}"] + cmd[1:]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    )
+    return proc
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["none", "augmix", "augmix_jsd", "learnable_augmix_jsd"])
+def test_each_mode_trains_one_step(mode, cache, tmp_path):
+    ok(
+        run_train(
+            SMALL
+            + ["--aug_type", mode, "--max_steps_per_epoch", "2", "--ckpt_dir_base", str(tmp_path)],
+            cache,
+        )
+    )
+    res = results(tmp_path / mode)
+    assert res["config"]["aug_type"] == mode
+    assert res["history"][0]["global_step"] == 2
+    assert res["final"]["loss"] > 0
+    ckpt = load_checkpoint(tmp_path / mode / "last.ckpt")
+    assert (ckpt["augmenter"] is None) == (mode == "none")
+    if mode == "learnable_augmix_jsd":
+        assert "log_severity_mu" in "".join(ckpt["augmenter"])
+        assert res["severity_trajectory"], "learnable mode must record the severity each step"
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_gloo(cache, tmp_path):
+    """Loss goes down, replicas (weights and severity) stay identical, only rank 0 writes."""
+    proc = ok(
+        run_train(
+            SMALL + ["--epochs", "3", "--ckpt_dir_base", str(tmp_path)],
+            cache,
+            torchrun=2,
+            timeout=400,
+        )
+    )
+    run = tmp_path / "learnable_augmix_jsd"
+    res = results(run)
+    assert res["world_size"] == 2
+    losses = [h["loss"] for h in res["history"]]
+    assert losses[-1] < losses[0], losses
+    a, b = res["replica_checksums"]
+    assert a == b, "ranks diverged: DDP must all-reduce the network AND the severity parameters"
+    # Rank 0 alone writes: exactly the files of one run, no per-rank copies.
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.ckpt",
+        "config.json",
+        "last.ckpt",
+        "results.json",
+    ]
+    assert "world size 2" in proc.stdout + proc.stderr
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path)
+    return {**ckpt["model"], **{f"aug.{k}": v for k, v in (ckpt["augmenter"] or {}).items()}}
+
+
+@pytest.mark.slow
+def test_resume_is_exact(cache, tmp_path):
+    """2 epochs straight == 1 epoch, stop, --resume, 1 more epoch."""
+    common = SMALL + ["--epochs", "2", "--seed", "3"]
+    ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
+    straight = tmp_path / "straight" / "learnable_augmix_jsd"
+    steps = results(straight)["history"][0]["global_step"]
+    split = tmp_path / "split"
+    ok(
+        run_train(
+            common + ["--ckpt_dir_base", str(split), "--debug_stop_at_step", str(steps)], cache
+        )
+    )
+    stopped = load_checkpoint(split / "learnable_augmix_jsd" / "last.ckpt")
+    assert stopped["train_state"]["global_step"] == steps
+    ok(run_train(common + ["--ckpt_dir_base", str(split), "--resume", "auto"], cache))
+    a, b = _weights(straight / "last.ckpt"), _weights(split / "learnable_augmix_jsd" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    ra, rb = results(straight), results(split / "learnable_augmix_jsd")
+    assert ra["history"][-1]["global_step"] == rb["history"][-1]["global_step"] == 2 * steps
+    assert ra["history"][-1]["severity_mu"] == pytest.approx(
+        rb["history"][-1]["severity_mu"], abs=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(cache, tmp_path):
+    env = {**os.environ, "AUGMIX_GPU_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    args = SMALL + ["--epochs", "50", "--ckpt_dir_base", str(tmp_path)]
+    # Warm the cache first so the signal lands during training, not during generation.
+    ok(
+        run_train(
+            SMALL + ["--max_steps_per_epoch", "1", "--ckpt_dir_base", str(tmp_path / "warm")], cache
+        )
+    )
+    proc = subprocess.Popen(
+        TRAIN + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run = tmp_path / "learnable_augmix_jsd"
+    deadline = time.time() + 120
+    while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the first epoch's checkpoint: training is under way
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["train_state"]["global_step"] >= 1
+    # ... and the run continues from it.
+    ok(
+        run_train(
+            args[:-4]
+            + [
+                "--epochs",
+                str(ckpt["train_state"]["epoch"] + 1),
+                "--ckpt_dir_base",
+                str(tmp_path),
+                "--resume",
+                "auto",
+            ],
+            cache,
+        )
+    )
+
+
+def test_nonfinite_loss_is_skipped_and_counted(cache, tmp_path):
+    ok(
+        run_train(
+            SMALL
+            + [
+                "--max_steps_per_epoch",
+                "3",
+                "--debug_nonfinite_steps",
+                "1",
+                "--ckpt_dir_base",
+                str(tmp_path),
+            ],
+            cache,
+        )
+    )
+    res = results(tmp_path / "learnable_augmix_jsd")
+    assert res["skipped_nonfinite"] == 1
+    assert res["history"][0]["global_step"] == 3
+
+
+def test_run_of_nonfinite_losses_stops_with_message(cache, tmp_path):
+    proc = run_train(
+        SMALL
+        + [
+            "--max_nonfinite",
+            "3",
+            "--debug_nonfinite_steps",
+            "0",
+            "1",
+            "2",
+            "3",
+            "--ckpt_dir_base",
+            str(tmp_path),
+        ],
+        cache,
+    )
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row, the last at global step 2" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "/no/such/dir"], "--data '/no/such/dir': no such folder"),
+        (["--arch", "resnet5O"], "--arch 'resnet5O': unknown model"),
+        (["--epochs", "0"], "--epochs 0: need at least 1 epoch"),
+        (["--initial_aug_severity", "12"], "--initial_aug_severity 12.0: must be in (0, 10.0]"),
+        (["--eval_only"], "--eval_only True: needs --ckpt_path"),
+        (["--resume", "/no/such.ckpt"], "--resume '/no/such.ckpt': no such checkpoint"),
+        (["--gpus", "4"], "torchrun --nproc_per_node=4"),
+        (["--config", "nope.toml"], "--config 'nope.toml': no such file"),
+    ],
+)
+def test_bad_arguments_fail_before_work(args, message, tmp_path):
+    from augmix_gpu.config import resolve_config, validate_config
+
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        validate_config(resolve_config(args), world_size=1)
+
+
+def test_batch_smaller_than_world_size():
+    from augmix_gpu.config import resolve_config, validate_config
+
+    with pytest.raises(ValueError, match="must be >= the world size"):
+        validate_config(resolve_config(["--batch", "1"]), world_size=2)
+
+
+def test_cli_error_is_a_message_not_a_traceback(tmp_path):
+    proc = subprocess.run(
+        TRAIN + ["--data", str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 2
+    assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,44 @@
+"""Train a classifier with (learnable) AugMix + JSD: one process, or many under torchrun.
+
+    python train.py                                   # embedded demo: synthetic data on the CPU, ~3 min
+    python train.py --data /imagenet --config reference.toml          # the reference script's recipe
+    torchrun --nproc_per_node=8 train.py --data /imagenet --config augmix_paper.toml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        train.py --data /imagenet --config augmix_paper.toml          # multi-node
+    python train.py --eval_only --ckpt_path checkpoints/learnable_augmix_jsd/best.ckpt --imagenet_c /imagenet-c
+
+Flags override the --config preset; the resolved configuration is saved beside the run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from augmix_gpu.config import resolve_config, validate_config
+from augmix_gpu.distributed import cleanup, init_distributed
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = resolve_config(argv)
+    env = init_distributed("cpu" if config["gpus"] == 0 else config["device"])
+    try:
+        validate_config(config, env.world_size)
+        torch.set_float32_matmul_precision(config["matmul_precision"])
+        if config["eval_only"]:
+            import evaluate
+
+            return evaluate.main(evaluate.args_from_train_config(config))
+        from augmix_gpu.training import fit
+
+        return fit(config, env)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup(env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
