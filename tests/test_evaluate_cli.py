@@ -50,6 +50,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    _fit_head(model, synth / "val", classes)
     config = {
         "arch": "tiny_resnet",
         "aug_type": "augmix_jsd",
@@ -61,6 +62,30 @@ def data(tmp_path_factory) -> dict[str, Path]:
         {"model": model.state_dict(), "classes": classes, "config": config}, root / "ckpt.pt"
     )
     return {"root": root, "val": synth / "val", "c": c_dir, "ckpt": ckpt}
+
+
+def _fit_head(model: torch.nn.Module, val: Path, classes: list[str]) -> None:
+    """Fit only the last layer on the clean images (a second), so predictions differ per image
+    and the corrupted errors differ per cell: an all-one-class model would make any loop agree."""
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((val / name).iterdir()):
+            with Image.open(f) as im:
+                xs.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+            ys.append(label)
+    x = (torch.stack(xs).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        STD
+    ).view(1, 3, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        feats = F.adaptive_avg_pool2d(model.blocks(model.stem(x)), 1).flatten(1)
+    opt = torch.optim.Adam(model.fc.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model.fc(feats), torch.tensor(ys)).backward()
+        opt.step()
 
 
 def run(args: list[str], *, torchrun: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -149,7 +174,7 @@ def test_torchrun_two_ranks_give_the_single_process_counts(data, tmp_path):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["run"]["world_size"] == 2
-    # 15 images per cell, batch 3 per rank: rank 0 reads 8, rank 1 reads 7 + 1 padded slot.
+    # 15 images per cell, batch 3 per rank: rank 0 reads 8 + 1 padded slot, rank 1 7 + 2.
     assert two["imagenet_c"]["counts"] == one["imagenet_c"]["counts"]
     for c in CORRS:
         for s in map(str, SEVS):
