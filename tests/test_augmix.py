@@ -1,0 +1,294 @@
+"""AugMixBatch: per-sample sampling, deterministic application, batching, validation, gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import natural_batch
+from scipy import stats
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch, AugMixParams
+from augmix_gpu.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def fixed_params(
+    aug: AugMixBatch, b: int, op_names, *, u=1.0, sign=1.0, depth=None, weights=None, mix=1.0
+):
+    """Hand-made params: every chain applies ``op_names`` in order (same for all samples)."""
+    v, w, d = aug.num_views, aug.width, aug.max_depth
+    index = [aug.op_names.index(n) for n in op_names] + [0] * (d - len(op_names))
+    ops = torch.tensor(index).view(1, 1, d, 1).expand(v, w, d, b).clone()
+    depth_t = torch.full((v, w, b), len(op_names) if depth is None else depth)
+    wts = torch.tensor(weights if weights is not None else [1.0] + [0.0] * (w - 1))
+    return AugMixParams(
+        ops=ops,
+        depth=depth_t,
+        level_u=torch.full((v, w, d, b), float(u)),
+        signs=torch.full((v, w, d, b), float(sign)),
+        weights=wts.view(1, 1, w).expand(v, b, w).clone(),
+        mix=torch.full((v, b), float(mix)),
+    )
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def test_outputs_shapes_dtypes_and_the_clean_view():
+    x = natural_batch(3, 32)
+    out = AugMixBatch()(x, generator=gen())
+    assert len(out) == 3 and all(o.shape == x.shape and o.dtype == torch.float32 for o in out)
+    torch.testing.assert_close(out[0], (x.float() / 255 - MEAN) / STD)
+    assert not torch.allclose(out[1], out[2])
+    assert len(AugMixBatch(num_views=1)(x)) == 2 and len(AugMixBatch(num_views=3)(x)) == 4
+
+
+def test_uint8_and_float_inputs_give_the_same_views():
+    x = natural_batch(2, 32)
+    aug = AugMixBatch()
+    p = aug.sample_params(2, gen(1))
+    a = aug.apply(x, p, 3.0)
+    b = aug.apply(x.float() / 255, p, 3.0)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
+    assert aug.apply(x.double() / 255, p, 3.0)[1].dtype == torch.float64
+    assert aug.apply(x.half() / 255, p, 3.0)[1].dtype == torch.float32
+
+
+def test_a_generator_makes_a_call_reproducible_and_records_what_it_drew():
+    x = natural_batch(2, 32)
+    aug = AugMixBatch()
+    a, b, c = aug(x, generator=gen(5)), aug(x, generator=gen(5)), aug(x, generator=gen(6))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    assert isinstance(aug.last_params, AugMixParams) and aug.last_params.batch_size == 2
+    assert float(aug.last_severity) == 3.0
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS_ALL)
+def test_a_one_op_chain_with_full_weight_is_that_op(name):
+    """level = 0.1 + u (s - 0.1) with u = 1 is s; parameter = s * max / 10, sign applied."""
+    x = natural_batch(2, 32, seed=3)
+    aug = AugMixBatch(all_ops=True, normalize=False)
+    s = 7.0
+    p = fixed_params(aug, 2, [name], u=1.0, sign=-1.0)
+    view = aug.apply(x, p, s)[1]
+    param = OPS[name].parameter(torch.tensor([s, s])) * (-1.0 if OPS[name].signed else 1.0)
+    torch.testing.assert_close(view, OPS[name].apply(x.float() / 255, param))
+
+
+def test_a_chain_applies_its_ops_in_order():
+    x = natural_batch(2, 32, seed=4).float() / 255
+    aug = AugMixBatch(normalize=False)
+    chain = ["rotate", "posterize", "translate_y"]
+    p = fixed_params(aug, 2, chain, u=0.5)
+    level = torch.full((2,), 0.1 + 0.5 * (4.0 - 0.1))
+    expected = x
+    for name in chain:
+        expected = OPS[name].apply(expected, OPS[name].parameter(level))
+    torch.testing.assert_close(aug.chains(x, p, 4.0)[0, 0], expected)
+    # depth 1 stops after the first op; depth 0 (hand-made) leaves the image clean
+    p1 = fixed_params(aug, 2, chain, u=0.5, depth=1)
+    torch.testing.assert_close(
+        aug.chains(x, p1, 4.0)[0, 0], OPS["rotate"].apply(x, OPS["rotate"].parameter(level))
+    )
+    torch.testing.assert_close(aug.chains(x, fixed_params(aug, 2, chain, depth=0), 4.0)[1, 2], x)
+
+
+def test_views_are_the_augmix_mixture_of_the_chains():
+    """mixed = (1 - m) x + m sum_i w_i chain_i, then (mixed - mean) / std."""
+    x = natural_batch(4, 32, seed=5)
+    aug = AugMixBatch()
+    p = aug.sample_params(4, gen(2))
+    chains = aug.chains(x, p, 3.0)  # [V, width, B, 3, H, W]
+    xf = x.float() / 255
+    for v in range(2):
+        m = p.mix[v].view(4, 1, 1, 1)
+        mixture = sum(p.weights[v, :, i].view(4, 1, 1, 1) * chains[v, i] for i in range(3))
+        expected = ((1 - m) * xf + m * mixture - MEAN) / STD
+        torch.testing.assert_close(aug.apply(x, p, 3.0)[1 + v], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("all_ops", [False, True])
+def test_a_batch_equals_the_per_image_loop_under_the_same_params(all_ops):
+    x = natural_batch(6, 24, seed=6)
+    aug = AugMixBatch(all_ops=all_ops)
+    p = aug.sample_params(6, gen(3))
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 10.0])  # per-sample severity
+    batched = aug.apply(x, p, s)
+    for i in range(6):
+        single = aug.apply(x[i : i + 1], p.subset([i]), s[i : i + 1])
+        for u, v in zip(batched, single):
+            torch.testing.assert_close(u[i : i + 1], v, atol=2e-6, rtol=0)
+
+
+def test_every_sample_choosing_one_op_leaves_the_other_groups_empty():
+    x = natural_batch(3, 16)
+    aug = AugMixBatch(all_ops=True, normalize=False)
+    for name in ("equalize", "sharpness", "shear_y"):
+        p = fixed_params(aug, 3, [name, name, name])
+        assert torch.isfinite(aug.apply(x, p, 5.0)[1]).all()
+
+
+# --- per-sample randomness -----------------------------------------------------------------------
+
+
+def test_op_choice_is_uniform_per_sample_and_independent_across_samples():
+    aug = AugMixBatch()
+    g = gen(11)
+    draws = torch.stack([aug.sample_params(8, g).ops for _ in range(300)])  # [300, V, w, D, 8]
+    k = len(AUGMENTATIONS)
+    for b in (0, 7):
+        counts = torch.bincount(draws[..., b].flatten(), minlength=k)
+        assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+    table = torch.zeros(k, k)
+    pairs = torch.stack((draws[..., 0].flatten(), draws[..., 1].flatten()), dim=1)
+    table.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(len(pairs)), accumulate=True)
+    assert stats.chi2_contingency(table.numpy()).pvalue > 1e-3  # sample 1 does not copy sample 0
+
+
+def test_op_choices_differ_within_one_batch():
+    """torchvision's tensor AugMix shares one op per slot across the batch; we must not."""
+    ops = AugMixBatch().sample_params(64, gen(12)).ops  # [V, w, D, 64]
+    distinct = torch.tensor([len(torch.unique(s)) for s in ops.reshape(-1, 64)])
+    assert (distinct > 1).all() and distinct.float().mean() > 6
+
+
+def test_depth_signs_and_levels_are_drawn_as_specified():
+    p = AugMixBatch().sample_params(4000, gen(13))
+    depth_counts = torch.bincount(p.depth.flatten(), minlength=4)
+    assert depth_counts[0] == 0 and stats.chisquare(depth_counts[1:].numpy()).pvalue > 1e-3
+    assert set(p.signs.unique().tolist()) == {-1.0, 1.0}
+    assert stats.binomtest(int((p.signs > 0).sum()), p.signs.numel()).pvalue > 1e-3
+    assert stats.kstest(p.level_u.flatten().numpy(), "uniform").pvalue > 1e-3
+    fixed = AugMixBatch(depth=2).sample_params(5, gen(0))
+    assert fixed.ops.shape == (2, 3, 2, 5) and (fixed.depth == 2).all()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_dirichlet_and_beta_moments(alpha):
+    p = AugMixBatch(alpha=alpha).sample_params(30000, gen(14))
+    w = p.weights.reshape(-1, 3).double()
+    torch.testing.assert_close(w.sum(-1), torch.ones(len(w), dtype=torch.float64))
+    dirichlet = torch.distributions.Dirichlet(torch.full((3,), alpha, dtype=torch.float64))
+    assert torch.allclose(
+        w.mean(0), dirichlet.mean, atol=5 * (dirichlet.variance.max() / len(w)) ** 0.5
+    )
+    assert torch.allclose(w.var(0), dirichlet.variance, rtol=0.05)
+    m = p.mix.flatten().double()
+    beta = torch.distributions.Beta(torch.tensor(alpha).double(), torch.tensor(alpha).double())
+    assert abs(float(m.mean() - beta.mean)) < 5 * float(beta.variance / len(m)) ** 0.5
+    assert float(m.var()) == pytest.approx(float(beta.variance), rel=0.05)
+
+
+# --- cost does not grow with the batch ------------------------------------------------------------
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("all_ops", [False, True])
+def test_dispatched_operator_count_does_not_grow_with_the_batch(all_ops):
+    aug = AugMixBatch(all_ops=all_ops)
+    counts = {}
+    for b in (8, 256):
+        x = natural_batch(1, 8).expand(b, 3, 8, 8).contiguous()
+        with torch.no_grad(), _CountOps() as mode:
+            aug(x, generator=gen(15))
+        counts[b] = mode.count
+    assert abs(counts[256] - counts[8]) <= 0.05 * counts[8], counts
+
+
+# --- gradient ---------------------------------------------------------------------------------
+
+
+def test_the_gradient_reaches_a_tensor_severity_through_apply():
+    x = natural_batch(4, 24, seed=8)
+    aug = AugMixBatch()
+    p = aug.sample_params(4, gen(4))
+    s = torch.tensor(3.0, requires_grad=True)
+    _, v1, v2 = aug.apply(x, p, s)
+    (v1.square().mean() + v2.square().mean()).backward()
+    assert s.grad is not None and torch.isfinite(s.grad) and s.grad != 0
+    s_per_sample = torch.full((4,), 3.0, requires_grad=True)
+    sum(v.sum() for v in aug.apply(x, p, s_per_sample)[1:]).backward()
+    assert torch.isfinite(s_per_sample.grad).all() and (s_per_sample.grad != 0).all()
+
+
+class _StubSeverity(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_s = nn.Parameter(torch.tensor(1.0))
+
+    def rsample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.log_s.exp()
+
+
+def test_a_severity_module_registers_and_receives_the_gradient():
+    sev = _StubSeverity()
+    aug = AugMixBatch(severity=sev)
+    assert any(p is sev.log_s for p in aug.parameters()) and "severity.log_s" in aug.state_dict()
+    _, v1, v2 = aug(natural_batch(2, 24), generator=gen(0))
+    (v1.mean() + v2.mean()).backward()
+    assert sev.log_s.grad is not None and torch.isfinite(sev.log_s.grad) and sev.log_s.grad != 0
+    assert not aug.last_severity.requires_grad
+    assert float(aug.last_severity) == pytest.approx(float(torch.e))
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+_BAD_INPUTS = [
+    (torch.rand(3, 16, 16), r"\[B,3,H,W\].*\(3, 16, 16\).*unsqueeze"),
+    (torch.rand(2, 1, 16, 16), r"3 \(RGB\) channels.*\(2, 1, 16, 16\)"),
+    (torch.rand(2, 16, 16, 3), r"channels-last.*permute"),
+    (torch.randint(0, 255, (2, 3, 8, 8)), r"uint8.*floating.*got torch.int64"),
+    (torch.ones(2, 3, 8, 8, dtype=torch.bool), r"got torch.bool"),
+    (torch.linspace(0, 255, 384).view(2, 3, 8, 8), r"\[0,1\].*got values in \[0, 255\].*divide"),
+    (torch.rand(2, 3, 8, 8) - 0.5, r"\[0,1\].*got values in \[-0"),
+    (torch.full((2, 3, 8, 8), float("nan")), r"NaN"),
+    (torch.full((2, 3, 8, 8), float("inf")), r"got values in \[inf, inf\]"),
+    (torch.zeros(0, 3, 8, 8), r"non-empty.*\(0, 3, 8, 8\)"),
+    ([[0.0]], r"torch.Tensor.*got list"),
+]
+
+
+@pytest.mark.parametrize("bad,message", _BAD_INPUTS)
+def test_bad_input_says_what_it_got_and_what_it_expects(bad, message):
+    with pytest.raises(ValueError, match=message):
+        AugMixBatch()(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"width": 0}, "width"), ({"depth": 0}, "depth"), ({"depth": -2}, "depth"),
+     ({"alpha": 0.0}, "alpha"), ({"severity": 0.0}, "severity"), ({"severity": 10.5}, "severity"),
+     ({"severity": nn.Linear(1, 1)}, "rsample"), ({"num_views": 0}, "num_views"),
+     ({"std": (1.0, 0.0, 1.0)}, "std")],
+)  # fmt: skip
+def test_bad_configuration_is_an_error_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AugMixBatch(**kwargs)
+
+
+def test_params_and_severity_must_fit_the_batch():
+    aug = AugMixBatch()
+    x = natural_batch(5, 16)
+    with pytest.raises(ValueError, match="batch of 5"):
+        aug.apply(x, aug.sample_params(4, gen()), 3.0)
+    with pytest.raises(ValueError, match=r"\[B=5\]"):
+        aug.apply(x, aug.sample_params(5, gen()), torch.ones(4))
