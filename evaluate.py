@@ -114,19 +114,23 @@ def load_model(args: argparse.Namespace, device: torch.device):
     # --pretrained: labels are the sorted class folders, torchvision's ImageNet index order.
     root = args.val or _first_c_folder(args)
     classes, _ = find_classes(root)
-    model = build_model(args.arch, num_classes=len(classes), pretrained=args.pretrained)
     weights = Path(args.pretrained) if Path(args.pretrained).is_file() else None
-    if weights is not None:
+    if weights is not None:  # a head of another size would be silently replaced by a random one
         from augmix_gpu.models import load_state_dict_file
 
-        expected = {k: tuple(v.shape) for k, v in load_state_dict_file(weights).items()}
-        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if expected != got:
-            raise SystemExit(
-                f"--pretrained {args.pretrained}: its head does not match the {len(classes)} class "
-                f"folders of {root!r} (a fresh head would be random): evaluate on the dataset the "
-                "weights were trained for"
+        expected = {
+            k: tuple(v.shape) for k, v in build_model(args.arch, len(classes)).state_dict().items()
+        }
+        got = {k: tuple(v.shape) for k, v in load_state_dict_file(weights).items()}
+        # Shapes only: old torchvision files lack BatchNorm's num_batches_tracked, which loads fine.
+        diff = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        if diff:
+            raise ValueError(
+                f"--pretrained {args.pretrained} does not match --arch {args.arch} with the "
+                f"{len(classes)} class folders of {root!r} (differs at {diff[:3]}): evaluate on the "
+                "dataset and architecture the weights were trained for"
             )
+    model = build_model(args.arch, num_classes=len(classes), pretrained=args.pretrained)
     config = {"arch": args.arch, "aug_type": None, "all_ops": None}
     return model.to(device).eval(), classes, config, describe_model(config, weights, name=args.arch)
 

@@ -234,3 +234,30 @@ def test_argument_errors():
     assert proc.returncode == 2 and "exactly one of --ckpt_path or --pretrained" in proc.stderr
     proc = run(["--ckpt_path", "x.pt"])
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stderr
+
+
+def test_pretrained_weights_file(data, tmp_path):
+    """--pretrained: a plain state dict; labels from the sorted class folders; a wrong head refused."""
+    state = torch.load(data["ckpt"], weights_only=False)
+    torch.save(state["model"], tmp_path / "w.pth")
+    args = ["--pretrained", str(tmp_path / "w.pth"), "--arch", "tiny_resnet", "--crop_size", "64"]
+    args += base_args(data, tmp_path / "out")[2:]
+    ok(run(args))
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    ref = json.loads(
+        json.dumps({c: {str(s): v for s, v in d.items()} for c, d in _counts(data).items()})
+    )
+    assert res["imagenet_c"]["counts"] == ref
+    assert res["model"]["aug_type"] is None and res["model"]["sha256"]
+
+    wrong_head = build_model("tiny_resnet", num_classes=5).state_dict()
+    torch.save(wrong_head, tmp_path / "w5.pth")
+    proc = run(["--pretrained", str(tmp_path / "w5.pth")] + args[2:])
+    assert proc.returncode == 1 and "3 class folders" in proc.stderr and "fc.weight" in proc.stderr
+
+
+def _counts(data: dict[str, Path]) -> dict[str, dict[int, dict[str, int]]]:
+    out: dict[str, dict[int, dict[str, int]]] = {}
+    for (c, s), (wrong, total, _) in independent_loop(data).items():
+        out.setdefault(c, {})[s] = {"wrong": wrong, "total": total}
+    return out

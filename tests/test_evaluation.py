@@ -239,3 +239,57 @@ def test_write_reports_json_markdown_and_valid_png(tmp_path):
         im.verify()
     with Image.open(paths["heatmap"]) as im:
         assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
+    """CIFAR-C .npy layout (5 severities stacked) through DALI equals a plain loop over the arrays."""
+    from augmix_gpu.evaluation import evaluate_robustness
+
+    rng = np.random.default_rng(0)
+    n, classes = 7, ["a", "b", "c"]  # 7 images per severity: ragged batches of 3
+    labels = np.tile(rng.integers(0, 3, n), 5)
+    for c in ("fog", "contrast"):
+        tint = rng.integers(-120, 120, (5 * n, 1, 1, 3))  # per-image colour cast
+        np.save(
+            tmp_path / f"{c}.npy",
+            np.clip(rng.integers(0, 256, (5 * n, 32, 32, 3)) + tint, 0, 255).astype(np.uint8),
+        )
+    np.save(tmp_path / "labels.npy", labels)
+    # Predicts the channel with the largest mean: varied, image-dependent predictions.
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.eye(3))
+        model[2].bias.zero_()
+    res = evaluate_robustness(
+        model, ENV, classes=classes, cifar_c=tmp_path, cifar_name="cifar10", corruptions=["fog", "contrast"],
+        batch_size=3, device_kind="cpu", num_threads=1, progress=False,
+    )  # fmt: skip
+    block = res["cifar_c"]
+    assert "ce" not in block and block["dataset"] == "CIFAR10-C"
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
+    errors = []
+    for c in ("fog", "contrast"):
+        arr = np.load(tmp_path / f"{c}.npy")
+        for s in range(1, 6):
+            x = torch.from_numpy(arr[(s - 1) * n : s * n]).permute(0, 3, 1, 2).float() / 255
+            with torch.no_grad():
+                pred = model((x - mean) / std).argmax(1).numpy()
+            wrong = int((pred != labels[(s - 1) * n : s * n]).sum())
+            assert block["counts"][c][str(s)] == {"wrong": wrong, "total": n}, (c, s)
+            errors.append(100 * wrong / n)
+    assert len(set(errors)) > 1, errors  # the model does not predict one class everywhere
+    assert block["partial"] is True  # 2 of 15 corruptions
+    assert block["mean_corruption_error_partial"] == pytest.approx(np.mean(errors))
+
+
+def test_cifar_c_layout_errors(tmp_path):
+    from augmix_gpu.evaluation import check_cifar_c_layout
+
+    with pytest.raises(DatasetError, match="labels.npy"):
+        check_cifar_c_layout(tmp_path, ["fog"])
+    np.save(tmp_path / "labels.npy", np.zeros(10, dtype=np.int64))
+    with pytest.raises(DatasetError, match=r"missing .*fog\.npy"):
+        check_cifar_c_layout(tmp_path, ["fog"])
