@@ -44,6 +44,11 @@ def _resolve_device(device: str) -> tuple[torch.device, str, int | None]:
     return torch.device("cuda", index), "gpu", index
 
 
+def _constant_batch(data: np.ndarray):
+    """A DALI batch callback that returns the one-sample batch `[data]` every time."""
+    return lambda _iteration: [data]
+
+
 class DaliLoader:
     """Sharded, seeded epochs of `(images uint8 [B,3,H,W], labels int64 [B], valid bool [B])`."""
 
@@ -135,34 +140,39 @@ class DaliLoader:
         return idx, valid
 
     def _pipeline(self, idx: np.ndarray, epoch: int, start_step: int):
-        seed = stream_seed(self.seed, epoch, self.rank, start_step)
-        common = dict(
-            batch_size=self.batch_size, device=self._dali_device, device_id=self._device_id,
-            seed=seed, **self._opts,
-        )  # fmt: skip
-        if self._paths is not None:
-            files = [self._paths[i] for i in idx]
-            return build_pipeline(
-                self.recipe, files=files, labels=self._labels[idx].tolist(), **common
-            )
+        """A pipeline over `idx` (this rank's samples from `start_step` on)."""
         return build_pipeline(
-            self.recipe, array_source=self._array_source(idx, epoch, start_step), **common
+            self.recipe,
+            source=self._source(idx, epoch, start_step),
+            encoded=self._paths is not None,
+            batch_size=self.batch_size,
+            device=self._dali_device,
+            device_id=self._device_id,
+            seed=stream_seed(self.seed, epoch, self.rank, start_step),
+            **self._opts,
         )
 
-    def _array_source(self, idx: np.ndarray, epoch: int, start_step: int):
-        """A DALI batch callback over `idx` (this rank, from `start_step` on); crops drawn per (seed, epoch, rank, step)."""
-        images, labels, bs = self._arrays.images, self._labels, self.batch_size
+    def _source(self, idx: np.ndarray, epoch: int, start_step: int):
+        """A DALI batch callback over `idx`; stops after its last batch (no work past the epoch).
+
+        Files: the encoded bytes (DALI decodes them). CIFAR arrays: images, labels and, for
+        train, pad-4 crop anchors and flips drawn per (seed, epoch, rank, step), so a resumed
+        epoch repeats the uninterrupted one exactly.
+        """
+        paths, images, labels, bs = self._paths, self._arrays, self._labels, self.batch_size
         steps = len(idx) // bs
 
-        def source(iteration: int):  # `idx` starts at `start_step`
+        def source(iteration: int):
             if iteration >= steps:
                 raise StopIteration
             batch = idx[iteration * bs : (iteration + 1) * bs]
-            step = start_step + iteration
-            out = (images[batch], labels[batch].astype(np.int32))
+            lab = labels[batch].astype(np.int32)
+            if paths is not None:
+                return [np.fromfile(paths[i], dtype=np.uint8) for i in batch], lab
+            out = (images.images[batch], lab)
             if not self.is_train:
                 return out
-            rng = np.random.default_rng([self.seed, epoch, self.rank, step])
+            rng = np.random.default_rng([self.seed, epoch, self.rank, start_step + iteration])
             anchors = rng.integers(-4, 5, size=(bs, 2), dtype=np.int32)  # (y, x) px, pad 4
             flips = rng.integers(0, 2, size=bs, dtype=np.int32)
             return (*out, anchors, flips)
@@ -188,18 +198,23 @@ class DaliLoader:
     def _find_corrupt(self, idx: np.ndarray) -> list[int]:
         """Decode each candidate alone on the CPU; return the indices DALI cannot decode."""
         from nvidia import dali
-        from nvidia.dali import fn
+        from nvidia.dali import fn, types
 
         bad = []
         for i in dict.fromkeys(int(j) for j in idx):
-            pipe = dali.Pipeline(batch_size=1, num_threads=1, device_id=None)
+            data = np.fromfile(self._paths[i], dtype=np.uint8)
+            pipe = dali.Pipeline(
+                batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1
+            )
             with pipe:
-                enc, _ = fn.readers.file(files=[self._paths[i]], labels=[0])
-                pipe.set_outputs(fn.decoders.image(enc))
+                enc = fn.external_source(
+                    source=_constant_batch(data), batch=True, dtype=types.UINT8
+                )
+                pipe.set_outputs(fn.decoders.image(enc, output_type=types.RGB))
             try:
                 pipe.build()
                 pipe.run()
-            except RuntimeError:
+            except Exception:  # any failure to decode it alone marks the file bad
                 bad.append(i)
             del pipe
         return bad
@@ -228,7 +243,7 @@ class DaliLoader:
                     )
                     step += 1
                     yield batch
-            except RuntimeError as err:
+            except (RuntimeError, IndexError) as err:  # DALI raises either for a failed decode
                 if self._paths is None:
                     raise
                 # The failing batch is the current one or one DALI already prefetched.

@@ -9,7 +9,7 @@ on the GPU because its input lives there; `device="cpu"` decodes with libjpeg-tu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 RECIPES = ("train", "val", "corrupted")
@@ -22,25 +22,29 @@ CIFAR_PAD = 4  # px; the CIFAR AugMix recipe's RandomCrop(32, padding=4), zero f
 def build_pipeline(
     recipe: str,
     *,
+    source: Callable[[int], tuple],
+    encoded: bool,
     batch_size: int,
     device: str,
     device_id: int | None,
     seed: int,
     num_threads: int,
     prefetch: int,
-    files: Sequence[str] | None = None,
-    labels: Sequence[int] | None = None,
-    array_source: Callable[[Any], tuple] | None = None,
     crop_size: int = 224,
     resize_size: int = 256,
     c_resize: int | None = None,
 ) -> Any:
-    """A built `nvidia.dali.Pipeline` with outputs `(images uint8 [B,3,H,W] CHW, labels int32 [B,1])`.
+    """A built `nvidia.dali.Pipeline` with outputs `(images uint8 [B,3,H,W] CHW, labels int32 [B])`.
 
-    Exactly one input: `files` + `labels` (read in the given order, one pass = one epoch; the
-    caller already shuffled and sharded them), or `array_source`, a DALI batch callback returning
-    `(images [B,H,W,3] uint8, labels [B] int32)` plus, for `train`, `(anchors [B,2] int32 as (y, x)
-    in [-4, 4], flips [B] int32)` drawn by the caller (so CIFAR batches are exactly reproducible).
+    `source(iteration)` is a DALI batch callback (raising `StopIteration` after the last batch);
+    the caller has already shuffled and sharded. With `encoded=True` it returns
+    `(list of B encoded files as uint8 1-D arrays, labels [B] int32)`; otherwise CIFAR-style
+    `(images [B,H,W,3] uint8, labels [B] int32)` plus, for `train`, `(anchors [B,2] int32 as
+    (y, x) in [-4, 4], flips [B] int32)` drawn by the caller (so batches are exactly reproducible).
+
+    Why an external source and not `readers.file`: the reader wraps around at the end of its
+    list and DALI prefetches `prefetch` batches past the epoch end (wasted decoding, 2 batches per
+    epoch per rank); a callback that stops ends the pipeline's work exactly at the epoch end.
     """
     from nvidia import dali
     from nvidia.dali import fn, types
@@ -49,8 +53,6 @@ def build_pipeline(
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu' here, got {device!r}")
-    if (files is None) == (array_source is None):
-        raise ValueError("pass exactly one of files (+labels) or array_source")
     decoder_device = "mixed" if device == "gpu" else "cpu"
     to_chw = dict(dtype=types.UINT8, output_layout="CHW")
     pipe = dali.Pipeline(
@@ -61,16 +63,16 @@ def build_pipeline(
         prefetch_queue_depth=prefetch,
     )
     with pipe:
-        if files is not None:
+        if encoded:
             # Random ops get their own seeds from `seed`; DALI keeps one RNG per batch slot,
             # so the crops do not depend on num_threads.
-            encoded, lab = fn.readers.file(
-                files=list(files), labels=list(labels), random_shuffle=False, name="reader"
+            encoded_files, lab = fn.external_source(
+                source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32]
             )
             if recipe == "train":
                 # ROI decode: only the sampled window is decoded (libjpeg-turbo / nvJPEG crop).
                 images = fn.decoders.image_random_crop(
-                    encoded,
+                    encoded_files,
                     device=decoder_device,
                     output_type=types.RGB,
                     random_area=list(RANDOM_AREA),
@@ -81,7 +83,9 @@ def build_pipeline(
                 images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, antialias=True)
                 images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **to_chw)
             else:
-                images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+                images = fn.decoders.image(
+                    encoded_files, device=decoder_device, output_type=types.RGB
+                )
                 shorter = resize_size if recipe == "val" else c_resize
                 if shorter is not None:
                     images = fn.resize(images, resize_shorter=shorter, antialias=True)
@@ -96,11 +100,11 @@ def build_pipeline(
         else:
             if recipe == "train":
                 images, lab, anchors, flips = fn.external_source(
-                    source=array_source, num_outputs=4, batch=True, layout=["HWC", "", "", ""]
+                    source=source, num_outputs=4, batch=True, layout=["HWC", "", "", ""]
                 )
             else:
                 images, lab = fn.external_source(
-                    source=array_source, num_outputs=2, batch=True, layout=["HWC", ""]
+                    source=source, num_outputs=2, batch=True, layout=["HWC", ""]
                 )
             if device == "gpu":
                 images = images.gpu()
