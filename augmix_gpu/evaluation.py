@@ -195,8 +195,14 @@ def evaluate_loader(
         )
     if n == 0:
         raise RuntimeError(f"{desc}: the loader yielded no images")
-    conf_all = all_gather_cat(torch.cat(confs).float(), env).cpu()
-    corr_all = all_gather_cat(torch.cat(corrs).to(torch.uint8), env).cpu().bool()
+    conf_local = torch.cat(confs).float() if confs else torch.empty(0, device=device)
+    corr_local = (
+        torch.cat(corrs).to(torch.uint8)
+        if corrs
+        else torch.empty(0, dtype=torch.uint8, device=device)
+    )
+    conf_all = all_gather_cat(conf_local, env).cpu()
+    corr_all = all_gather_cat(corr_local, env).cpu().bool()
     return EvalResult(
         n=n,
         correct1=int(counts[1].item()),
