@@ -20,6 +20,39 @@ from augmix_gpu.config import resolve_config, validate_config
 from augmix_gpu.distributed import cleanup, init_distributed
 
 
+def eval_only_argv(config: dict, env) -> list[str]:
+    """--eval_only runs evaluate.py (the same code) on this run's data and checkpoint."""
+    from augmix_gpu.datasets import prepare_data
+    from augmix_gpu.training import run_dir
+
+    spec = prepare_data(config, env)
+    model = (
+        ["--ckpt_path", config["ckpt_path"]]
+        if config["ckpt_path"]
+        else ["--pretrained", config["pretrained"], "--arch", config["arch"]]
+    )
+    data = ["--val", str(spec.val)] + (
+        ["--imagenet_c", str(spec.corrupted)] if spec.corrupted else []
+    )
+    run = [
+        "--batch",
+        str(config["batch"] // env.world_size),
+        "--workers",
+        str(config["workers"]),
+        "--device",
+        config["device"],
+        "--precision",
+        config["precision"],
+        "--out",
+        str(run_dir(config) / "eval"),
+        "--crop_size",
+        str(config["crop_size"]),
+        "--resize_size",
+        str(config["val_resize"]),
+    ]
+    return model + data + run + (["--no_progress"] if config["no_progress"] else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     config = resolve_config(argv)
     env = init_distributed("cpu" if config["gpus"] == 0 else config["device"])
@@ -29,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if config["eval_only"]:
             import evaluate
 
-            return evaluate.main(evaluate.args_from_train_config(config))
+            return evaluate.main(eval_only_argv(config, env))
         from augmix_gpu.training import fit
 
         return fit(config, env)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: one line, no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .augmix import AugMixBatch, normalize_images
+from .augmix import AugMixBatch
 from .distributed import DistEnv, all_reduce_sum
+from .evaluation import normalize_uint8 as normalize_images
 from .losses import augmix_objective
 from .severity import LearnableSeverity
 

@@ -336,7 +336,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
 
 def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
     """Clean vs corrupted evaluation of the final model, reports written under ``out/eval``."""
-    from .evaluation import evaluate_robustness, markdown_table, write_reports
+    from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
 
     net.model.eval()
     start = time.perf_counter()
