@@ -93,6 +93,29 @@ def _dirichlet_last(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.where(total > 0, g / total.clamp_min(torch.finfo(g.dtype).tiny), uniform)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose backward is the inverse permutation (one gather, not zeros + index_add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor) -> Tensor:
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (perm,) = ctx.saved_tensors
+        inverse = torch.empty_like(perm).scatter_(
+            0, perm, torch.arange(len(perm), device=perm.device)
+        )
+        return grad.index_select(0, inverse), None
+
+
+def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteRows.apply(x, perm)
+    return x.index_select(0, perm)
+
+
 class AugMixBatch(nn.Module):
     """AugMix on a batch of tensors, per-sample chains, in one batched pass.
 
@@ -312,34 +335,35 @@ class AugMixBatch(nn.Module):
         steps = torch.arange(d, device=device).unsqueeze(1)
         key = torch.where(depth_f > steps, group_of_op[ops_f], idle)  # [D, N]
         counts = (key.unsqueeze(-1) == torch.arange(self._n_groups, device=device)).sum(dim=1)
-        order = torch.argsort(key, dim=1, stable=True)
         sizes = counts.tolist()  # the one host sync of the call
 
-        cur = torch.empty((n, 3, h, wd), dtype=dtype, device=device)
+        # Images are kept in "position" order: chain_at[i] is the chain image at position i. Each
+        # step sorts the positions by group (one row permutation), runs every group on its
+        # contiguous slice and concatenates; a last permutation restores chain order. Backward
+        # then costs O(N) per step (permutation -> inverse permutation, split <-> cat), where
+        # per-group index_copy_/index_select would cost O(N) per group.
+        chain_at = torch.argsort(key[0], stable=True)
+        cur = x.index_select(0, sample_of.index_select(0, chain_at))
         for t in range(d):
-            groups = torch.split(order[t], sizes[t])
-            for g, idx in enumerate(groups):
-                if g == idle:
-                    if t == 0:  # chains of depth 0 (hand-made params) stay clean
-                        cur.index_copy_(0, idx, x.index_select(0, sample_of.index_select(0, idx)))
-                    continue
-                src = (
-                    x.index_select(0, sample_of.index_select(0, idx))
-                    if t == 0
-                    else cur.index_select(0, idx)
-                )
-                p = param_f[t].index_select(0, idx)
-                if self._has_warp and g == 0:
-                    local = geo_local.index_select(0, ops_f[t].index_select(0, idx))
-                    mats = torch.stack(
-                        [op.affine(p, h, wd) for op in self._geo_ops]
-                    )  # [G, n, 2, 3]
-                    mat = mats.gather(0, local.view(1, -1, 1, 1).expand(1, -1, 2, 3)).squeeze(0)
-                    out = warp_affine(src, mat)
+            if t > 0:
+                perm = torch.argsort(key[t].index_select(0, chain_at), stable=True)
+                chain_at = chain_at.index_select(0, perm)
+                cur = _permute_rows(cur, perm)
+            p_t = param_f[t].index_select(0, chain_at).split(sizes[t])
+            o_t = ops_f[t].index_select(0, chain_at).split(sizes[t])
+            outs = []
+            for g, src in enumerate(cur.split(sizes[t])):
+                if g == idle:  # chains already finished (or of depth 0) pass through
+                    outs.append(src)
+                elif self._has_warp and g == 0:  # every geometric op of the step: one warp
+                    mats = torch.stack([op.affine(p_t[g], h, wd) for op in self._geo_ops])
+                    local = geo_local.index_select(0, o_t[g]).view(1, -1, 1, 1).expand(1, -1, 2, 3)
+                    outs.append(warp_affine(src, mats.gather(0, local).squeeze(0)))
                 else:
-                    out = self._other_ops[g - int(self._has_warp)].apply(src, p)
-                cur.index_copy_(0, idx, out)
-        return cur.view(v, w, b, 3, h, wd)
+                    outs.append(self._other_ops[g - int(self._has_warp)].apply(src, p_t[g]))
+            cur = torch.cat(outs)
+        restore = torch.empty_like(chain_at).scatter_(0, chain_at, torch.arange(n, device=device))
+        return _permute_rows(cur, restore).view(v, w, b, 3, h, wd)
 
     def _mix(self, x: Tensor, chains: Tensor, params: AugMixParams) -> tuple[Tensor, ...]:
         dtype, device = x.dtype, x.device

@@ -292,3 +292,25 @@ def test_params_and_severity_must_fit_the_batch():
         aug.apply(x, aug.sample_params(4, gen()), 3.0)
     with pytest.raises(ValueError, match=r"\[B=5\]"):
         aug.apply(x, aug.sample_params(5, gen()), torch.ones(4))
+
+
+# --- the picture ---------------------------------------------------------------------------------
+
+
+def test_show_writes_a_grid_and_describes_chains(tmp_path, natural_image_np):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from augmix_gpu.show import describe_chain, main
+
+    src = tmp_path / "img.png"
+    Image.fromarray(natural_image_np(48, 2)).save(src)
+    out = tmp_path / "grid.png"
+    main([str(src), "--severity", "1", "5", "--out", str(out), "--size", "32", "--dpi", "40"])
+    with Image.open(out) as grid:
+        assert grid.width > grid.height > 0  # 2 rows x 6 panels
+    aug = AugMixBatch(normalize=False)
+    p = fixed_params(aug, 1, ["rotate", "posterize"], u=1.0, sign=-1.0)
+    assert describe_chain(aug, p, 5.0, view=0, chain=0) == ["rotate -15.0°", "posterize 2.00 bits"]
+    with pytest.raises(SystemExit):
+        main([str(src), "--severity", "11"])

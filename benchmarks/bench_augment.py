@@ -1,0 +1,357 @@
+"""Images/s for producing what the JSD loss needs (clean + two AugMix views), at equal threads.
+
+    python benchmarks/bench_augment.py                 # 224 px, batch 64, 2 threads
+    python benchmarks/bench_augment.py --quick         # a tiny run (seconds)
+
+Rows (each: clean + 2 views, float32, ImageNet-normalised, for every image):
+  a   torchvision.transforms.AugMix on PIL images, one at a time, in a DataLoader with
+      ``--threads`` worker processes (what timm and most trainers run);
+  a2  the official google-research/augmix algorithm (PIL ImageOps/ImageEnhance ops, mixing after
+      ToTensor+Normalize), same DataLoader set-up: written here from its semantics;
+  b   torchvision.transforms.v2.AugMix on a batched uint8 tensor (ONE op chain shared by the
+      batch: faster, but not per-sample AugMix), ``--threads`` torch threads;
+  c   AugMixBatch (ours) on the CPU, ``--threads`` torch threads, per-sample chains;
+  d   AugMixBatch on CUDA, when a GPU is present;
+  e   AugMixBatch with LearnableSeverity: forward + backward (issue 3's target: <= 1.5x row c).
+
+Repeats are interleaved across rows (row a, b, c, ... then again), so a load change on a shared
+machine hits all rows alike. glibc is asked to keep freed memory (``reuse_freed_memory``) for every
+row unless ``--default-malloc``; the JSON records which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    environment_info,
+    markdown_table,
+    photo_like,
+    rate_summary,
+    reuse_freed_memory,
+    write_json,
+)
+
+from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch  # noqa: E402
+
+ROWS = ("a", "a2", "b", "c", "d", "e")
+
+
+# --- the official algorithm on PIL (row a2), from google-research/augmix's semantics -------------
+
+
+class OfficialPILAugMix:
+    """One AugMix view of a PIL image as the official code computes it: returns a normalised tensor."""
+
+    def __init__(
+        self,
+        severity: float = 3.0,
+        width: int = 3,
+        depth: int = -1,
+        alpha: float = 1.0,
+        size: int = 224,
+    ):
+        from PIL import Image, ImageEnhance, ImageOps
+        from torchvision import transforms as T
+
+        self.severity, self.width, self.depth, self.alpha = severity, width, depth, alpha
+        self.pre = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.rng = np.random.default_rng()
+        bil = Image.BILINEAR
+
+        def level() -> float:  # sample_level: U(0.1, severity)
+            return float(self.rng.uniform(0.1, self.severity))
+
+        def signed(v: float) -> float:
+            return -v if self.rng.uniform() > 0.5 else v
+
+        def affine(img, data):
+            return img.transform(img.size, Image.AFFINE, data, resample=bil)
+
+        self.ops = [
+            lambda im: ImageOps.autocontrast(im),
+            lambda im: ImageOps.equalize(im),
+            lambda im: ImageOps.posterize(
+                im, max(1, 4 - int(level() * 4 / 10))
+            ),  # Pillow >= 10: bits >= 1
+            lambda im: im.rotate(signed(int(level() * 30 / 10)), resample=bil),
+            lambda im: ImageOps.solarize(im, 256 - int(level() * 256 / 10)),
+            lambda im: affine(im, (1, signed(level() * 0.3 / 10), 0, 0, 1, 0)),
+            lambda im: affine(im, (1, 0, 0, signed(level() * 0.3 / 10), 1, 0)),
+            lambda im: affine(im, (1, 0, signed(int(level() * size / 3 / 10)), 0, 1, 0)),
+            lambda im: affine(im, (1, 0, 0, 0, 1, signed(int(level() * size / 3 / 10)))),
+        ]
+        del ImageEnhance  # the 4 enhance ops are off by default (all_ops=False)
+
+    def __call__(self, image) -> torch.Tensor:
+        ws = self.rng.dirichlet([self.alpha] * self.width).astype(np.float32)
+        m = np.float32(self.rng.beta(self.alpha, self.alpha))
+        mix = torch.zeros(3, image.height, image.width)
+        for i in range(self.width):
+            img = image.copy()
+            depth = self.depth if self.depth > 0 else int(self.rng.integers(1, 4))
+            for _ in range(depth):
+                img = self.ops[int(self.rng.integers(len(self.ops)))](img)
+            mix += float(ws[i]) * self.pre(img)
+        return (1 - m) * self.pre(image) + m * mix
+
+
+class _PILViews(torch.utils.data.Dataset):
+    """PIL images in memory -> (clean, view1, view2) normalised tensors."""
+
+    def __init__(self, images, view: Callable):
+        from torchvision import transforms as T
+
+        self.images, self.view = images, view
+        self.pre = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        im = self.images[i]
+        return self.pre(im), self.view(im), self.view(im)
+
+
+def _seed_worker(worker_id: int) -> None:
+    ds = torch.utils.data.get_worker_info().dataset
+    if isinstance(ds.view, OfficialPILAugMix):
+        ds.view.rng = np.random.default_rng(1000 + worker_id)
+
+
+def _loader_runner(images, view: Callable, batch: int, workers: int) -> Callable[[], int]:
+    loader = torch.utils.data.DataLoader(
+        _PILViews(images, view),
+        batch_size=batch,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+    )
+
+    def run() -> int:
+        n = 0
+        for clean, _, _ in loader:
+            n += clean.shape[0]
+        return n
+
+    return run
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dict]:
+    """name -> {label, device, run (returns #images), sync, in_process}."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    rows: dict[str, dict] = {}
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images_u8]
+    cpu_x = images_u8[: args.batch].contiguous()
+    calls = max(1, len(images_u8) // args.batch)  # batched rows process as many images as a/a2
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    sev = args.severity
+
+    if "a" in args.rows:
+        tv = T.AugMix(severity=int(sev), mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False)
+        rows["a"] = {
+            "label": "torchvision AugMix, PIL, per image (DataLoader workers)",
+            "device": "cpu",
+            "run": _loader_runner(pil, T.Compose([tv, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), args.batch, args.threads),
+            "in_process": False,
+        }  # fmt: skip
+    if "a2" in args.rows:
+        rows["a2"] = {
+            "label": "official augmix algorithm, PIL ops, per image (DataLoader workers)",
+            "device": "cpu",
+            "run": _loader_runner(
+                pil, OfficialPILAugMix(severity=sev, size=args.size), args.batch, args.threads
+            ),
+            "in_process": False,
+        }
+    if "b" in args.rows:
+        tv2 = v2.AugMix(
+            severity=int(sev), mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False
+        )
+
+        def run_b() -> int:
+            for _ in range(calls):
+                views = (cpu_x, tv2(cpu_x), tv2(cpu_x))
+                _ = [(v.float().div_(255) - mean) / std for v in views]
+            return calls * args.batch
+
+        rows["b"] = {"label": "torchvision v2 AugMix, batched uint8 tensor (ops shared by the batch)", "device": "cpu", "run": run_b, "in_process": True}  # fmt: skip
+
+    def ours(aug: AugMixBatch, x: torch.Tensor, backward: bool = False) -> Callable[[], int]:
+        def run() -> int:
+            for _ in range(calls):
+                out = aug(x)
+                if backward:
+                    sum(v.square().mean() for v in out[1:]).backward()
+            return calls * x.shape[0]
+
+        return run
+
+    if "c" in args.rows:
+        rows["c"] = {"label": "AugMixBatch (ours), per-sample chains", "device": "cpu", "run": ours(AugMixBatch(severity=sev), cpu_x), "in_process": True}  # fmt: skip
+    if "d" in args.rows:
+        if torch.cuda.is_available():
+            gx = cpu_x.cuda()
+            rows["d"] = {"label": "AugMixBatch (ours), per-sample chains", "device": "cuda", "run": ours(AugMixBatch(severity=sev), gx), "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
+        else:
+            notes.append("row d (CUDA) skipped: no GPU on this machine")
+    if "e" in args.rows:
+        try:
+            from augmix_gpu.severity import LearnableSeverity
+        except ImportError as err:
+            notes.append(
+                f"row e (learnable) skipped: augmix_gpu.severity.LearnableSeverity not importable ({err})"
+            )
+        else:
+            aug = AugMixBatch(severity=LearnableSeverity(initial_aug_severity=sev))
+            rows["e"] = {"label": "AugMixBatch + LearnableSeverity, forward + backward", "device": "cpu", "run": ours(aug, cpu_x, backward=True), "in_process": True}  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=224, help="image side in pixels")
+    parser.add_argument(
+        "--batch", type=int, default=64, help="batch of the batched rows and of the DataLoaders"
+    )
+    parser.add_argument(
+        "--images", type=int, default=256, help="images per timed repeat (a multiple of --batch)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads = DataLoader worker processes"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--severity", type=float, default=3.0)
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}"
+    )
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="do not ask glibc to keep freed memory"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run: 64 px, batch 8, 16 images, 2 repeats"
+    )
+    parser.add_argument(
+        "--out",
+        default="bench_augment.json",
+        help="JSON file (bare names go to benchmarks/results/)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.images, args.repeats = 64, 8, 16, 2
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}, choose from {ROWS}")
+    args.images = max(args.batch, args.images // args.batch * args.batch)
+
+    malloc = False if args.default_malloc else reuse_freed_memory()  # before workers fork
+    torch.set_num_threads(args.threads)
+    images = torch.stack(
+        [
+            torch.from_numpy(photo_like(args.size, seed)).permute(2, 0, 1)
+            for seed in range(args.images)
+        ]
+    ).contiguous()
+    notes: list[str] = []
+    rows = build_rows(args, images, notes)
+
+    print(f"warm-up ({args.warmup}x each) ...", flush=True)
+    for row in rows.values():
+        for _ in range(args.warmup):
+            row["run"]()
+        if row.get("sync"):
+            row["sync"]()
+    times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in rows}
+    for r in range(args.repeats):  # interleaved: every row once per round
+        for key, row in rows.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            n = row["run"]()
+            if row.get("sync"):
+                row["sync"]()
+            times[key].append((time.perf_counter() - w0, time.process_time() - c0, n))
+        print(
+            f"round {r + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {times[k][-1][2] / times[k][-1][0]:.1f}/s" for k in rows),
+            flush=True,
+        )
+
+    results = []
+    for key, row in rows.items():
+        wall = [t[0] for t in times[key]]
+        cpu = [t[1] for t in times[key]] if row["in_process"] else None
+        res = {"row": key, "method": row["label"], "device": row["device"], "threads": args.threads, "batch": args.batch, "size": args.size}  # fmt: skip
+        res.update(rate_summary(wall, times[key][0][2], cpu))
+        results.append(res)
+    by = {r["row"]: r for r in results}
+    ref = by.get("a", {}).get("images_per_s_median")
+    for r in results:
+        r["speedup_vs_a"] = r["images_per_s_median"] / ref if ref else None
+    if "c" in by and "e" in by:
+        by["e"]["cost_vs_fixed_forward"] = (
+            by["c"]["images_per_s_median"] / by["e"]["images_per_s_median"]
+        )
+
+    def fmt(r: dict) -> list:
+        return [
+            r["row"], r["method"], r["device"], r["threads"], r["batch"],
+            f"{r['images_per_s_median']:.1f}", f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
+            f"{r['ms_per_image_median']:.2f}",
+            f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-",
+        ]  # fmt: skip
+
+    headers = [
+        "row",
+        "method",
+        "device",
+        "threads",
+        "batch",
+        "img/s (median)",
+        "min-max",
+        "ms/img",
+        "vs a",
+    ]
+    print()
+    print(markdown_table(headers, [fmt(r) for r in results]))
+    if "e" in by and "cost_vs_fixed_forward" in by["e"]:
+        print(
+            f"\nlearnable forward+backward costs {by['e']['cost_vs_fixed_forward']:.2f}x the fixed-severity forward (target <= 1.5x)"
+        )
+    for n in notes:
+        print(f"note: {n}")
+    print(
+        f"({args.size} px, clean + 2 views per image, {args.threads} threads, glibc keeps freed memory: {malloc})"
+    )
+    path = write_json(
+        args.out,
+        {
+            "benchmark": "augment",
+            "command": "python benchmarks/bench_augment.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "args": vars(args),
+            "environment": environment_info(),
+            "results": results,
+            "notes": notes,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
