@@ -190,3 +190,15 @@ def test_bad_arguments(id_tree):
         with pytest.raises(ValueError, match="sees no CUDA device"):
             build_loader(id_tree, "val", batch_size=2, device="gpu")
         assert build_loader(id_tree, "val", batch_size=2, device="auto").device.type == "cpu"
+
+
+def test_importing_the_data_package_loads_no_dali_or_corruptions():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, augmix_gpu.data; "
+        "print(any(m.startswith(('nvidia.dali', 'imagecorruptions', 'numba')) for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -3,7 +3,7 @@
 One DALI pipeline is built per call to `epoch()` and released when the epoch ends. Why:
 - the order and the random crops become a pure function of (seed, epoch, rank[, start_step]), so
   "2 epochs straight" equals "1 epoch, a fresh process, then epoch 1" (exact resume);
-- train and val pipelines never hold decoder buffers at the same time (DALI issue #5087);
+- train and val pipelines never hold decoder buffers at the same time (GPU memory);
 - building costs milliseconds on the CPU, against an epoch of minutes.
 
 Corrupt images met during a run (a header that passed the scan, but a body DALI cannot decode):
@@ -180,6 +180,7 @@ class DaliLoader:
         return source
 
     def _to_torch(self, tensor_list, dtype: torch.dtype, what: str) -> torch.Tensor:
+        from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if not tensor_list.is_dense_tensor():
@@ -190,10 +191,15 @@ class DaliLoader:
                 "lower crop_size or pass c_resize"
             )
         tensor = tensor_list.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(tensor, out, cuda_stream=stream)
-        return out
+        if isinstance(
+            tensor_list, TensorListGPU
+        ):  # images from the mixed decoder: device to device
+            out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
+            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        out = torch.empty(tensor.shape(), dtype=dtype)  # CPU outputs (labels; the CPU path)
+        feed_ndarray(tensor, out)
+        return out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
 
     def _find_corrupt(self, idx: np.ndarray) -> list[int]:
         """Decode each candidate alone on the CPU; return the indices DALI cannot decode."""
@@ -239,7 +245,7 @@ class DaliLoader:
                     batch = (
                         self._to_torch(images, torch.uint8, "images"),
                         self._to_torch(labels, torch.int32, "labels").view(-1).long(),
-                        torch.from_numpy(valid[sl]).to(self.device),
+                        torch.tensor(valid[sl], device=self.device),
                     )
                     step += 1
                     yield batch

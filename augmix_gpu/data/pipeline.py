@@ -106,6 +106,7 @@ def build_pipeline(
                 images, lab = fn.external_source(
                     source=source, num_outputs=2, batch=True, layout=["HWC", ""]
                 )
+            hw = images.shape(dtype=types.INT32)[0:2]  # a CPU node: argument inputs live on the CPU
             if device == "gpu":
                 images = images.gpu()
             if recipe == "train":
@@ -114,7 +115,7 @@ def build_pipeline(
                 images = fn.slice(
                     images,
                     start=anchors,
-                    shape=images.shape(dtype=types.INT32)[0:2],
+                    shape=hw,
                     axis_names="HW",
                     out_of_bounds_policy="pad",
                     fill_values=0,

@@ -4,7 +4,8 @@ Why we shard ourselves instead of using DALI's `random_shuffle`/`shard_id`: DALI
 buffer of `initial_fill` samples (not a global permutation) and keeps its shuffle state inside the
 pipeline, so epoch `e` cannot be reproduced by a fresh process, nor resumed at step `k`. Here the
 order is one global permutation drawn from (seed, epoch), identical on every rank, then cut by
-*global* rank (DALI issue #1866: sharding by local rank makes nodes read the same files).
+*global* rank (a trap DALI users report: sharding by the local rank makes every node read the
+same files).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def eval_indices(
 
     Rank r owns samples r, r+W, r+2W, ... (so the shards partition the set); every rank takes
     the same number of steps, `ceil(ceil(n/W)/batch)`, so collectives inside evaluation cannot
-    hang. Padding repeats a real index with `valid=False` (DALI issue #4199: padded samples
-    counted twice). Returns (indices, valid, num_real).
+    hang. Padding repeats a real index with `valid=False` (a trap DALI users report: padded
+    samples counted twice). Returns (indices, valid, num_real).
     """
     _check(n, batch_size, rank, world_size)
     own = np.arange(rank, n, world_size)
