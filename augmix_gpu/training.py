@@ -169,15 +169,11 @@ def evaluate_clean(net: AugmentedClassifier, loader, env: DistEnv, config: dict[
 
 
 def replica_checksum(net: AugmentedClassifier) -> float:
-    """A float64 sum over all parameters and buffers: equal on every rank iff replicas agree."""
+    """A float64 sum over every trainable parameter (network and severity): equal on all ranks iff
+    the replicas agree. BatchNorm running statistics are rank-local between DDP's buffer broadcasts
+    (rank 0's are the ones saved), so they are left out."""
     with torch.no_grad():
-        return float(
-            sum(
-                t.detach().double().sum().item()
-                for t in net.state_dict().values()
-                if t.is_floating_point()
-            )
-        )
+        return float(sum(p.detach().double().sum().item() for p in net.parameters()))
 
 
 def fit(config: dict[str, Any], env: DistEnv) -> int:
@@ -352,11 +348,9 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
         crop_size=config["crop_size"],
         resize_size=config["val_resize"],
         progress=env.is_main and not config["no_progress"],
-        extra_info={
-            "aug_type": config["aug_type"],
-            "all_ops": config["all_ops"],
-            "arch": config["arch"],
-        },
+        amp_dtype=AMP_DTYPES[config["precision"]],
+        channels_last=config["channels_last"],
+        extra_info={"model": describe_model(config, None, name=config["arch"]), "args": config},
     )
     if env.is_main:
         write_reports(results, out / "eval")
