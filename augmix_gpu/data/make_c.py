@@ -25,17 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+# One list for the whole project (robustness.py holds it beside the AlexNet reference errors).
+from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .folders import DatasetError, find_classes, scan_folder
 
-# The 15 ImageNet-C corruptions in the official order (Hendrycks & Dietterich 2019, Table/Fig. 1;
-# the order of the AlexNet reference errors in augmix_gpu.robustness).
-CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)  # fmt: skip
-# The 4 held-out "validation" corruptions, reported apart.
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 _ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
 _SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")  # they take `seed=`; the rest use np.random
 JPEG_QUALITY = 85  # ImageNet-C's save quality
