@@ -5,10 +5,15 @@ on any device. Every random choice (ops, depths, levels, signs, Dirichlet weight
 drawn per sample by ``sample_params`` up front on the device; ``apply`` is deterministic given them.
 
 How a call runs without a Python loop over samples: the ``V * width * B`` chains are flattened
-into N images. At each depth step the images are grouped by the op they chose (one ``argsort`` per
-step, and one host sync per call for all group sizes); each non-geometric op runs once on its
-group, and all geometric ops of the step run as ONE warp with per-sample matrices. Empty groups are
-still visited, so the number of dispatched torch operators does not depend on B.
+into N images. At each depth step the images are grouped by the op they chose (one ``argsort``,
+and one host sync per call for all group sizes); each non-geometric op runs once on its group, and
+all geometric ops of the step run as ONE warp with per-sample matrices. Empty groups are still
+visited, so the number of dispatched torch operators does not depend on B.
+
+Two ways to move the images, same arithmetic (a test pins that they agree): without a gradient,
+each group is gathered and written back in place (finished chains are never touched: the least
+memory traffic); with a gradient (learnable severity), each step applies one row permutation and
+concatenates the group outputs, so that backward costs O(N) per step instead of O(N) per group.
 
 Mixing happens in [0,1] space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the
 official "mix after preprocess" because normalisation is affine and the weights sum to 1; the
@@ -330,18 +335,77 @@ class AugMixBatch(nn.Module):
         sample_of = torch.arange(n, device=device) % b
 
         group_of_op = self._group_of_op.to(device)
-        geo_local = self._geo_local.to(device)
         idle = self._n_groups - 1
         steps = torch.arange(d, device=device).unsqueeze(1)
         key = torch.where(depth_f > steps, group_of_op[ops_f], idle)  # [D, N]
         counts = (key.unsqueeze(-1) == torch.arange(self._n_groups, device=device)).sum(dim=1)
         sizes = counts.tolist()  # the one host sync of the call
+        if torch.is_grad_enabled() and (x.requires_grad or param_f.requires_grad):
+            run = self._run_permuted
+        else:
+            run = self._run_in_place
+        out = run(x, param_f, ops_f, key, sizes, sample_of)
+        return out.view(v, w, b, 3, h, wd)
 
-        # Images are kept in "position" order: chain_at[i] is the chain image at position i. Each
-        # step sorts the positions by group (one row permutation), runs every group on its
-        # contiguous slice and concatenates; a last permutation restores chain order. Backward
-        # then costs O(N) per step (permutation -> inverse permutation, split <-> cat), where
-        # per-group index_copy_/index_select would cost O(N) per group.
+    def _apply_group(self, g: int, src: Tensor, param: Tensor, op_index: Tensor) -> Tensor:
+        """Run group ``g`` on its images: the fused warp (group 0) or one non-geometric op."""
+        if self._has_warp and g == 0:
+            h, w = src.shape[-2:]
+            mats = torch.stack([op.affine(param, h, w) for op in self._geo_ops])  # [G, n, 2, 3]
+            local = self._geo_local.to(src.device).index_select(0, op_index)
+            return warp_affine(
+                src, mats.gather(0, local.view(1, -1, 1, 1).expand(1, -1, 2, 3)).squeeze(0)
+            )
+        return self._other_ops[g - int(self._has_warp)].apply(src, param)
+
+    def _run_in_place(
+        self,
+        x: Tensor,
+        param_f: Tensor,
+        ops_f: Tensor,
+        key: Tensor,
+        sizes: list[list[int]],
+        sample_of: Tensor,
+    ) -> Tensor:
+        """No gradient: gather each group, write its result back in place; finished chains stay put."""
+        d, n = key.shape
+        idle = self._n_groups - 1
+        order = torch.argsort(key, dim=1, stable=True)
+        cur = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for t in range(d):
+            for g, idx in enumerate(torch.split(order[t], sizes[t])):
+                if g == idle:
+                    if t == 0:  # chains of depth 0 (hand-made params) stay clean
+                        cur.index_copy_(0, idx, x.index_select(0, sample_of.index_select(0, idx)))
+                    continue
+                src = (
+                    x.index_select(0, sample_of.index_select(0, idx))
+                    if t == 0
+                    else cur.index_select(0, idx)
+                )
+                out = self._apply_group(
+                    g, src, param_f[t].index_select(0, idx), ops_f[t].index_select(0, idx)
+                )
+                cur.index_copy_(0, idx, out)
+        return cur
+
+    def _run_permuted(
+        self,
+        x: Tensor,
+        param_f: Tensor,
+        ops_f: Tensor,
+        key: Tensor,
+        sizes: list[list[int]],
+        sample_of: Tensor,
+    ) -> Tensor:
+        """With a gradient: one row permutation per step, groups as contiguous slices, one cat.
+
+        Images are kept in "position" order (``chain_at[i]`` is the chain at position i). The
+        backward then costs O(N) per step (inverse permutation, split <-> cat), where the in-place
+        path's per-group index_copy_/index_select would clone or zero-fill all N images per group.
+        """
+        d, n = key.shape
+        idle = self._n_groups - 1
         chain_at = torch.argsort(key[0], stable=True)
         cur = x.index_select(0, sample_of.index_select(0, chain_at))
         for t in range(d):
@@ -349,21 +413,15 @@ class AugMixBatch(nn.Module):
                 perm = torch.argsort(key[t].index_select(0, chain_at), stable=True)
                 chain_at = chain_at.index_select(0, perm)
                 cur = _permute_rows(cur, perm)
-            p_t = param_f[t].index_select(0, chain_at).split(sizes[t])
-            o_t = ops_f[t].index_select(0, chain_at).split(sizes[t])
+            params = param_f[t].index_select(0, chain_at).split(sizes[t])
+            op_index = ops_f[t].index_select(0, chain_at).split(sizes[t])
             outs = []
             for g, src in enumerate(cur.split(sizes[t])):
-                if g == idle:  # chains already finished (or of depth 0) pass through
-                    outs.append(src)
-                elif self._has_warp and g == 0:  # every geometric op of the step: one warp
-                    mats = torch.stack([op.affine(p_t[g], h, wd) for op in self._geo_ops])
-                    local = geo_local.index_select(0, o_t[g]).view(1, -1, 1, 1).expand(1, -1, 2, 3)
-                    outs.append(warp_affine(src, mats.gather(0, local).squeeze(0)))
-                else:
-                    outs.append(self._other_ops[g - int(self._has_warp)].apply(src, p_t[g]))
+                # chains already finished (or of depth 0) pass through
+                outs.append(src if g == idle else self._apply_group(g, src, params[g], op_index[g]))
             cur = torch.cat(outs)
-        restore = torch.empty_like(chain_at).scatter_(0, chain_at, torch.arange(n, device=device))
-        return _permute_rows(cur, restore).view(v, w, b, 3, h, wd)
+        restore = torch.empty_like(chain_at).scatter_(0, chain_at, torch.arange(n, device=x.device))
+        return _permute_rows(cur, restore)
 
     def _mix(self, x: Tensor, chains: Tensor, params: AugMixParams) -> tuple[Tensor, ...]:
         dtype, device = x.dtype, x.device

@@ -10,10 +10,11 @@ Every op maps float images ``x [N,3,H,W]`` in [0,1] and a per-sample parameter `
 Parity with PIL at PIL's own (integer) parameters is pinned by ``tests/test_ops.py``.
 
 Where Kornia's functional layer matches PIL we call it (``color``: grey blend with
-L = 0.299R + 0.587G + 0.114B; ``sharpness``: SMOOTH kernel, border kept). We write our own where it
-deviates: Kornia's brightness is additive (PIL multiplies), its posterize takes integer bits only,
-its equalize truncates ``x*255`` (we round, as a uint8 image would be) and has no gradient path,
-and ``warp_affine`` cannot express PIL's "clamp inside, fill 0 outside" sampling.
+L = 0.299R + 0.587G + 0.114B). We write our own where it deviates or is slow: Kornia's brightness is
+additive (PIL multiplies), its posterize takes integer bits only, its equalize truncates ``x*255``
+(we round, as a uint8 image would be) and has no gradient path, ``warp_affine`` cannot express
+PIL's "clamp inside, fill 0 outside" sampling, and its sharpness (which matches PIL) costs ~5x
+a separable box sum on the CPU.
 """
 
 from __future__ import annotations
@@ -279,8 +280,21 @@ def brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """PIL ``ImageEnhance.Sharpness``: blend with SMOOTH ([[1,1,1],[1,5,1],[1,1,1]]/13), border kept (Kornia)."""
-    return KE.sharpness(x, factor.to(x.dtype))
+    """PIL ``ImageEnhance.Sharpness``: blend with SMOOTH ([[1,1,1],[1,5,1],[1,1,1]]/13), border kept.
+
+    SMOOTH = (box3x3 sum + 4 * centre) / 13 with the box sum separable (4 shifted adds): the same
+    result as Kornia's depthwise conv + masks at ~5x less CPU time. PIL leaves the 1-pixel border
+    unfiltered, so the blend leaves it unchanged.
+    """
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        return x.clone()
+    inner = x[..., 1:-1, 1:-1]
+    rows = x[..., :, :-2] + x[..., :, 1:-1] + x[..., :, 2:]
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+    smooth = torch.add(box, inner, alpha=4.0).div_(13.0).clamp(0.0, 1.0)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = torch.lerp(smooth, inner, _col(factor, x)).clamp(0.0, 1.0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

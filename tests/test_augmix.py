@@ -203,13 +203,16 @@ class _CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("all_ops", [False, True])
-def test_dispatched_operator_count_does_not_grow_with_the_batch(all_ops):
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_dispatched_operator_count_does_not_grow_with_the_batch(all_ops, with_grad):
     aug = AugMixBatch(all_ops=all_ops)
     counts = {}
     for b in (8, 256):
         x = natural_batch(1, 8).expand(b, 3, 8, 8).contiguous()
-        with torch.no_grad(), _CountOps() as mode:
-            aug(x, generator=gen(15))
+        s = torch.tensor(3.0, requires_grad=with_grad)
+        params = aug.sample_params(b, gen(15))
+        with torch.set_grad_enabled(with_grad), _CountOps() as mode:
+            aug.apply(x, params, s)
         counts[b] = mode.count
     assert abs(counts[256] - counts[8]) <= 0.05 * counts[8], counts
 
@@ -314,3 +317,17 @@ def test_show_writes_a_grid_and_describes_chains(tmp_path, natural_image_np):
     assert describe_chain(aug, p, 5.0, view=0, chain=0) == ["rotate -15.0°", "posterize 2.00 bits"]
     with pytest.raises(SystemExit):
         main([str(src), "--severity", "11"])
+
+
+def test_the_gradient_path_and_the_in_place_path_agree():
+    """With a gradient AugMixBatch moves images by permutation, without one in place."""
+    x = natural_batch(5, 24, seed=9)
+    aug = AugMixBatch(all_ops=True)
+    p = aug.sample_params(5, gen(21))
+    with torch.no_grad():
+        plain = aug.apply(x, p, 4.0)
+    s = torch.tensor(4.0, requires_grad=True)
+    tracked = aug.apply(x, p, s)
+    assert tracked[1].requires_grad and not plain[1].requires_grad
+    for u, v in zip(plain, tracked):
+        torch.testing.assert_close(u, v.detach(), atol=1e-6, rtol=0)
