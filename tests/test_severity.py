@@ -18,6 +18,15 @@ from augmix_gpu.severity import OBJECTIVES, LearnableSeverity
 ALPHA = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster and does not fight the other test workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("initial", "std", "offset", "mu", "log_sigma"),
     [(3.0, 1.0, 0.0, None, None), (1.5, 0.3, -0.4, 0.2, -1.0), (8.0, 2.0, 0.7, 1.9, 0.3)],
