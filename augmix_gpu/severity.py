@@ -100,14 +100,15 @@ class LearnableSeverity(nn.Module):
         """Draw s = exp(mu + sigma * eps), bounded to (0, max_severity], differentiable in mu, sigma.
 
         Returns a ``[]`` tensor (one severity for the batch) or ``[batch_size]`` if ``per_sample``.
-        ``eps`` is drawn on the generator's device (CPU when no generator is given) and moved to the
-        parameters' device, so a CPU generator reproduces the same draw on any device.
+        ``eps`` is drawn on the generator's device and moved to the parameters' device, so a CPU
+        generator reproduces the same draw on any device; without a generator it is drawn directly
+        on the parameters' device (no host-to-device copy per step).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         mu = self.log_severity_mu
         shape = (batch_size,) if self.per_sample else ()
-        eps_device = generator.device if generator is not None else torch.device("cpu")
+        eps_device = generator.device if generator is not None else mu.device
         eps = torch.randn(shape, generator=generator, device=eps_device, dtype=torch.float32)
         eps = eps.to(device=mu.device, dtype=mu.dtype)
         s = torch.exp(mu + self.sigma * eps)
