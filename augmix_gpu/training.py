@@ -81,7 +81,7 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
         "resize_size": config["val_resize"],
         "num_threads": config["workers"],
     }
-    train = build_loader(spec.train, "train", **common)
+    train = build_loader(spec.train, "train", random_area=(config["crop_area_min"], 1.0), **common)
     val = build_loader(spec.val, "val", classes=train.classes, **common)
     return train, val
 

@@ -228,6 +228,7 @@ def test_run_of_nonfinite_losses_stops_with_message(cache, tmp_path):
         (["--eval_only"], "--eval_only True: needs --ckpt_path"),
         (["--resume", "/no/such.ckpt"], "--resume '/no/such.ckpt': no such checkpoint"),
         (["--gpus", "4"], "torchrun --nproc_per_node=4"),
+        (["--crop_area_min", "0"], "--crop_area_min 0.0: must be in (0, 1]"),
         (["--config", "nope.toml"], "--config 'nope.toml': no such file"),
     ],
 )

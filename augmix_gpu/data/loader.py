@@ -24,7 +24,7 @@ import torch
 
 from .cifar import CifarArrays
 from .folders import DatasetError, find_classes, scan_folder
-from .pipeline import RECIPES, build_pipeline
+from .pipeline import RANDOM_AREA, RECIPES, build_pipeline
 from .sharding import eval_indices, stream_seed, train_indices, train_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -71,11 +71,16 @@ class DaliLoader:
         num_threads: int,
         prefetch: int,
         on_corrupt: str,
+        random_area: tuple[float, float] = RANDOM_AREA,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        if not 0 < random_area[0] <= random_area[1] <= 1:
+            raise ValueError(
+                f"random_area must satisfy 0 < min <= max <= 1, got {tuple(random_area)}"
+            )
         if recipe == "val" and resize_size < crop_size:
             raise ValueError(f"resize_size ({resize_size}) must be >= crop_size ({crop_size})")
         self.recipe, self.batch_size = recipe, int(batch_size)
@@ -88,7 +93,7 @@ class DaliLoader:
         self._n = len(self._labels)
         self._opts = dict(
             crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
-            num_threads=num_threads, prefetch=prefetch,
+            num_threads=num_threads, prefetch=prefetch, random_area=tuple(random_area),
         )  # fmt: skip
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # files found corrupt during a run (on_corrupt="skip")
@@ -294,6 +299,7 @@ def build_loader(
     num_threads: int = 2,
     prefetch: int = 2,
     on_corrupt: str = "error",
+    random_area: tuple[float, float] = RANDOM_AREA,
 ) -> DaliLoader:
     """A loader over an ImageNet-layout folder or `CifarArrays`; see the module docstring.
 
@@ -303,7 +309,7 @@ def build_loader(
     common = dict(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed,
         crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
-        num_threads=num_threads, prefetch=prefetch, on_corrupt=on_corrupt,
+        num_threads=num_threads, prefetch=prefetch, on_corrupt=on_corrupt, random_area=random_area,
     )  # fmt: skip
     if isinstance(source, CifarArrays):
         names = list(source.classes)

@@ -33,6 +33,7 @@ def build_pipeline(
     crop_size: int = 224,
     resize_size: int = 256,
     c_resize: int | None = None,
+    random_area: tuple[float, float] = RANDOM_AREA,
 ) -> Any:
     """A built `nvidia.dali.Pipeline` with outputs `(images uint8 [B,3,H,W] CHW, labels int32 [B])`.
 
@@ -75,7 +76,7 @@ def build_pipeline(
                     encoded_files,
                     device=decoder_device,
                     output_type=types.RGB,
-                    random_area=list(RANDOM_AREA),
+                    random_area=list(random_area),
                     random_aspect_ratio=list(RANDOM_ASPECT),
                     num_attempts=10,  # torchvision's retry count, then the centre-crop fallback
                 )
