@@ -117,6 +117,7 @@ def environment_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "malloc_reuse": _MALLOC_TUNED,
+        "env": {k: os.environ.get(k) for k in _ENV_KEYS},
         "gpu": None,
     }
     for dist in ("torch", "torchvision", "kornia", "numpy", "pillow", "nvidia-dali-cuda120"):
@@ -135,6 +136,14 @@ def environment_info() -> dict[str, Any]:
 
 
 _MALLOC_TUNED = False
+# Process settings that change CPU timings; recorded beside every result.
+_ENV_KEYS = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+)
 
 
 def reuse_freed_memory() -> bool:

@@ -6,7 +6,7 @@
 Rows (each: clean + 2 views, float32, ImageNet-normalised, for every image):
   a   torchvision.transforms.AugMix on PIL images, one at a time, in a DataLoader with
       ``--threads`` worker processes (what timm and most trainers run);
-  a2  the official google-research/augmix algorithm (PIL ImageOps/ImageEnhance ops, mixing after
+  a2  the official google-research/augmix algorithm (PIL ImageOps ops, mixing after
       ToTensor+Normalize), same DataLoader set-up: written here from its semantics;
   b   torchvision.transforms.v2.AugMix on a batched uint8 tensor (ONE op chain shared by the
       batch: faster, but not per-sample AugMix), ``--threads`` torch threads;
@@ -15,20 +15,31 @@ Rows (each: clean + 2 views, float32, ImageNet-normalised, for every image):
   e   AugMixBatch with LearnableSeverity: forward + backward (issue 3's target: <= 1.5x row c).
 
 Repeats are interleaved across rows (row a, b, c, ... then again), so a load change on a shared
-machine hits all rows alike. glibc is asked to keep freed memory (``reuse_freed_memory``) for every
-row unless ``--default-malloc``; the JSON records which.
+machine hits all rows alike. Two process settings apply to every row and go into the JSON: glibc
+keeps freed memory (``reuse_freed_memory``; ``--default-malloc`` to skip) and idle OpenMP threads
+sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``; ``--omp-default`` to skip). Besides
+wall-clock images/s, "CPU ms/img" counts the CPU time of all threads and DataLoader workers: the
+comparison that load from other processes disturbs least.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
+# Idle OpenMP threads spin before they sleep (the ACTIVE wait). On a CPU shared with other
+# processes the spinning takes the cores the working threads need: measured on the 2-core machine
+# of this project, 10x fewer images/s for the multi-threaded torch rows. It must be set before torch
+# loads OpenMP; OMP_WAIT_POLICY in the environment wins; --omp-default leaves it unset.
+if "--omp-default" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -49,7 +60,7 @@ ROWS = ("a", "a2", "b", "c", "d", "e")
 
 
 class OfficialPILAugMix:
-    """One AugMix view of a PIL image as the official code computes it: returns a normalised tensor."""
+    """One AugMix view of a PIL image as the official code computes it: a normalised tensor."""
 
     def __init__(
         self,
@@ -59,7 +70,7 @@ class OfficialPILAugMix:
         alpha: float = 1.0,
         size: int = 224,
     ):
-        from PIL import Image, ImageEnhance, ImageOps
+        from PIL import Image, ImageOps
         from torchvision import transforms as T
 
         self.severity, self.width, self.depth, self.alpha = severity, width, depth, alpha
@@ -76,20 +87,17 @@ class OfficialPILAugMix:
         def affine(img, data):
             return img.transform(img.size, Image.AFFINE, data, resample=bil)
 
-        self.ops = [
+        self.ops = [  # the paper's 9 (all_ops=False), official int_parameter/float_parameter
             lambda im: ImageOps.autocontrast(im),
             lambda im: ImageOps.equalize(im),
-            lambda im: ImageOps.posterize(
-                im, max(1, 4 - int(level() * 4 / 10))
-            ),  # Pillow >= 10: bits >= 1
+            lambda im: ImageOps.posterize(im, max(1, 4 - int(level() * 4 / 10))),  # Pillow >= 10: bits >= 1
             lambda im: im.rotate(signed(int(level() * 30 / 10)), resample=bil),
             lambda im: ImageOps.solarize(im, 256 - int(level() * 256 / 10)),
             lambda im: affine(im, (1, signed(level() * 0.3 / 10), 0, 0, 1, 0)),
             lambda im: affine(im, (1, 0, 0, signed(level() * 0.3 / 10), 1, 0)),
             lambda im: affine(im, (1, 0, signed(int(level() * size / 3 / 10)), 0, 1, 0)),
             lambda im: affine(im, (1, 0, 0, 0, 1, signed(int(level() * size / 3 / 10)))),
-        ]
-        del ImageEnhance  # the 4 enhance ops are off by default (all_ops=False)
+        ]  # fmt: skip
 
     def __call__(self, image) -> torch.Tensor:
         ws = self.rng.dirichlet([self.alpha] * self.width).astype(np.float32)
@@ -127,7 +135,14 @@ def _seed_worker(worker_id: int) -> None:
         ds.view.rng = np.random.default_rng(1000 + worker_id)
 
 
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _loader_runner(images, view: Callable, batch: int, workers: int) -> Callable[[], int]:
+    """Iterate a DataLoader once; ``run.cpu_s`` holds the last pass's worker CPU seconds."""
     loader = torch.utils.data.DataLoader(
         _PILViews(images, view),
         batch_size=batch,
@@ -136,12 +151,21 @@ def _loader_runner(images, view: Callable, batch: int, workers: int) -> Callable
         worker_init_fn=_seed_worker if workers > 0 else None,
     )
 
+    def workers_cpu() -> float | None:
+        it = getattr(loader, "_iterator", None)  # persistent workers live on the iterator
+        try:
+            return sum(_proc_cpu_seconds(w.pid) for w in it._workers) if it is not None else None
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def run() -> int:
-        n = 0
-        for clean, _, _ in loader:
-            n += clean.shape[0]
+        before = workers_cpu()
+        n = sum(clean.shape[0] for clean, _, _ in loader)
+        after = workers_cpu()
+        run.cpu_s = after - before if before is not None and after is not None else None
         return n
 
+    run.cpu_s = None
     return run
 
 
@@ -161,22 +185,22 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     sev = args.severity
+    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     if "a" in args.rows:
         tv = T.AugMix(severity=int(sev), mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False)
         rows["a"] = {
             "label": "torchvision AugMix, PIL, per image (DataLoader workers)",
             "device": "cpu",
-            "run": _loader_runner(pil, T.Compose([tv, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), args.batch, args.threads),
+            "run": _loader_runner(pil, T.Compose([tv, normalize]), args.batch, args.threads),
             "in_process": False,
-        }  # fmt: skip
+        }
     if "a2" in args.rows:
+        official = OfficialPILAugMix(severity=sev, size=args.size)
         rows["a2"] = {
             "label": "official augmix algorithm, PIL ops, per image (DataLoader workers)",
             "device": "cpu",
-            "run": _loader_runner(
-                pil, OfficialPILAugMix(severity=sev, size=args.size), args.batch, args.threads
-            ),
+            "run": _loader_runner(pil, official, args.batch, args.threads),
             "in_process": False,
         }
     if "b" in args.rows:
@@ -190,7 +214,12 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
                 _ = [(v.float().div_(255) - mean) / std for v in views]
             return calls * args.batch
 
-        rows["b"] = {"label": "torchvision v2 AugMix, batched uint8 tensor (ops shared by the batch)", "device": "cpu", "run": run_b, "in_process": True}  # fmt: skip
+        rows["b"] = {
+            "label": "torchvision v2 AugMix, batched uint8 tensor (ops shared by the batch)",
+            "device": "cpu",
+            "run": run_b,
+            "in_process": True,
+        }
 
     def ours(aug: AugMixBatch, x: torch.Tensor, backward: bool = False) -> Callable[[], int]:
         def run() -> int:
@@ -202,12 +231,13 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
 
         return run
 
+    label = "AugMixBatch (ours), per-sample chains"
     if "c" in args.rows:
-        rows["c"] = {"label": "AugMixBatch (ours), per-sample chains", "device": "cpu", "run": ours(AugMixBatch(severity=sev), cpu_x), "in_process": True}  # fmt: skip
+        rows["c"] = {"label": label, "device": "cpu", "run": ours(AugMixBatch(severity=sev), cpu_x), "in_process": True}  # fmt: skip
     if "d" in args.rows:
         if torch.cuda.is_available():
-            gx = cpu_x.cuda()
-            rows["d"] = {"label": "AugMixBatch (ours), per-sample chains", "device": "cuda", "run": ours(AugMixBatch(severity=sev), gx), "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
+            run = ours(AugMixBatch(severity=sev), cpu_x.cuda())
+            rows["d"] = {"label": label, "device": "cuda", "run": run, "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
         else:
             notes.append("row d (CUDA) skipped: no GPU on this machine")
     if "e" in args.rows:
@@ -219,18 +249,91 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
             )
         else:
             aug = AugMixBatch(severity=LearnableSeverity(initial_aug_severity=sev))
-            rows["e"] = {"label": "AugMixBatch + LearnableSeverity, forward + backward", "device": "cpu", "run": ours(aug, cpu_x, backward=True), "in_process": True}  # fmt: skip
+            rows["e"] = {
+                "label": "AugMixBatch + LearnableSeverity, forward + backward",
+                "device": "cpu",
+                "run": ours(aug, cpu_x, backward=True),
+                "in_process": True,
+            }
     return rows
+
+
+def time_rows(rows: dict[str, dict], repeats: int, warmup: int) -> dict[str, list[tuple]]:
+    """Warm-up, then ``repeats`` rounds in which every row runs once: (wall s, CPU s | None, images)."""
+    print(f"warm-up ({warmup}x each) ...", flush=True)
+    for row in rows.values():
+        for _ in range(warmup):
+            row["run"]()
+        if row.get("sync"):
+            row["sync"]()
+    times: dict[str, list[tuple]] = {k: [] for k in rows}
+    for r in range(repeats):
+        for key, row in rows.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            n = row["run"]()
+            if row.get("sync"):
+                row["sync"]()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            if not row["in_process"]:  # the work happens in the DataLoader workers
+                worker_cpu = getattr(row["run"], "cpu_s", None)
+                cpu = cpu + worker_cpu if worker_cpu is not None else None
+            times[key].append((wall, cpu, n))
+        done = ", ".join(f"{k} {t[-1][2] / t[-1][0]:.1f}/s" for k, t in times.items())
+        print(f"round {r + 1}/{repeats}: {done}", flush=True)
+    return times
+
+
+def summarize(args, rows: dict[str, dict], times: dict[str, list[tuple]]) -> list[dict]:
+    results = []
+    for key, row in rows.items():
+        wall = [t[0] for t in times[key]]
+        cpu = [t[1] for t in times[key]] if all(t[1] is not None for t in times[key]) else None
+        res = {"row": key, "method": row["label"], "device": row["device"], "threads": args.threads}
+        res.update({"batch": args.batch, "size": args.size})
+        res.update(rate_summary(wall, times[key][0][2], cpu))
+        results.append(res)
+    by = {r["row"]: r for r in results}
+    ref = by.get("a", {}).get("images_per_s_median")
+    ref_cpu = by.get("a", {}).get("cpu_ms_per_image_median")
+    for r in results:
+        r["speedup_vs_a"] = r["images_per_s_median"] / ref if ref else None
+        cpu = r.get("cpu_ms_per_image_median")
+        r["cpu_speedup_vs_a"] = ref_cpu / cpu if ref_cpu and cpu else None
+    if "c" in by and "e" in by:
+        by["e"]["cost_vs_fixed_forward"] = (
+            by["c"]["images_per_s_median"] / by["e"]["images_per_s_median"]
+        )
+        if by["c"].get("cpu_ms_per_image_median") and by["e"].get("cpu_ms_per_image_median"):
+            by["e"]["cpu_cost_vs_fixed_forward"] = (
+                by["e"]["cpu_ms_per_image_median"] / by["c"]["cpu_ms_per_image_median"]
+            )
+    return results
+
+
+def table(results: list[dict]) -> str:
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v else "-"
+
+    headers = ["row", "method", "device", "threads", "batch", "img/s (median)", "min-max",
+               "CPU ms/img", "img/s vs a", "CPU vs a"]  # fmt: skip
+    body = [
+        [r["row"], r["method"], r["device"], r["threads"], r["batch"], f"{r['images_per_s_median']:.1f}",
+         f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
+         f"{r['cpu_ms_per_image_median']:.2f}" if r.get("cpu_ms_per_image_median") else "-",
+         x(r["speedup_vs_a"]), x(r["cpu_speedup_vs_a"])]
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(headers, body)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument(
-        "--batch", type=int, default=64, help="batch of the batched rows and of the DataLoaders"
+        "--batch", type=int, default=64, help="batch of the batched rows and the DataLoaders"
     )
     parser.add_argument(
-        "--images", type=int, default=256, help="images per timed repeat (a multiple of --batch)"
+        "--images", type=int, default=256, help="images per timed repeat (multiple of --batch)"
     )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads = DataLoader worker processes"
@@ -245,12 +348,13 @@ def main(argv: list[str] | None = None) -> None:
         "--default-malloc", action="store_true", help="do not ask glibc to keep freed memory"
     )
     parser.add_argument(
+        "--omp-default", action="store_true", help="leave OMP_WAIT_POLICY unset (top of file)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny run: 64 px, batch 8, 16 images, 2 repeats"
     )
     parser.add_argument(
-        "--out",
-        default="bench_augment.json",
-        help="JSON file (bare names go to benchmarks/results/)",
+        "--out", default="bench_augment.json", help="JSON (bare names: benchmarks/results/)"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -271,72 +375,22 @@ def main(argv: list[str] | None = None) -> None:
     ).contiguous()
     notes: list[str] = []
     rows = build_rows(args, images, notes)
+    results = summarize(args, rows, time_rows(rows, args.repeats, args.warmup))
 
-    print(f"warm-up ({args.warmup}x each) ...", flush=True)
-    for row in rows.values():
-        for _ in range(args.warmup):
-            row["run"]()
-        if row.get("sync"):
-            row["sync"]()
-    times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in rows}
-    for r in range(args.repeats):  # interleaved: every row once per round
-        for key, row in rows.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            n = row["run"]()
-            if row.get("sync"):
-                row["sync"]()
-            times[key].append((time.perf_counter() - w0, time.process_time() - c0, n))
-        print(
-            f"round {r + 1}/{args.repeats}: "
-            + ", ".join(f"{k} {times[k][-1][2] / times[k][-1][0]:.1f}/s" for k in rows),
-            flush=True,
-        )
-
-    results = []
-    for key, row in rows.items():
-        wall = [t[0] for t in times[key]]
-        cpu = [t[1] for t in times[key]] if row["in_process"] else None
-        res = {"row": key, "method": row["label"], "device": row["device"], "threads": args.threads, "batch": args.batch, "size": args.size}  # fmt: skip
-        res.update(rate_summary(wall, times[key][0][2], cpu))
-        results.append(res)
-    by = {r["row"]: r for r in results}
-    ref = by.get("a", {}).get("images_per_s_median")
-    for r in results:
-        r["speedup_vs_a"] = r["images_per_s_median"] / ref if ref else None
-    if "c" in by and "e" in by:
-        by["e"]["cost_vs_fixed_forward"] = (
-            by["c"]["images_per_s_median"] / by["e"]["images_per_s_median"]
-        )
-
-    def fmt(r: dict) -> list:
-        return [
-            r["row"], r["method"], r["device"], r["threads"], r["batch"],
-            f"{r['images_per_s_median']:.1f}", f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
-            f"{r['ms_per_image_median']:.2f}",
-            f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-",
-        ]  # fmt: skip
-
-    headers = [
-        "row",
-        "method",
-        "device",
-        "threads",
-        "batch",
-        "img/s (median)",
-        "min-max",
-        "ms/img",
-        "vs a",
-    ]
     print()
-    print(markdown_table(headers, [fmt(r) for r in results]))
-    if "e" in by and "cost_vs_fixed_forward" in by["e"]:
+    print(table(results))
+    e = next((r for r in results if r["row"] == "e"), {})
+    if "cost_vs_fixed_forward" in e:
         print(
-            f"\nlearnable forward+backward costs {by['e']['cost_vs_fixed_forward']:.2f}x the fixed-severity forward (target <= 1.5x)"
+            f"\nlearnable forward+backward: {e['cost_vs_fixed_forward']:.2f}x the fixed-severity forward's "
+            f"wall time, {e.get('cpu_cost_vs_fixed_forward', float('nan')):.2f}x its CPU time (target <= 1.5x)"
         )
     for n in notes:
         print(f"note: {n}")
+    omp = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(
-        f"({args.size} px, clean + 2 views per image, {args.threads} threads, glibc keeps freed memory: {malloc})"
+        f"({args.size} px, clean + 2 views per image, {args.threads} threads; glibc keeps freed memory: "
+        f"{malloc}; OMP_WAIT_POLICY={omp}; CPU ms/img counts all threads and DataLoader workers)"
     )
     path = write_json(
         args.out,
