@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from .ops import Op, get_ops, warp_affine
 from .validation import check_image_batch, check_in_range, check_int_at_least, check_positive
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugMixBatch", "AugMixParams", "to_unit_float"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AugMixBatch",
+    "AugMixParams",
+    "normalize_images",
+    "to_unit_float",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +56,18 @@ def to_unit_float(x: Tensor, name: str = "x") -> Tensor:
     if x.dtype in (torch.float32, torch.float64):
         return x
     return x.to(torch.float32)
+
+
+def normalize_images(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """uint8 (0..255) or float [0,1] ``[B,3,H,W]`` -> float32, ``(x - mean) / std`` per channel.
+
+    The input the network sees without AugMix (``--aug_type none``, evaluation): the same
+    constants AugMixBatch folds into its mixing, so clean views agree everywhere.
+    """
+    x = to_unit_float(x).to(torch.float32)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
 
 
 @dataclass

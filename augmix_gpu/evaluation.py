@@ -107,12 +107,10 @@ class EvalResult:
 
 
 def normalize_uint8(images: Tensor) -> Tensor:
-    """uint8 [B,3,H,W] -> float32 /255, then ImageNet mean/std (the constants AugMixBatch uses)."""
-    from .augmix import IMAGENET_MEAN, IMAGENET_STD
+    """uint8 [B,3,H,W] -> float, ImageNet mean/std: the trainer's own function (one definition)."""
+    from .augmix import normalize_images
 
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return normalize_images(images)
 
 
 def _max_over_ranks(value: float, env: DistEnv) -> float:

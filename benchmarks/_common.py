@@ -8,7 +8,6 @@ reported; the JSON records versions and hardware so a number can be traced to a 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -147,27 +146,12 @@ _ENV_KEYS = (
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    Batched CPU augmentation allocates tens to hundreds of MB per call. glibc serves blocks above
-    its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and unmaps them on free, so every
-    call pays page faults and zeroing for all of them: measured here, a 2-3x slowdown of
-    AugMixBatch on the CPU. Raising the mmap threshold and the trim threshold (the same as
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment) keeps the pages.
-    Process-wide and inherited by forked DataLoader workers, so every row of a benchmark runs
-    under the same allocator. Returns False where it does not apply (not glibc).
-    """
+    """The library's allocator setting (augmix_gpu.runtime), recorded in the JSON when applied."""
     global _MALLOC_TUNED
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    ok = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-    )
-    _MALLOC_TUNED = ok
-    return ok
+    from augmix_gpu.runtime import reuse_freed_memory as tune
+
+    _MALLOC_TUNED = tune()
+    return _MALLOC_TUNED
 
 
 # --- output -------------------------------------------------------------------------------------

@@ -1,0 +1,38 @@
+"""Process settings that decide CPU speed: measured, not folklore.
+
+On a CPU shared with other processes two defaults cost AugMix most of its speed (measured on this
+project's 2-core machine; see benchmarks/bench_augment.py): OpenMP threads that spin while idle
+(``OMP_WAIT_POLICY=ACTIVE`` behaviour, 10x fewer images/s under load) and glibc returning every
+large freed block to the OS (2-3x). train.py applies both on the CPU; GPUs are unaffected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+def prefer_passive_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning. Must run before torch is imported."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    Batched CPU augmentation allocates tens to hundreds of MB per call. glibc serves blocks above
+    its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and unmaps them on free, so every
+    call pays page faults and zeroing for all of them: measured here, a 2-3x slowdown of
+    AugMixBatch on the CPU. Raising the mmap threshold and the trim threshold (the same as
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment) keeps the pages.
+    Process-wide and inherited by forked workers. Returns False where it does not apply (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    )
+    return ok
