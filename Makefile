@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads must sleep, not spin: on a shared 2-core CPU spinning costs 10x (runtime.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench study clean
 

@@ -17,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from augmix_gpu.runtime import prefer_passive_openmp, reuse_freed_memory
+
+prefer_passive_openmp()  # before torch loads OpenMP (see augmix_gpu/runtime.py)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_info, markdown_table, write_json  # noqa: E402
@@ -149,6 +152,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats, args.batch, args.size = 2, 1, 1, 4, 64
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if torch.cuda.is_available():
         devices = [torch.device("cuda")]  # the CPU figures come from a CPU machine
