@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--synthetic_train_per_class", type=int, default=200)
     a("--synthetic_val_per_class", type=int, default=50)
+    a(
+        "--synthetic_seed",
+        type=int,
+        default=0,
+        help="the generated dataset's seed (fixed across --seed)",
+    )
     a("--c_severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     a("--no_c_eval", action="store_true", help="skip the -C evaluation after training")
     a("--no_progress", action="store_true")

@@ -34,11 +34,8 @@ class DataSpec:
 def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
     from .data import make_corrupted_dataset, make_synthetic_dataset
 
-    ntr, nva, seed = (
-        config["synthetic_train_per_class"],
-        config["synthetic_val_per_class"],
-        config["seed"],
-    )
+    ntr, nva = config["synthetic_train_per_class"], config["synthetic_val_per_class"]
+    seed = config["synthetic_seed"]  # the data stay fixed while --seed varies the training
     sev = tuple(config["c_severities"])
     root = cache_root() / f"synthetic-10c-{ntr}tr-{nva}va-64px-seed{seed}"
     c_root = None if config["no_c_eval"] else root / ("c-sev" + "".join(map(str, sev)))
