@@ -67,3 +67,12 @@ def natural_images():
 def natural_image_np():
     """A factory: ``natural_image_np(size=64, seed=0) -> uint8 [H,W,3]`` numpy array (for PIL)."""
     return natural_image
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one intra-op thread is faster and does not fight the other test processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

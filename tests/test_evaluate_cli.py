@@ -4,8 +4,6 @@ loop, sharded counts under torchrun, layout errors, --compare. Tiny generated -C
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import ok, run_script
 
 from augmix_gpu.checkpoint import save_atomic
 from augmix_gpu.data import make_corrupted_dataset, make_synthetic_dataset
@@ -89,22 +88,7 @@ def _fit_head(model: torch.nn.Module, val: Path, classes: list[str]) -> None:
 
 
 def run(args: list[str], *, torchrun: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = EVALUATE + args
-    if torchrun:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               "--master_addr=127.0.0.1", f"--master_port={port}"] + cmd[1:]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
-    )
-    return proc
+    return run_script("evaluate.py", args, torchrun=torchrun, timeout=timeout)
 
 
 def base_args(data: dict[str, Path], out: Path) -> list[str]:

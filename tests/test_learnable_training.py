@@ -22,14 +22,7 @@ from augmix_gpu.losses import augmix_objective
 from augmix_gpu.ops import OPS
 from augmix_gpu.severity import LearnableSeverity
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and does not fight the other test workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

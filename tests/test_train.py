@@ -7,19 +7,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import REPO, ok, run_script, script_command
 
 from augmix_gpu.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = [sys.executable, str(REPO / "train.py")]
 # A small synthetic task: 10 classes x 12 train / 4 val images, 32 px crops, batch 20.
 SMALL = [
     "--synthetic_train_per_class", "12", "--synthetic_val_per_class", "4", "--no_c_eval",
@@ -35,22 +32,9 @@ def cache(tmp_path_factory) -> Path:
 
 
 def run_train(args: list[str], cache: Path, *, timeout: float = 240, torchrun: int = 0):
-    env = {**os.environ, "AUGMIX_GPU_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    cmd = TRAIN + args
-    if torchrun:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               "--master_addr=127.0.0.1", f"--master_port={port}"] + cmd[1:]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return run_script(
+        "train.py", args, torchrun=torchrun, timeout=timeout, env={"AUGMIX_GPU_CACHE": str(cache)}
     )
-    return proc
 
 
 def results(run_dir: Path) -> dict:
@@ -148,7 +132,12 @@ def test_sigterm_saves_and_exits_cleanly(cache, tmp_path):
         )
     )
     proc = subprocess.Popen(
-        TRAIN + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        script_command("train.py", args),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     run = tmp_path / "learnable_augmix_jsd"
     deadline = time.time() + 120
@@ -247,8 +236,8 @@ def test_batch_smaller_than_world_size():
 
 
 def test_cli_error_is_a_message_not_a_traceback(tmp_path):
-    proc = subprocess.run(
-        TRAIN + ["--data", str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO
+    proc = run_script(
+        "train.py", ["--data", str(tmp_path / "missing")], env={"AUGMIX_GPU_CACHE": str(tmp_path)}
     )
     assert proc.returncode == 2
     assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr
