@@ -241,3 +241,35 @@ def test_cli_error_is_a_message_not_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_file_and_flags_compose(tmp_path):
+    """Defaults < --config file < typed flags; dataset defaults fill what is left."""
+    from augmix_gpu.config import resolve_config
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('epochs = 7\nlr = 0.5\noptimizer = "sgd"\ndataset = "imagenet"\n')
+    c = resolve_config(["--config", str(preset), "--lr", "0.25"])
+    assert (c["epochs"], c["lr"], c["optimizer"]) == (7, 0.25, "sgd")
+    assert c["arch"] == "resnet50" and c["crop_size"] == 224  # imagenet defaults
+    paper = resolve_config(["--config", "augmix_paper.toml", "--epochs", "3"])
+    assert (paper["optimizer"], paper["initial_aug_severity"], paper["epochs"]) == ("sgd", 1.0, 3)
+    assert resolve_config([])["config"] == "demo.toml"  # no --data: the embedded demo
+    preset.write_text("epochz = 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['epochz'\]"):
+        resolve_config(["--config", str(preset)])
+
+
+def test_eval_only_evaluates_a_checkpoint(cache, tmp_path):
+    ok(run_train(SMALL + ["--max_steps_per_epoch", "1", "--ckpt_dir_base", str(tmp_path)], cache))
+    ckpt = tmp_path / "learnable_augmix_jsd" / "last.ckpt"
+    proc = ok(
+        run_train(
+            SMALL + ["--eval_only", "--ckpt_path", str(ckpt), "--ckpt_dir_base", str(tmp_path)],
+            cache,
+        )
+    )
+    report = json.loads((tmp_path / "learnable_augmix_jsd" / "eval" / "results.json").read_text())
+    trained = results(tmp_path / "learnable_augmix_jsd")
+    assert report["clean"]["top1"] == pytest.approx(trained["final"]["val_top1"])
+    assert "clean error" in proc.stdout
