@@ -41,16 +41,28 @@ class _BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """A 4-block ResNet (~0.3 M parameters, ~33 MFLOPs at 64 px) that trains on 2 CPU cores in minutes."""
+    """A small ResNet (~0.3 M parameters) that learns the synthetic task on 2 CPU cores in minutes.
+
+    Stride-2 stem, then one basic block per width with a 2x2 max-pool (not a stride-2 conv)
+    before each later block: 56 px -> 28 -> 14 -> 7 -> 3. Why max-pools: on the embedded shapes
+    task, with the demo's budget (~100-200 steps of 64 images), the stride-2-conv version stayed
+    at chance for the first epochs while this one took off after ~2 epochs (experiments in the
+    commit message: 4 epochs on an easy variant, 27% vs 60% val; the 1x1 stride-2 shortcut drops
+    3/4 of the positions, a max-pool keeps the strongest edge response, cheap translation
+    invariance for a shape label). Works from 32 px up (32 -> 16 -> 8 -> 4 -> 2).
+    """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
-        blocks, cin = [], widths[0]
+        blocks: list[nn.Module] = []
+        cin = widths[0]
         for i, w in enumerate(widths):
-            blocks.append(_BasicBlock(cin, w, stride=1 if i == 0 else 2))
+            if i > 0:
+                blocks.append(nn.MaxPool2d(2))
+            blocks.append(_BasicBlock(cin, w, stride=1))
             cin = w
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, num_classes)
