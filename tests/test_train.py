@@ -4,6 +4,7 @@ non-finite losses and argument errors. Small synthetic data, a tiny ResNet, a fe
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -273,3 +274,11 @@ def test_eval_only_evaluates_a_checkpoint(cache, tmp_path):
     trained = results(tmp_path / "learnable_augmix_jsd")
     assert report["clean"]["top1"] == pytest.approx(trained["final"]["val_top1"])
     assert "clean error" in proc.stdout
+
+
+def test_bf16_autocast_and_channels_last_train_a_step(cache, tmp_path):
+    """The mixed-precision path (autocast around the network only, AugMix and losses in fp32)."""
+    args = ["--precision", "bf16", "--channels_last", "--max_steps_per_epoch", "2"]
+    ok(run_train(SMALL + args + ["--ckpt_dir_base", str(tmp_path)], cache))
+    res = results(tmp_path / "learnable_augmix_jsd")
+    assert res["config"]["precision"] == "bf16" and math.isfinite(res["final"]["loss"])
