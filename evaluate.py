@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-PRECISION = {"32": None, "16": torch.float16, "bf16": torch.bfloat16}
+from augmix_gpu.engine import AMP_DTYPES as PRECISION  # one table: precision flag -> autocast dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,12 +8,11 @@ checkpoint, so a run can always be reproduced from its own folder.
 from __future__ import annotations
 
 import argparse
-import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from .models import available_archs
+from .models import check_arch
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
@@ -296,10 +295,4 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
             config["gpus"],
             f"launch several processes with torchrun --nproc_per_node={config['gpus']}",
         )
-    if config["arch"] not in available_archs():
-        close = difflib.get_close_matches(config["arch"], available_archs(), n=3)
-        bad(
-            "arch",
-            config["arch"],
-            "unknown model" + (f"; did you mean {', '.join(close)}?" if close else ""),
-        )
+    check_arch(config["arch"])

@@ -76,6 +76,18 @@ def available_archs() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models)) + list(LOCAL_ARCHS)
 
 
+def check_arch(arch: str) -> None:
+    """ValueError naming the closest known names when ``arch`` is not a model we can build."""
+    if arch in available_archs():
+        return
+    close = difflib.get_close_matches(arch, available_archs(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"--arch {arch!r}: unknown model; expected a torchvision classification model or one of "
+        f"{LOCAL_ARCHS}.{hint}"
+    )
+
+
 def _classifier(model: nn.Module) -> tuple[str, nn.Module]:
     """The final linear layer of a torchvision classifier, by attribute path."""
     for name in (
@@ -159,13 +171,7 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> n
         if pretrained:
             model.load_state_dict(load_state_dict_file(_weights_file(arch, pretrained)))
         return model
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        close = difflib.get_close_matches(arch, available_archs(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown --arch {arch!r}: expected a torchvision classification model or one of "
-            f"{LOCAL_ARCHS}.{hint}"
-        )
+    check_arch(arch)
     if not pretrained:
         return torchvision.models.get_model(arch, num_classes=num_classes)
     model = torchvision.models.get_model(arch)
