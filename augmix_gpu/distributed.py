@@ -110,12 +110,3 @@ def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
-
-
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank when the flag is set on any rank (stop signals, non-finite losses)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)

@@ -327,10 +327,6 @@ def train_one_epoch(
     return metrics
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 __all__ = [
     "AMP_DTYPES",
     "JSD_MODES",
@@ -340,7 +336,6 @@ __all__ = [
     "StopFlag",
     "TrainState",
     "build_optimizer",
-    "count_parameters",
     "lr_factor",
     "train_one_epoch",
     "train_step",
