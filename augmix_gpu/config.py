@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val_resize", type=int, default=None)
     a("--crop_area_min", type=float, default=None, help="random-resized crop area range [min, 1]")
     a(
+        "--no_train_antialias",
+        action="store_true",
+        help="resize train crops without antialiasing (faster on the CPU, not PIL's filter)",
+    )
+    a(
         "--max_steps_per_epoch",
         type=int,
         default=0,

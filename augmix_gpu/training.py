@@ -81,7 +81,13 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
         "resize_size": config["val_resize"],
         "num_threads": config["workers"],
     }
-    train = build_loader(spec.train, "train", random_area=(config["crop_area_min"], 1.0), **common)
+    train = build_loader(
+        spec.train,
+        "train",
+        random_area=(config["crop_area_min"], 1.0),
+        antialias=not config.get("no_train_antialias", False),
+        **common,
+    )
     val = build_loader(spec.val, "val", classes=train.classes, **common)
     return train, val
 

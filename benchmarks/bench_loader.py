@@ -1,13 +1,18 @@
 """Images/s of the train recipe: our DALI loader vs torchvision ImageFolder + DataLoader, same files.
 
 Both do decode -> random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) -> 224 px -> flip ->
-uint8 CHW batches, at equal parallelism (DALI `num_threads` == DataLoader `num_workers` ==
-`--threads`). The JPEGs are generated once per run at ImageNet-like sizes (~500x375, ~100 kB).
+uint8 CHW batches, at equal parallelism (DALI `num_threads` == DataLoader `num_workers`, one
+pair per `--threads` value: DALI's worker threads sleep while its executor and the Python thread
+schedule, so on a small CPU it gains from one thread more than cores, where extra DataLoader
+processes do not; the sweep shows both at each count). The JPEGs are generated once per run at ImageNet-like sizes (~500x375, ~100 kB).
 An "epoch" is one pass over them; the first of each loader is a warm-up (worker start, DALI
 build); then `--repeats` epochs per loader, interleaved so both see the same machine load.
-GPU rows (DALI `mixed` decoder; DataLoader + `.cuda()`) are added when a GPU is present.
+A third loader per count is DALI with the train resize's antialiasing off (`antialias=False`,
+`--no_train_antialias`): torchvision's PIL crop always antialiases, so only the first pair is
+like for like. GPU rows (DALI `mixed` decoder; DataLoader + `.cuda()`) are added when a GPU is
+present.
 
-    python benchmarks/bench_loader.py                      # --threads 2 --images 384 --batch 64
+    python benchmarks/bench_loader.py                      # --threads 2 3 --images 768 --batch 64
     python benchmarks/bench_loader.py --threads 8 --images 2048 --repeats 5
 """
 
@@ -26,31 +31,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    from _common import environment_info, markdown_table, write_json
-except ImportError:  # _common.py (shared helpers) not there yet: minimal stand-ins, same signatures
-    import json
-    import platform
-
-    def environment_info() -> dict:
-        import nvidia.dali
-        import torchvision
-
-        return {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "dali": nvidia.dali.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        }  # fmt: skip
-
-    def markdown_table(headers: list, rows: list) -> str:
-        lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-        return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-    def write_json(path, obj) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str))
-
+from _common import environment_info, markdown_table, write_json  # noqa: E402
 
 from augmix_gpu.data import build_loader  # noqa: E402
 
@@ -135,9 +116,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--threads", type=int, default=2, help="DALI num_threads = DataLoader num_workers"
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2, 3],
+        help="one pair of loaders per value: DALI num_threads = DataLoader num_workers",
     )
-    p.add_argument("--images", type=int, default=384, help="JPEGs generated (one epoch)")
+    p.add_argument("--images", type=int, default=768, help="JPEGs generated (one epoch)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed epochs per loader")
     p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
@@ -145,6 +130,8 @@ def main() -> None:
         "--out", default=str(Path(__file__).resolve().parent / "results" / "loader.json")
     )
     args = p.parse_args()
+    if min(args.threads) < 1:
+        p.error(f"--threads: expected values >= 1, got {args.threads}")
     torch.set_num_threads(1)  # the main process only collects batches; workers do the work
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -155,42 +142,41 @@ def main() -> None:
         print(f"{args.images} JPEGs, mean {nbytes / args.images / 1024:.0f} kB", flush=True)
         for device in devices:
             kind = "gpu" if device.type == "cuda" else "cpu"
-            loaders = {
-                f"dali-{kind}": build_loader(
-                    root,
-                    "train",
-                    batch_size=args.batch,
-                    device=kind,
-                    num_threads=args.threads,
-                    prefetch=args.prefetch,
-                    crop_size=224,
-                ),  # fmt: skip
-                f"torchvision-{kind}": torchvision_loader(root, args.batch, args.threads),
-            }
-            rates: dict[str, list[float]] = {name: [] for name in loaders}
-            cpu_ms: dict[str, list[float]] = {name: [] for name in loaders}
-            for name, loader in loaders.items():
+            loaders = {}  # (name, threads) -> loader; every pair at equal threads
+            for threads in args.threads:
+                for antialias, suffix in ((True, ""), (False, "-no-antialias")):
+                    loaders[(f"dali-{kind}{suffix}", threads)] = build_loader(
+                        root, "train", batch_size=args.batch, device=kind, num_threads=threads,
+                        prefetch=args.prefetch, crop_size=224, antialias=antialias,
+                    )  # fmt: skip
+                loaders[(f"torchvision-{kind}", threads)] = torchvision_loader(
+                    root, args.batch, threads
+                )
+            rates: dict[tuple, list[float]] = {key: [] for key in loaders}
+            cpu_ms: dict[tuple, list[float]] = {key: [] for key in loaders}
+            for (name, _), loader in loaders.items():
                 time_epoch(name, loader, 0, device)  # warm-up: workers, pipeline, page cache
             for rep in range(args.repeats):
-                for name, loader in loaders.items():  # interleaved: same load for both
+                for (name, threads), loader in loaders.items():  # interleaved: same load for all
                     seconds, cpu, n = time_epoch(name, loader, rep + 1, device)
-                    rates[name].append(n / seconds)
-                    cpu_ms[name].append(1000 * cpu / n)
-            for name, r in rates.items():
+                    rates[(name, threads)].append(n / seconds)
+                    cpu_ms[(name, threads)].append(1000 * cpu / n)
+            for (name, threads), r in rates.items():
+                ref = statistics.median(rates[(f"torchvision-{kind}", threads)])
                 rows.append({
-                    "loader": name, "device": kind, "threads": args.threads, "batch": args.batch,
+                    "loader": name, "device": kind, "threads": threads, "batch": args.batch,
                     "images_per_s_median": statistics.median(r), "images_per_s_min": min(r),
                     "images_per_s_max": max(r), "images_per_s_all": r,
-                    "cpu_ms_per_image_median": statistics.median(cpu_ms[name]),
+                    "cpu_ms_per_image_median": statistics.median(cpu_ms[(name, threads)]),
+                    "speedup_vs_torchvision": statistics.median(r) / ref,
                 })  # fmt: skip
                 print(
-                    f"{name:>16}: {statistics.median(r):7.1f} img/s ({min(r):.1f}-{max(r):.1f}), "
-                    f"{statistics.median(cpu_ms[name]):.2f} CPU ms/img",
+                    f"{name:>24} x{threads}: {statistics.median(r):7.1f} img/s "
+                    f"({min(r):.1f}-{max(r):.1f}), {statistics.median(cpu_ms[(name, threads)]):.2f} "
+                    "CPU ms/img",
                     flush=True,
                 )
-            ref = statistics.median(rates[f"torchvision-{kind}"])
-            for row in rows[-2:]:
-                row["speedup_vs_torchvision"] = row["images_per_s_median"] / ref
+    rows.sort(key=lambda r: (r["device"], r["threads"], r["loader"]))
     table = markdown_table(
         ["loader", "device", "threads", "batch", "img/s (median)", "min-max", "x torchvision", "CPU ms/img"],
         [[r["loader"], r["device"], r["threads"], r["batch"], f"{r['images_per_s_median']:.1f}",
@@ -203,6 +189,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "loader",
+            "command": "python benchmarks/bench_loader.py " + " ".join(sys.argv[1:]),
             "args": vars(args),
             "environment": environment_info(),
             "results": rows,

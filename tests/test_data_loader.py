@@ -146,6 +146,31 @@ def test_train_crop_size_dtype_and_device(tmp_path):
             assert x.float().std() > 5  # real pixels, not a blank buffer
 
 
+def test_train_antialias_switch_changes_only_the_filter(tmp_path):
+    """Same seed -> same crop windows; without antialiasing a strong downscale keeps aliased
+    high frequencies (a larger mean |Laplacian|), with it the crop is smoother."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        noisy = np.clip(
+            natural_image((160, 160), seed=i) + rng.normal(0, 40, (160, 160, 3)), 0, 255
+        )
+        _save(tmp_path / "a" / f"{i}.JPEG", noisy.astype(np.uint8), quality=98)
+
+    def crops(antialias: bool) -> torch.Tensor:
+        ld = build_loader(tmp_path, "train", batch_size=4, crop_size=32, antialias=antialias, **CPU)
+        return next(iter(ld.epoch(0)))[0].float()
+
+    def roughness(x: torch.Tensor) -> float:
+        lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1]
+        return float((lap - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).abs().mean())
+
+    smooth, aliased = crops(True), crops(False)
+    assert torch.equal(smooth, crops(True))  # deterministic
+    assert (smooth - aliased).abs().mean() > 1.0  # the filter differs...
+    assert (smooth.mean(dim=(2, 3)) - aliased.mean(dim=(2, 3))).abs().max() < 8  # ...not the window
+    assert roughness(aliased) > 1.3 * roughness(smooth)
+
+
 def test_val_is_resize_then_centre_crop_like_pil(tmp_path):
     sizes = [(80, 120), (120, 80), (97, 131)]
     for i, hw in enumerate(sizes):

@@ -72,6 +72,7 @@ class DaliLoader:
         prefetch: int,
         on_corrupt: str,
         random_area: tuple[float, float] = RANDOM_AREA,
+        antialias: bool = True,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -94,6 +95,7 @@ class DaliLoader:
         self._opts = dict(
             crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
             num_threads=num_threads, prefetch=prefetch, random_area=tuple(random_area),
+            antialias=bool(antialias),
         )  # fmt: skip
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # files found corrupt during a run (on_corrupt="skip")
@@ -300,6 +302,7 @@ def build_loader(
     prefetch: int = 2,
     on_corrupt: str = "error",
     random_area: tuple[float, float] = RANDOM_AREA,
+    antialias: bool = True,
 ) -> DaliLoader:
     """A loader over an ImageNet-layout folder or `CifarArrays`; see the module docstring.
 
@@ -310,6 +313,7 @@ def build_loader(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed,
         crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
         num_threads=num_threads, prefetch=prefetch, on_corrupt=on_corrupt, random_area=random_area,
+        antialias=antialias,
     )  # fmt: skip
     if isinstance(source, CifarArrays):
         names = list(source.classes)
