@@ -106,7 +106,7 @@ def test_same_seed_same_batches_other_seed_or_rank_differs(id_tree):
     assert not {i for _, y in a for i in y.tolist()} & {
         i for _, y in other_rank for i in y.tolist()
     }
-    # Two threads or one: DALI's per-sample RNG makes the crops independent of num_threads.
+    # Two threads or one: the windows and flips are drawn on the host, per batch.
     ld = build_loader(
         id_tree,
         "train",
@@ -129,8 +129,13 @@ def test_two_epochs_equal_fresh_loader_and_mid_epoch_resume(id_tree):
     f1 = [(x, y) for x, y, _ in fresh.epoch(1)]
     assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(e1, f1))
     assert [y.tolist() for _, y in e0] != [y.tolist() for _, y in e1]  # a new order per epoch
-    # Resume at batch 3 of epoch 1: the same files as the uninterrupted run from batch 3 on.
-    assert _labels(fresh, 1, start_step=3) == [y.tolist() for _, y in e1[3:]]
+    # Resume at batch 3 of epoch 1: the same files and pixels (crop windows, flips) as the
+    # uninterrupted run from batch 3 on.
+    resumed = [(x, y) for x, y, _ in fresh.epoch(1, start_step=3)]
+    assert len(resumed) == len(e1) - 3
+    assert all(
+        torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(e1[3:], resumed)
+    )
     assert _labels(fresh, 1, start_step=len(fresh)) == []
 
 

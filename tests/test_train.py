@@ -96,20 +96,26 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_resume_is_exact(cache, tmp_path):
-    """2 epochs straight == 1 epoch, stop, --resume, 1 more epoch."""
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_resume_is_exact(where, cache, tmp_path):
+    """2 epochs straight == stop (at the end of epoch 1, or inside epoch 2), --resume, finish.
+
+    Mid-epoch, the resumed batches must carry the same crops and flips (drawn per step on the
+    host), the same AugMix draws and the same optimizer state as the uninterrupted run's.
+    """
     common = SMALL + ["--epochs", "2", "--seed", "3"]
     ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
     straight = tmp_path / "straight" / "learnable_augmix_jsd"
     steps = results(straight)["history"][0]["global_step"]
+    stop = steps if where == "epoch_end" else steps + steps // 2
     split = tmp_path / "split"
     ok(
         run_train(
-            common + ["--ckpt_dir_base", str(split), "--debug_stop_at_step", str(steps)], cache
+            common + ["--ckpt_dir_base", str(split), "--debug_stop_at_step", str(stop)], cache
         )
     )
     stopped = load_checkpoint(split / "learnable_augmix_jsd" / "last.ckpt")
-    assert stopped["train_state"]["global_step"] == steps
+    assert stopped["train_state"]["global_step"] == stop
     ok(run_train(common + ["--ckpt_dir_base", str(split), "--resume", "auto"], cache))
     a, b = _weights(straight / "last.ckpt"), _weights(split / "learnable_augmix_jsd" / "last.ckpt")
     assert a.keys() == b.keys()

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .cifar import CifarArrays
+from .crops import encoded_size, random_resized_crops
 from .folders import DatasetError, find_classes, scan_folder
-from .pipeline import RANDOM_AREA, RECIPES, build_pipeline
+from .pipeline import RANDOM_AREA, RANDOM_ASPECT, RECIPES, build_pipeline
 from .sharding import eval_indices, stream_seed, train_indices, train_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -94,9 +95,9 @@ class DaliLoader:
         self._n = len(self._labels)
         self._opts = dict(
             crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
-            num_threads=num_threads, prefetch=prefetch, random_area=tuple(random_area),
-            antialias=bool(antialias),
+            num_threads=num_threads, prefetch=prefetch, antialias=bool(antialias),
         )  # fmt: skip
+        self.random_area = (float(random_area[0]), float(random_area[1]))
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # files found corrupt during a run (on_corrupt="skip")
         self._bad: set[int] = set()
@@ -175,14 +176,22 @@ class DaliLoader:
             batch = idx[iteration * bs : (iteration + 1) * bs]
             lab = labels[batch].astype(np.int32)
             if paths is not None:
-                return [np.fromfile(paths[i], dtype=np.uint8) for i in batch], lab
-            out = (images.images[batch], lab)
-            if not self.is_train:
-                return out
+                files = [np.fromfile(paths[i], dtype=np.uint8) for i in batch]
+                if not self.is_train:
+                    return files, lab
+            else:
+                files = images.images[batch]
+                if not self.is_train:
+                    return files, lab
+            # Every random choice of this batch, from (seed, epoch, rank, step) alone.
             rng = np.random.default_rng([self.seed, epoch, self.rank, start_step + iteration])
-            anchors = rng.integers(-4, 5, size=(bs, 2), dtype=np.int32)  # (y, x) px, pad 4
+            if paths is not None:
+                sizes = np.array([encoded_size(f) for f in files])
+                windows = random_resized_crops(sizes, rng, self.random_area, RANDOM_ASPECT)
+            else:
+                windows = rng.integers(-4, 5, size=(bs, 2), dtype=np.int32)  # (y, x) px, pad 4
             flips = rng.integers(0, 2, size=bs, dtype=np.int32)
-            return (*out, anchors, flips)
+            return files, lab, windows, flips
 
         return source
 
@@ -235,9 +244,9 @@ class DaliLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield this rank's batches of `epoch`, from batch `start_step` on (mid-epoch resume).
 
-        Train: the files from `start_step` on are exactly the uninterrupted run's; the random
-        crops are seeded from (seed, epoch, rank, start_step), so they equal the uninterrupted
-        run's when `start_step == 0` (epoch boundaries) and for CIFAR arrays at any step.
+        Train: the batches from `start_step` on are exactly the uninterrupted run's, files and
+        pixels: every random choice (crop window, flip; CIFAR's pad-crop anchor) is drawn on the
+        host per batch from (seed, epoch, rank, step), none by DALI's own RNG.
         """
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")

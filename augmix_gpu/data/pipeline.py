@@ -33,16 +33,17 @@ def build_pipeline(
     crop_size: int = 224,
     resize_size: int = 256,
     c_resize: int | None = None,
-    random_area: tuple[float, float] = RANDOM_AREA,
     antialias: bool = True,
 ) -> Any:
     """A built `nvidia.dali.Pipeline` with outputs `(images uint8 [B,3,H,W] CHW, labels int32 [B])`.
 
     `source(iteration)` is a DALI batch callback (raising `StopIteration` after the last batch);
-    the caller has already shuffled and sharded. With `encoded=True` it returns
-    `(list of B encoded files as uint8 1-D arrays, labels [B] int32)`; otherwise CIFAR-style
-    `(images [B,H,W,3] uint8, labels [B] int32)` plus, for `train`, `(anchors [B,2] int32 as
-    (y, x) in [-4, 4], flips [B] int32)` drawn by the caller (so batches are exactly reproducible).
+    the caller has already shuffled and sharded, and draws every random choice of the batch (so
+    a batch is exactly reproducible from its step, and the same on the CPU and GPU paths). With
+    `encoded=True` it returns `(list of B encoded files as uint8 1-D arrays, labels [B] int32)`
+    plus, for `train`, `(windows [B,4] int32 as (x, y, w, h) from `crops.random_resized_crops`,
+    flips [B] int32)`; otherwise CIFAR-style `(images [B,H,W,3] uint8, labels [B] int32)` plus,
+    for `train`, `(anchors [B,2] int32 as (y, x) in [-4, 4], flips [B] int32)`.
 
     `antialias` applies to the train recipe's resize only (val and -C always antialias: they are
     the evaluation protocol). Without it the CPU path spends ~0.2 ms less per 224 px image and the
@@ -60,6 +61,9 @@ def build_pipeline(
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu' here, got {device!r}")
     decoder_device = "mixed" if device == "gpu" else "cpu"
+    # EXIF orientation is not applied: torchvision's ImageFolder (PIL) does not apply it either,
+    # and the train windows are drawn on the header's (unrotated) size.
+    decode = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
     to_chw = dict(dtype=types.UINT8, output_layout="CHW")
     pipe = dali.Pipeline(
         batch_size=batch_size,
@@ -69,42 +73,41 @@ def build_pipeline(
         prefetch_queue_depth=prefetch,
     )
     with pipe:
-        if encoded:
-            # Random ops get their own seeds from `seed`; DALI keeps one RNG per batch slot,
-            # so the crops do not depend on num_threads.
+        if encoded and recipe == "train":
+            encoded_files, lab, windows, flips = fn.external_source(
+                source=source, num_outputs=4, batch=True, dtype=[types.UINT8] + [types.INT32] * 3
+            )
+            # ROI decode: only the window is decoded (libjpeg-turbo / nvJPEG crop).
+            images = fn.decoders.image_slice(
+                encoded_files,
+                windows[0:2],
+                windows[2:4],
+                normalized_anchor=False,
+                normalized_shape=False,
+                axis_names="WH",
+                **decode,
+            )
+            # Linear + antialias = PIL's bilinear on downscaling, as torchvision does.
+            images = fn.resize(
+                images, resize_x=crop_size, resize_y=crop_size, antialias=bool(antialias)
+            )
+            images = fn.crop_mirror_normalize(images, mirror=flips, **to_chw)
+        elif encoded:
             encoded_files, lab = fn.external_source(
                 source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32]
             )
-            if recipe == "train":
-                # ROI decode: only the sampled window is decoded (libjpeg-turbo / nvJPEG crop).
-                images = fn.decoders.image_random_crop(
-                    encoded_files,
-                    device=decoder_device,
-                    output_type=types.RGB,
-                    random_area=list(random_area),
-                    random_aspect_ratio=list(RANDOM_ASPECT),
-                    num_attempts=10,  # torchvision's retry count, then the centre-crop fallback
-                )
-                # Linear + antialias = PIL's bilinear on downscaling, as torchvision does.
-                images = fn.resize(
-                    images, resize_x=crop_size, resize_y=crop_size, antialias=bool(antialias)
-                )
-                images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **to_chw)
-            else:
-                images = fn.decoders.image(
-                    encoded_files, device=decoder_device, output_type=types.RGB
-                )
-                shorter = resize_size if recipe == "val" else c_resize
-                if shorter is not None:
-                    images = fn.resize(images, resize_shorter=shorter, antialias=True)
-                # `trim_to_shape`: an image smaller than the crop is kept whole (the -C protocol
-                # crops only what is larger); the val recipe always has shorter >= crop.
-                images = fn.crop_mirror_normalize(
-                    images,
-                    crop=(crop_size, crop_size),
-                    out_of_bounds_policy="trim_to_shape",
-                    **to_chw,
-                )
+            images = fn.decoders.image(encoded_files, **decode)
+            shorter = resize_size if recipe == "val" else c_resize
+            if shorter is not None:
+                images = fn.resize(images, resize_shorter=shorter, antialias=True)
+            # `trim_to_shape`: an image smaller than the crop is kept whole (the -C protocol
+            # crops only what is larger); the val recipe always has shorter >= crop.
+            images = fn.crop_mirror_normalize(
+                images,
+                crop=(crop_size, crop_size),
+                out_of_bounds_policy="trim_to_shape",
+                **to_chw,
+            )
         else:
             if recipe == "train":
                 images, lab, anchors, flips = fn.external_source(
