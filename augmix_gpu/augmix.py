@@ -134,6 +134,29 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None
 
 
+class _GatherGroups(torch.autograd.Function):
+    """``x[perm].split(sizes)`` as separate tensors, for a permutation ``perm``.
+
+    Backward writes each group's gradient straight into its rows: one pass over the images, where
+    autograd's split + index_select backward would concatenate the groups' gradients and then
+    un-permute them (two passes).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(perm)
+        ctx.sizes = sizes
+        return tuple(x.index_select(0, idx) for idx in perm.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None, None]:
+        (perm,) = ctx.saved_tensors
+        out = grads[0].new_empty((len(perm), *grads[0].shape[1:]))
+        for idx, grad in zip(perm.split(ctx.sizes), grads):
+            out.index_copy_(0, idx, grad)
+        return out, None, None
+
+
 def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _PermuteRows.apply(x, perm)
@@ -417,28 +440,29 @@ class AugMixBatch(nn.Module):
         sizes: list[list[int]],
         sample_of: Tensor,
     ) -> Tensor:
-        """With a gradient: one row permutation per step, groups as contiguous slices, one cat.
+        """With a gradient: one regrouping gather per step, one cat of the groups' outputs.
 
         Images are kept in "position" order (``chain_at[i]`` is the chain at position i). The
-        backward then costs O(N) per step (inverse permutation, split <-> cat), where the in-place
-        path's per-group index_copy_/index_select would clone or zero-fill all N images per group.
+        backward then costs one pass over the images per step (the cat's backward is views, the
+        gather's writes each group's rows once), where the in-place path's per-group
+        index_copy_/index_select would clone or zero-fill all N images per group.
         """
         d, n = key.shape
         idle = self._n_groups - 1
         chain_at = torch.argsort(key[0], stable=True)
-        cur = x.index_select(0, sample_of.index_select(0, chain_at))
+        groups = x.index_select(0, sample_of.index_select(0, chain_at)).split(sizes[0])
         for t in range(d):
-            if t > 0:
-                perm = torch.argsort(key[t].index_select(0, chain_at), stable=True)
-                chain_at = chain_at.index_select(0, perm)
-                cur = _permute_rows(cur, perm)
             params = param_f[t].index_select(0, chain_at).split(sizes[t])
             op_index = ops_f[t].index_select(0, chain_at).split(sizes[t])
             outs = []
-            for g, src in enumerate(cur.split(sizes[t])):
+            for g, src in enumerate(groups):
                 # chains already finished (or of depth 0) pass through
                 outs.append(src if g == idle else self._apply_group(g, src, params[g], op_index[g]))
             cur = torch.cat(outs)
+            if t + 1 < d:  # regroup by the next step's op
+                perm = torch.argsort(key[t + 1].index_select(0, chain_at), stable=True)
+                chain_at = chain_at.index_select(0, perm)
+                groups = _GatherGroups.apply(cur, perm, sizes[t + 1])
         restore = torch.empty_like(chain_at).scatter_(0, chain_at, torch.arange(n, device=x.device))
         return _permute_rows(cur, restore)
 
@@ -454,7 +478,9 @@ class AugMixBatch(nn.Module):
         wts = params.weights.to(dtype)  # [V, B, width]
         # normalise(mixed) = bias + inv_std * ((1-m) x + sum_i m w_i chain_i), one pass per term.
         views = torch.addcmul(bias, x.unsqueeze(0), (1.0 - m) * inv_std)  # [V, B, 3, H, W]
-        for i in range(chains.shape[1]):
-            views = views.addcmul_(chains[:, i], (m * wts[..., i, None, None, None]) * inv_std)
+        # unbind, not chains[:, i]: in backward, each indexing would zero-fill a gradient of the
+        # full chains size (3 passes over every chain image); unbind's backward is one stack.
+        for i, chain in enumerate(chains.unbind(1)):
+            views = views.addcmul_(chain, (m * wts[..., i, None, None, None]) * inv_std)
         clean = torch.addcmul(bias, x, inv_std)
         return (clean, *views.unbind(0))
