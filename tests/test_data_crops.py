@@ -70,4 +70,4 @@ def test_encoded_size_reads_the_header():
     buf = io.BytesIO()
     Image.new("RGB", (70, 36)).save(buf, format="JPEG")
     assert encoded_size(np.frombuffer(buf.getvalue(), dtype=np.uint8)) == (36, 70)
-    assert encoded_size(np.zeros(10, dtype=np.uint8)) == (1, 1)  # DALI will name the file
+    assert encoded_size(np.zeros(10, dtype=np.uint8)) is None  # the loader names the file

@@ -119,3 +119,24 @@ def test_corrupt_jpeg_skip_counts_and_masks_it(tmp_path):
     assert len(batches) == len(loader) == 3
     assert sum(int(v.sum()) for _, _, v in batches) == 4  # 5 images, the corrupt one masked out
     assert len(loader.skipped) == 1 and loader.skipped[0].endswith("3.JPEG")
+
+
+@pytest.mark.parametrize("damage", ["truncated_body", "garbage_header"])
+def test_corrupt_file_in_the_train_recipe_is_named_or_skipped(damage, tmp_path):
+    """Train windows are sized from the header on the host: a header PIL cannot read is as
+    corrupt as a body DALI cannot decode (torchvision's PIL loader would fail on either)."""
+    for i in range(6):
+        _img(tmp_path / "a" / f"{i}.JPEG", value=40 * i)
+    bad = tmp_path / "a" / "3.JPEG"
+    if damage == "truncated_body":
+        _truncated_jpeg(bad)
+    else:
+        bad.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)  # JPEG magic, then noise
+    kw = dict(batch_size=2, device="cpu", crop_size=32, num_threads=1, prefetch=1)
+    with pytest.raises(DatasetError, match=r"cannot decode .*3\.JPEG"):
+        list(build_loader(tmp_path, "train", **kw).epoch(0))
+    loader = build_loader(tmp_path, "train", on_corrupt="skip", **kw)
+    with pytest.warns(UserWarning, match=r"3\.JPEG"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == len(loader) == 3
+    assert loader.skipped == [str(bad)]

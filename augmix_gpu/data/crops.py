@@ -19,18 +19,22 @@ from PIL import Image
 ATTEMPTS = 10  # torchvision's get_params
 
 
-def encoded_size(data: np.ndarray) -> tuple[int, int]:
-    """``(height, width)`` from an encoded image's header (PIL reads the header only).
+# The window given to a file whose header cannot be read: out of bounds, so DALI's decoder fails
+# on it and the loader names the file (torchvision's PIL loader could not open it either).
+UNREADABLE_WINDOW = (-1, -1, 1, 1)
+
+
+def encoded_size(data: np.ndarray) -> tuple[int, int] | None:
+    """``(height, width)`` from an encoded image's header (PIL reads the header only), or None.
 
     EXIF orientation is ignored, as by PIL/torchvision and by our decoders
-    (``adjust_orientation=False``). An unreadable header gives ``(1, 1)``: the file then fails in
-    DALI's decoder, which the loader reports (or skips) by name.
+    (``adjust_orientation=False``).
     """
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
             width, height = im.size
-    except Exception:  # any header PIL cannot parse; DALI's decode will name the file
-        return 1, 1
+    except Exception:  # any header PIL cannot parse: the caller treats the file as corrupt
+        return None
     return height, width
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .cifar import CifarArrays
-from .crops import encoded_size, random_resized_crops
+from .crops import UNREADABLE_WINDOW, encoded_size, random_resized_crops
 from .folders import DatasetError, find_classes, scan_folder
 from .pipeline import RANDOM_AREA, RANDOM_ASPECT, RECIPES, build_pipeline
 from .sharding import eval_indices, stream_seed, train_indices, train_steps
@@ -186,8 +186,11 @@ class DaliLoader:
             # Every random choice of this batch, from (seed, epoch, rank, step) alone.
             rng = np.random.default_rng([self.seed, epoch, self.rank, start_step + iteration])
             if paths is not None:
-                sizes = np.array([encoded_size(f) for f in files])
-                windows = random_resized_crops(sizes, rng, self.random_area, RANDOM_ASPECT)
+                sizes = [encoded_size(f) for f in files]
+                windows = random_resized_crops(
+                    [s or (1, 1) for s in sizes], rng, self.random_area, RANDOM_ASPECT
+                )
+                windows[[s is None for s in sizes]] = UNREADABLE_WINDOW
             else:
                 windows = rng.integers(-4, 5, size=(bs, 2), dtype=np.int32)  # (y, x) px, pad 4
             flips = rng.integers(0, 2, size=bs, dtype=np.int32)
@@ -218,13 +221,17 @@ class DaliLoader:
         return out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
 
     def _find_corrupt(self, idx: np.ndarray) -> list[int]:
-        """Decode each candidate alone on the CPU; return the indices DALI cannot decode."""
+        """Decode each candidate alone on the CPU; return the indices DALI (or PIL's header
+        reader, which sizes the train windows) cannot read."""
         from nvidia import dali
         from nvidia.dali import fn, types
 
         bad = []
         for i in dict.fromkeys(int(j) for j in idx):
             data = np.fromfile(self._paths[i], dtype=np.uint8)
+            if encoded_size(data) is None:  # its train window could not be drawn
+                bad.append(i)
+                continue
             pipe = dali.Pipeline(
                 batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1
             )
