@@ -12,8 +12,9 @@ visited, so the number of dispatched torch operators does not depend on B.
 
 Two ways to move the images, same arithmetic (a test pins that they agree): without a gradient,
 each group is gathered and written back in place (finished chains are never touched: the least
-memory traffic); with a gradient (learnable severity), each step applies one row permutation and
-concatenates the group outputs, so that backward costs O(N) per step instead of O(N) per group.
+memory traffic); with a gradient (learnable severity), each step regroups the images with one
+gather (``_GatherGroups``) and concatenates the group outputs, so that backward costs one pass
+over the images per step instead of one per group.
 
 Mixing happens in [0,1] space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the
 official "mix after preprocess" because normalisation is affine and the weights sum to 1; the
