@@ -288,3 +288,14 @@ def test_bf16_autocast_and_channels_last_train_a_step(cache, tmp_path):
     ok(run_train(SMALL + args + ["--ckpt_dir_base", str(tmp_path)], cache))
     res = results(tmp_path / "learnable_augmix_jsd")
     assert res["config"]["precision"] == "bf16" and math.isfinite(res["final"]["loss"])
+
+
+@pytest.mark.slow
+def test_compile_trains_and_checkpoints_plain_weights(cache, tmp_path):
+    """--compile (torch.compile of the network; inductor builds C++ on the CPU, ~40 s here)."""
+    args = ["--compile", "--max_steps_per_epoch", "2", "--ckpt_dir_base", str(tmp_path)]
+    ok(run_train(SMALL + args, cache, timeout=600))
+    res = results(tmp_path / "learnable_augmix_jsd")
+    assert res["config"]["compile"] and math.isfinite(res["final"]["loss"])
+    ckpt = load_checkpoint(tmp_path / "learnable_augmix_jsd" / "last.ckpt")
+    assert not any("_orig_mod" in k for k in ckpt["model"])  # loadable without compiling
