@@ -177,12 +177,10 @@ class DaliLoader:
             lab = labels[batch].astype(np.int32)
             if paths is not None:
                 files = [np.fromfile(paths[i], dtype=np.uint8) for i in batch]
-                if not self.is_train:
-                    return files, lab
             else:
                 files = images.images[batch]
-                if not self.is_train:
-                    return files, lab
+            if not self.is_train:
+                return files, lab
             # Every random choice of this batch, from (seed, epoch, rank, step) alone.
             rng = np.random.default_rng([self.seed, epoch, self.rank, start_step + iteration])
             if paths is not None:
