@@ -85,7 +85,7 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
         spec.train,
         "train",
         random_area=(config["crop_area_min"], 1.0),
-        antialias=not config.get("no_train_antialias", False),
+        antialias=not config["no_train_antialias"],
         **common,
     )
     val = build_loader(spec.val, "val", classes=train.classes, **common)

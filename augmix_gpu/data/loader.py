@@ -219,15 +219,15 @@ class DaliLoader:
         return out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
 
     def _find_corrupt(self, idx: np.ndarray) -> list[int]:
-        """Decode each candidate alone on the CPU; return the indices DALI (or PIL's header
-        reader, which sizes the train windows) cannot read."""
+        """Decode each candidate alone on the CPU; return the indices DALI cannot decode (train:
+        also those whose header PIL cannot read, as their crop window could not be drawn)."""
         from nvidia import dali
         from nvidia.dali import fn, types
 
         bad = []
         for i in dict.fromkeys(int(j) for j in idx):
             data = np.fromfile(self._paths[i], dtype=np.uint8)
-            if encoded_size(data) is None:  # its train window could not be drawn
+            if self.is_train and encoded_size(data) is None:  # no train window could be drawn
                 bad.append(i)
                 continue
             pipe = dali.Pipeline(
