@@ -91,6 +91,15 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank (also a barrier): e.g. an error found by rank 0 alone."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sum a tensor over ranks in place (counts, not means, so every sample weighs the same)."""
     if env.distributed:

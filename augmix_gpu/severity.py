@@ -139,25 +139,37 @@ class LearnableSeverity(nn.Module):
             - 0.5
         )
 
+    def _bounded_mean(self) -> Tensor:
+        mu, sigma = self.log_severity_mu.detach().double(), self.sigma.detach().double()
+        log_m = math.log(self.max_severity)
+        below = torch.exp(mu + 0.5 * sigma**2) * torch.special.ndtr((log_m - mu - sigma**2) / sigma)
+        above = self.max_severity * torch.special.ndtr((mu - log_m) / sigma)
+        return (below + above).clamp(max=self.max_severity).float()
+
     def mean_severity(self) -> float:
         """E[min(S, max)] for log S ~ N(mu, sigma^2): the mean severity the ops receive.
 
         ``exp(mu + sigma^2/2) Phi((log M - mu - sigma^2)/sigma) + M (1 - Phi((log M - mu)/sigma))``
         (the partial expectation of a log-normal below M, plus M times the mass above it).
         """
-        with torch.no_grad():
-            mu, sigma = self.log_severity_mu.double(), self.sigma.double()
-            log_m = math.log(self.max_severity)
-            below = torch.exp(mu + 0.5 * sigma**2) * torch.special.ndtr(
-                (log_m - mu - sigma**2) / sigma
-            )
-            above = self.max_severity * torch.special.ndtr((mu - log_m) / sigma)
-            return min(float(below + above), self.max_severity)
+        return float(self._bounded_mean())
 
     def median_severity(self) -> float:
         """Median of the bounded severity, ``min(exp(mu), max)``."""
-        with torch.no_grad():
-            return min(float(torch.exp(self.log_severity_mu)), self.max_severity)
+        return float(self.log_severity_mu.detach().exp().clamp(max=self.max_severity))
+
+    def stats_tensors(self) -> dict[str, Tensor]:
+        """:meth:`stats` as 0-d tensors on the parameters' device: the trainer reads them to the
+        host only at logging steps (no host sync per training step)."""
+        mu = self.log_severity_mu.detach()
+        last = mu.new_full((), float("nan")) if self.last_sample is None else self.last_sample
+        return {
+            "severity_mu": mu.clone(),
+            "severity_sigma": self.sigma.detach(),
+            "severity_mean": self._bounded_mean(),
+            "severity_median": mu.exp().clamp(max=self.max_severity),
+            "severity_last": last.float().mean(),
+        }
 
     def stats(self) -> dict[str, float]:
         """Scalars for logs, JSON and W&B, all of the bounded severity the ops receive.
@@ -166,15 +178,7 @@ class LearnableSeverity(nn.Module):
         ``severity_mean``/``severity_median`` are of ``min(s, max_severity)``; ``severity_last``
         is the mean of the last (bounded) draw, NaN before any.
         """
-        last = float("nan") if self.last_sample is None else float(self.last_sample.float().mean())
-        with torch.no_grad():
-            return {
-                "severity_mu": float(self.log_severity_mu),
-                "severity_sigma": float(self.sigma),
-                "severity_mean": self.mean_severity(),
-                "severity_median": self.median_severity(),
-                "severity_last": last,
-            }
+        return {k: float(v) for k, v in self.stats_tensors().items()}
 
     def extra_repr(self) -> str:
         return (
