@@ -19,6 +19,7 @@ from augmix_gpu.runtime import prefer_passive_openmp, reuse_freed_memory
 prefer_passive_openmp()  # before torch loads OpenMP (idle threads must not spin on a shared CPU)
 import torch  # noqa: E402
 
+from augmix_gpu.checkpoint import CheckpointWriteError  # noqa: E402
 from augmix_gpu.config import resolve_config, validate_config  # noqa: E402
 from augmix_gpu.distributed import cleanup, init_distributed  # noqa: E402
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         from augmix_gpu.training import fit
 
         return fit(config, env)
-    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: one line, no traceback
+    # Bad arguments or data, or a checkpoint that cannot be written: one line, no traceback.
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:
