@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, barrier, restart_hazard
 
 FORMAT_VERSION = 1
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -413,6 +413,9 @@ class RunCheckpoints:
     def settle(self, resume: Resume, where: str = "") -> None:
         """After every rank has loaded ``resume``: check that they agree, set corrupt files aside
         (rank 0), and say what happened in one line, after a warning per unusable file."""
+        hazard = restart_hazard()
+        if hazard is not None:
+            self.log(f"warning: {hazard}")
         if self.env.distributed:
             paths: list[Any] = [None] * self.env.world_size
             dist.all_gather_object(paths, str(resume.path))

@@ -87,6 +87,21 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
 
 
+def restart_hazard() -> str | None:
+    """Why torchrun's restarts of this job may not come back, or None (see _restart_safe_store)."""
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and _env_int("GROUP_WORLD_SIZE", 1) > 1
+        and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+    ):
+        return (
+            "torchrun shares its rendezvous store with the workers of several nodes: a restarted "
+            "worker group can hang or fail to connect (pytorch/pytorch#135712); launch torchrun "
+            "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node"
+        )
+    return None
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Read the torchrun environment and start the process group when WORLD_SIZE > 1."""
     rank = _env_int("RANK", 0)

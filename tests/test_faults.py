@@ -27,6 +27,7 @@ from augmix_gpu.checkpoint import (
     JOB_KEY,
     CheckpointWriteError,
     CorruptCheckpointError,
+    Resume,
     RunCheckpoints,
     load_checkpoint,
     load_latest,
@@ -300,3 +301,17 @@ def test_a_named_corrupt_checkpoint_is_an_error_that_points_at_its_previous_copy
     last.write_bytes(_truncate(last.read_bytes()))
     with pytest.raises(CorruptCheckpointError, match=r"--resume .*last\.prev\.ckpt"):
         RunCheckpoints(tmp_path, ONE).find_resume(str(last))
+
+
+def test_a_multi_node_job_sharing_torchruns_store_is_warned(tmp_path, monkeypatch):
+    """Across nodes the restart count cannot name a fresh key space (distributed.py): say so."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    lines: list[str] = []
+    RunCheckpoints(tmp_path, ONE, log=lines.append).settle(Resume())
+    assert lines and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in lines[0]
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: handled, no warning
+    lines.clear()
+    RunCheckpoints(tmp_path, ONE, log=lines.append).settle(Resume())
+    assert lines == []
