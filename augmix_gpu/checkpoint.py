@@ -133,7 +133,9 @@ def _remove_orphans(path: Path) -> None:
 
 def _write_failure(path: Path, err: OSError) -> str:
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+        left = shutil.disk_usage(path.parent).free
+        free = f"{left / 2**30:.1f} GiB" if left >= 2**30 else f"{left / 2**20:.1f} MiB"
+        free += " free there"
     except OSError:
         free = "free space unknown"
     kept = next((p for p in (path, previous_path(path)) if p.is_file()), None)
