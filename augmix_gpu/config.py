@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import parse_debug_fault
 from .data.heldout import check_heldout_corruptions
 from .models import check_arch
 from .robustness import EXTRA_CORRUPTIONS
@@ -201,11 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="stop after this many non-finite steps in a row",
     )
+    # Faults (README "Faults and restarts"): a fault costs at most the steps since last.ckpt.
     a(
         "--save_every_steps",
         type=int,
         default=0,
-        help="also write last.ckpt every N steps (0: per epoch)",
+        help="write last.ckpt every N global steps (0: every --save_every_minutes)",
+    )
+    a(
+        "--save_every_minutes",
+        type=float,
+        default=10.0,
+        help="write last.ckpt about this often, in minutes of training (turned into steps once, "
+        "from the pace of the first steps); 0 with --save_every_steps 0: epoch ends only",
     )
     a("--synthetic_train_per_class", type=int, default=200)
     a("--synthetic_val_per_class", type=int, default=50)
@@ -222,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     # loss at these global steps.
     a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
     a("--debug_nonfinite_steps", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    # ... and inject one real fault (KIND@STEP, see checkpoint.RunCheckpoints).
+    a("--debug_fault", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -313,6 +324,12 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
         )
     if not 0 < config["crop_area_min"] <= 1:
         bad("crop_area_min", config["crop_area_min"], "must be in (0, 1]")
+    if config["save_every_steps"] < 0:
+        bad("save_every_steps", config["save_every_steps"], "must be >= 0 (0: by the minute)")
+    if config["save_every_minutes"] < 0:
+        bad("save_every_minutes", config["save_every_minutes"], "must be >= 0")
+    if config["debug_fault"]:
+        parse_debug_fault(config["debug_fault"])
     if config["grad_clip_val"] < 0:
         bad("grad_clip_val", config["grad_clip_val"], "must be >= 0 (0 disables clipping)")
     if config["data"] is not None and not Path(config["data"]).is_dir():

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .augmix import AugMixBatch
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .checkpoint import LAST, RunCheckpoints, capture_rng_state, restore_rng_state
 from .datasets import DataSpec, prepare_data, prepare_heldout
 from .distributed import DistEnv, barrier
 from .engine import (
@@ -136,9 +136,8 @@ def make_checkpoint(
 
 
 def resume_from(
-    path: Path, net, optimizer, scaler, generator, config, env, updater=None
+    path: Path, ckpt: dict, net, optimizer, scaler, generator, config, env, updater=None
 ) -> tuple[TrainState, list]:
-    ckpt = load_checkpoint(path)
     saved = ckpt["config"]
     for key in ("aug_type", "arch", "dataset", "all_ops", "batch", "severity_objective"):
         if saved.get(key) != config.get(key):
@@ -243,12 +242,23 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
 
     state, history = TrainState(), []
-    resume = out / "last.ckpt" if config["resume"] == "auto" else config["resume"]
-    if resume and Path(resume).is_file():
+    ckpts = RunCheckpoints(
+        out,
+        env,
+        every_steps=config["save_every_steps"],
+        every_minutes=config["save_every_minutes"],
+        debug_fault=config["debug_fault"],
+        log=lambda message: log(env, message),
+    )
+    resume = ckpts.find_resume(config["resume"])  # by itself after a torchrun restart
+    if resume.state is not None:
         state, history = resume_from(
-            Path(resume), net, optimizer, scaler, generator, config, env, updater
+            resume.path, resume.state, net, optimizer, scaler, generator, config, env, updater
         )
-        log(env, f"resumed from {resume}: epoch {state.epoch}, step {state.step_in_epoch}")
+    ckpts.settle(
+        resume, f"epoch {state.epoch}, step {state.step_in_epoch} (global {state.global_step})"
+    )
+    del resume  # the loaded state: not kept alive for the whole run
 
     if env.distributed and updater is not None:
         # The held-out objective all-reduces the severity's gradient itself (hypergradient.py);
@@ -287,14 +297,15 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         ckpt = make_checkpoint(
             net, optimizer, scaler, state, generator, config, classes, history, env, updater
         )
-        if env.is_main:
-            save_atomic(ckpt, out / name)
+        ckpts.save(ckpt, name, state.global_step)
 
     def on_step(s: TrainState) -> None:
         if s.global_step == config["debug_stop_at_step"]:
             stop.requested, stop.signal_name = True, "debug stop"
-        if config["save_every_steps"] and s.global_step % config["save_every_steps"] == 0:
-            save("last.ckpt")
+        ckpts.inject(s.global_step)  # test hook: --debug_fault sigkill@STEP
+        # The epoch's last step is saved after validation, below.
+        if ckpts.due(s.global_step) and s.step_in_epoch < steps:
+            save(LAST)
         if (
             wandb_run is not None
             and s.severity_trajectory
@@ -321,10 +332,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
         bar.close()
         if stop.requested:
-            save("last.ckpt")
+            save(LAST)
             log(
                 env,
-                f"{stop.signal_name or 'stop'} received: saved {out / 'last.ckpt'} at epoch "
+                f"{stop.signal_name or 'stop'} received: saved {out / LAST} at epoch "
                 f"{state.epoch}, step {state.step_in_epoch}; continue with --resume auto",
             )
             return 0
@@ -351,7 +362,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
         if wandb_run is not None:
             wandb_run.log(record, step=state.global_step)
-        save("last.ckpt")
+        save(LAST)
         if val.top1 > best_top1:
             best_top1 = val.top1
             save("best.ckpt")
