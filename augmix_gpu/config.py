@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap steps per epoch (0: all); for smoke runs",
     )
     a(
+        "--log_every",
+        type=int,
+        default=10,
+        help="read the steps' losses and severity to the host every N steps (each read waits for "
+        "the GPU; the values are still recorded per step)",
+    )
+    a(
         "--max_nonfinite",
         type=int,
         default=20,
@@ -360,6 +367,8 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
             config["gpus"],
             f"launch several processes with torchrun --nproc_per_node={config['gpus']}",
         )
+    if config["log_every"] < 1:
+        bad("log_every", config["log_every"], "must be >= 1")
     if config["severity_update_every"] < 1:
         bad(
             "severity_update_every",

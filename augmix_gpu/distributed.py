@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,10 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None  # None: no process group (world of one)
+    # A gloo group for small host-side agreements (the stop flag): on NCCL, a collective on a
+    # device tensor read back to the host would drain the GPU's queue every step. None: the
+    # default group (gloo already, or no group).
+    host_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -123,7 +128,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
             )
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)
-    return DistEnv(rank, local_rank, world_size, dev, backend)
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return DistEnv(rank, local_rank, world_size, dev, backend, host_group)
 
 
 def cleanup(env: DistEnv) -> None:
@@ -143,6 +149,15 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if ``flag`` is True on any rank; host to host (gloo), no device sync."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.host_group)
+    return bool(t.item())
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

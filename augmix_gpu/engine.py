@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .augmix import AugMixBatch
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_reduce_sum, any_rank
 from .evaluation import normalize_uint8 as normalize_images
 from .hypergradient import HeldoutSeverityUpdater
 from .losses import augmix_objective
@@ -185,9 +185,16 @@ def build_optimizer(
         )
     for g in groups:
         g["lr"] = g["base_lr"]
+    # fused: one kernel per step, and a skipped step (found_inf) is skipped on the device
     if config["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config["momentum"], nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=config["momentum"], nesterov=True, fused=True)
+        # The fused kernel allocates the momentum buffer uninitialised when the very first step
+        # is skipped; zeros give the same first step (buf = 0 * momentum + grad) and no garbage.
+        for g in opt.param_groups:
+            for p in g["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 class StopFlag:
@@ -237,6 +244,7 @@ class StepContext:
         frozenset()
     )  # tests: force a NaN loss at these global steps
     severity_updater: HeldoutSeverityUpdater | None = None  # the held-out objective's trainer
+    save_due: Callable[[int], bool] = lambda _step: False  # a checkpoint follows this step
 
 
 def _set_lr(ctx: StepContext, step: int) -> float:
@@ -257,10 +265,16 @@ def _set_lr(ctx: StepContext, step: int) -> float:
 
 def train_step(
     ctx: StepContext, state: TrainState, images: torch.Tensor, labels: torch.Tensor
-) -> dict[str, float] | None:
-    """One optimisation step; returns the loss parts, or None when the step was skipped."""
+) -> dict[str, torch.Tensor]:
+    """One optimisation step; what to log, as 0-d device tensors (``skipped``: the update was
+    skipped because the loss or a gradient was non-finite).
+
+    Nothing here waits for the device: a non-finite step is skipped by the fused optimiser on
+    the device (``found_inf``, as GradScaler does), the values are read to the host by
+    :class:`DeviceLog` every ``--log_every`` steps, and the stop flag travels host to host.
+    """
     c, net = ctx.config, ctx.net
-    lr = _set_lr(ctx, state.global_step)
+    _set_lr(ctx, state.global_step)
     severity = net.severity
     updater = ctx.severity_updater
     hyper_step = updater is not None and updater.due(state.global_step)
@@ -284,47 +298,58 @@ def train_step(
     loss = parts.total
     if state.global_step in ctx.inject_nonfinite_steps:
         loss = loss * float("nan")
-    # One small all-reduce per step carries both "a rank saw a non-finite loss" and "a rank was
-    # asked to stop", so every rank skips or stops at the same step (DDP would hang otherwise).
-    flags = torch.tensor(
-        [0.0 if torch.isfinite(loss) else 1.0, 1.0 if ctx.stop.requested else 0.0],
-        device=loss.device,
-    )
-    if ctx.env.distributed:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    ctx.stop.requested = bool(flags[1] > 0)
     ctx.optimizer.zero_grad(set_to_none=True)
-    if flags[0] > 0:
-        state.skipped_nonfinite += 1
-        state.nonfinite_in_row += 1
-        if state.nonfinite_in_row >= c["max_nonfinite"]:
-            raise NonFiniteLossError(
-                f"{state.nonfinite_in_row} non-finite losses in a row, the last at global step "
-                f"{state.global_step} (epoch {state.epoch}, step {state.step_in_epoch}): lower --lr, "
-                f"use --precision bf16/32 or --grad_clip_val, and check the data"
-            )
-        return None
-    state.nonfinite_in_row = 0
-    ctx.scaler.scale(loss).backward()
+    ctx.scaler.scale(loss).backward()  # a NaN loss gives NaN gradients: skipped below
     if c["grad_clip_val"] > 0:
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(net.model.parameters(), c["grad_clip_val"])
-    ctx.scaler.step(ctx.optimizer)
+    if ctx.scaler.is_enabled():  # fp16: the scaler skips non-finite gradients (and rescales);
+        skip = ~torch.isfinite(loss)  # a non-finite loss is what counts towards --max_nonfinite
+        ctx.scaler.step(ctx.optimizer)
+    else:  # DDP averaged the gradients, so every rank sees the same norm and skips alike
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        skip = ~(torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        ctx.optimizer.found_inf = skip.float()  # the fused step skips on the device
+        ctx.optimizer.step()
     ctx.scaler.update()
-    hyper = {}
+    out = {"loss": loss.detach(), "ce": parts.ce.detach(), "jsd": parts.jsd.detach(),
+           "kl": parts.kl.detach(), "skipped": skip}  # fmt: skip
     if hyper_step:
-        hyper = updater.update(ctx.optimizer, views, labels, state.global_step)
-    out = {
-        "loss": loss.item(),
-        "ce": parts.ce.item(),
-        "jsd": parts.jsd.item(),
-        "kl": parts.kl.item(),
-        "lr": lr,
-    }
+        out.update(updater.update(ctx.optimizer, views, labels, state.global_step, skip))
     if severity is not None:
-        out.update(severity.stats())
-    out.update(hyper)
+        out.update(severity.stats_tensors())
+    # A stop (SIGTERM on any rank) is agreed host to host, so every rank stops at the same step.
+    ctx.stop.requested = any_rank(ctx.stop.requested, ctx.env)
     return out
+
+
+class DeviceLog:
+    """Per-step values kept as device tensors, read to the host together every few steps.
+
+    Why: reading a CUDA tensor (``.item()``, ``float()``, ``bool()``) waits until the GPU has
+    finished everything queued; a few reads per step leave the GPU idle at each. One stack and one
+    copy per ``--log_every`` steps costs one wait there, and the values are still exact per step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def add(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        self._pending.append((step, values))
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """``[(global step, {name: value})]`` of every step added since the last flush."""
+        if not self._pending:
+            return []
+        flat = torch.stack(
+            [v.detach().float().reshape(()) for _, vals in self._pending for v in vals.values()]
+        ).tolist()  # the one host read
+        out, i = [], 0
+        for step, vals in self._pending:
+            out.append((step, dict(zip(vals, flat[i : i + len(vals)]))))
+            i += len(vals)
+        self._pending = []
+        return out
 
 
 def train_one_epoch(
@@ -335,11 +360,51 @@ def train_one_epoch(
     on_step: Callable[[TrainState], None] | None = None,
     progress: Any = None,
 ) -> dict[str, float]:
-    """Run the epoch's remaining steps; stops early (state kept) when a stop was requested."""
+    """Run the epoch's remaining steps; stops early (state kept) when a stop was requested.
+
+    The host reads the steps' values every ``--log_every`` steps, before a checkpoint
+    (``ctx.save_due``), at a stop and at the end of the epoch; ``state`` is exact at each.
+    """
     ctx.net.train()
     sums = {"loss": 0.0, "ce": 0.0, "jsd": 0.0, "kl": 0.0}
     done, images_seen, start = 0, 0, time.perf_counter()
     max_steps = ctx.config["max_steps_per_epoch"] or ctx.steps_per_epoch
+    log_every = max(1, int(ctx.config["log_every"]))
+    pending = DeviceLog()
+
+    def flush() -> None:
+        nonlocal done
+        last = None
+        for step, rec in pending.flush():
+            if rec.pop("skipped") > 0:
+                state.skipped_nonfinite += 1
+                state.nonfinite_in_row += 1
+                if state.nonfinite_in_row >= ctx.config["max_nonfinite"]:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} non-finite losses in a row, the last at global "
+                        f"step {step - 1}: lower --lr, use --precision bf16/32 or --grad_clip_val, and "
+                        "check the data"
+                    )
+                continue
+            state.nonfinite_in_row = 0
+            done += 1
+            for k in sums:
+                sums[k] += rec[k]
+            if "severity_mean" in rec:
+                state.severity_trajectory.append(
+                    {
+                        "step": step,
+                        **{k: v for k, v in rec.items() if k.startswith(TRAJECTORY_KEYS)},
+                    }
+                )
+            last = rec
+        if progress is not None and last is not None:
+            rate = images_seen / max(time.perf_counter() - start, 1e-9)
+            postfix = {"loss": f"{last['loss']:.3f}", "img/s": f"{rate:.0f}"}
+            if "severity_last" in last:
+                postfix["s"] = f"{last['severity_last']:.2f}"
+            progress.set_postfix(postfix, refresh=False)
+
     for images, labels, _valid in batches:
         if state.step_in_epoch >= max_steps:
             break
@@ -347,28 +412,20 @@ def train_one_epoch(
         state.step_in_epoch += 1
         state.global_step += 1
         images_seen += images.shape[0] * ctx.env.world_size
-        if out is not None:
-            done += 1
-            for k in sums:
-                sums[k] += out[k]
-            if "severity_mean" in out:
-                state.severity_trajectory.append(
-                    {
-                        "step": state.global_step,
-                        **{k: v for k, v in out.items() if k.startswith(TRAJECTORY_KEYS)},
-                    }
-                )
-        if progress is not None and out is not None:
-            rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            postfix = {"loss": f"{out['loss']:.3f}", "img/s": f"{rate:.0f}"}
-            if "severity_last" in out:
-                postfix["s"] = f"{out['severity_last']:.2f}"
-            progress.set_postfix(postfix, refresh=False)
+        pending.add(state.global_step, out)
+        if progress is not None:
             progress.update(1)
+        if (
+            state.global_step % log_every == 0
+            or ctx.stop.requested
+            or ctx.save_due(state.global_step)
+        ):
+            flush()
         if on_step is not None:
             on_step(state)
         if ctx.stop.requested:
             break
+    flush()
     # Mean over ranks of the per-rank means (equal step counts on every rank by construction).
     totals = torch.tensor(
         [sums[k] for k in sums] + [float(done)], dtype=torch.float64, device=ctx.env.device
@@ -389,6 +446,7 @@ __all__ = [
     "StepContext",
     "StopFlag",
     "TrainState",
+    "DeviceLog",
     "build_optimizer",
     "lr_factor",
     "train_one_epoch",

@@ -8,17 +8,26 @@ here descends a loss it does not feed directly: the network's cross-entropy on h
 images under corruptions that are *not* evaluated (ImageNet-C's 4 validation corruptions), after
 the network's update on the augmented batch:
 
-    w'(s) = w - step(grad_w L_train(w, s))            the optimiser's actual step
-    d L_val(w'(s)) / ds = v^T (d w' / ds),            v = grad_w L_val(w')
-                        = (J v)^T d(grad_w L_train)/ds,  J = d step / d grad (diagonal, negative)
-                        ~ [grad_s L_train(w + eps J v, s) - grad_s L_train(w - eps J v, s)] / (2 eps)
+    w'(s) = w + |a| a(s) / |a(s)|,   a(s) = J grad_w L_train(w, s)   the optimiser's step
+    d L_val(w'(s)) / ds = v^T dw'/ds,  v = grad_w L_val(w')
+                        = c^T d(grad_w L_train)/ds,  c = J v - (v^T a / |a|^2) J a
+                        ~ [grad_s L_train(w + eps c, s) - grad_s L_train(w - eps c, s)] / (2 eps)
 
 ``J`` is the Jacobian of the optimiser's update with respect to the gradient, its statistics held
 fixed: ``-lr`` for SGD (``-lr (1 + momentum)`` with Nesterov), and
 ``-lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps))`` for Adam/AdamW, so the lookahead is the
 step the network really takes (DARTS assumes plain SGD). The finite difference is the DARTS
-Hessian-vector product, ``eps = 0.01 / |J v|``, evaluated around the post-step weights (the
-Hessian changes by O(lr) over one step; evaluating there saves a copy of the weights).
+Hessian-vector product, ``eps = 0.01 / |c|``, evaluated around the post-step weights (the Hessian
+changes by O(lr) over one step; evaluating there saves a copy of the weights).
+
+The step's *length* is held fixed (the second term of ``c``): the severity chooses the direction
+of the update, not its size. Why: a stronger severity makes the JSD gradient larger, and with the
+length free (plain DARTS) the lookahead rewards any larger step that is positively aligned with
+the held-out gradient: in the pilot runs plain DARTS pushed a start at s = 8 into the bound within
+3 epochs. Adam's step length does not follow the gradient's scale beyond a few hundred steps
+anyway, and with SGD the schedule sets it. (Measured with the length fixed, the one-step objective
+still drifts towards weaker augmentation: the short-horizon bias of greedy hypergradients, Wu et
+al. 2018. The severity study in the README has the numbers.)
 
 Cost per update: one held-out forward/backward (eval mode, no AugMix), two forward/backward
 passes of the training batch to its input (not to the weights), and one backward through AugMix
@@ -43,18 +52,18 @@ from torch.func import functional_call
 from .distributed import DistEnv, all_reduce_sum
 from .losses import augmix_objective
 
-FIXED_STEP_LENGTH = True  # see the module docstring
 FD_SCALE = 0.01  # DARTS: eps = 0.01 / |vector| for the finite-difference Hessian-vector product
 
 
 @dataclass
 class Hypergradient:
-    """One hypergradient evaluation: the held-out loss at w' and d L_val / d (mu, log_sigma)."""
+    """One hypergradient evaluation, as 0-d tensors on the device (read at logging steps only):
+    the held-out loss at w', d L_val / d (mu, log_sigma), and whether all of it is finite."""
 
-    heldout_loss: float
-    grad_mu: float
-    grad_log_sigma: float
-    finite: bool
+    heldout_loss: Tensor
+    grad_mu: Tensor
+    grad_log_sigma: Tensor
+    finite: Tensor
 
 
 def update_jacobian(optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor | float]:
@@ -79,7 +88,7 @@ def update_jacobian(optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor | f
                     out[p] = -lr
                     continue
                 beta1, beta2 = group["betas"]
-                t = float(state["step"])
+                t = state["step"]  # a tensor (on the device for fused Adam): no host read
                 denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
                 out[p] = denom.reciprocal_().mul_(-lr * (1.0 - beta1) / (1.0 - beta1**t))
             else:
@@ -118,9 +127,12 @@ def severity_hypergradient(
 ) -> Hypergradient:
     """``d L_val(w'(s)) / d (mu, log_sigma)``; written into the severity parameters' ``.grad``.
 
+    Nothing is read to the host: a non-finite result writes zeros and ``finite`` says so.
+
     Args:
         net: the :class:`~augmix_gpu.engine.AugmentedClassifier` (not the DDP wrapper), its
-            network already updated by this step (the weights are w').
+            network already updated by this step (the weights are w') and its parameters'
+            ``.grad`` still holding this step's gradient (the step's direction).
         optimizer: the network's optimiser, after its step (for the update Jacobian).
         views: this step's ``[clean; view1; view2]`` batch, still attached to the severity sample
             (made with ``net.views(images, severity_grad=True)``); the network was fed its
@@ -153,21 +165,15 @@ def severity_hypergradient(
     v = flat[:-2] / count
     heldout_loss = flat[-2] / count
 
-    # 2. The direction c of the finite difference: u = J v (the change of w' per unit change of
-    #    the training gradient, along v), minus, with a fixed step length, its component along
-    #    the step a = J g itself (see the module docstring).
+    # 2. The direction of the finite difference: c = J v - (v^T a / |a|^2) J a, a = J g the step
+    #    (the change of w' along v per unit change of the training gradient, its step length
+    #    held fixed: see the module docstring).
     jac = update_jacobian(optimizer)
-    u, offset = [], 0
-    for p in params:
-        n = p.numel()
-        u.append(v[offset : offset + n].view_as(p) * jac[p])
-        offset += n
-    if FIXED_STEP_LENGTH:
-        a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
-        a_sq = sum((t.double() ** 2).sum() for t in a)
-        v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(_split(v, params), a))
-        coef = (v_dot_a / a_sq.clamp_min(1e-30)).to(v.dtype)
-        u = [t - coef * jac[p] * s for t, p, s in zip(u, params, a)]
+    vs = _split(v, params)
+    a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+    v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
+    coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
+    u = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
     norm = torch.sqrt(sum((t.double() ** 2).sum() for t in u))
     eps = FD_SCALE / norm.clamp_min(1e-30)
 
@@ -189,19 +195,16 @@ def severity_hypergradient(
 
     # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
     hyper = torch.autograd.grad(views, sev_params, grad_outputs=diff, allow_unused=True)
-    hyper_t = torch.stack(
+    grads = torch.stack(
         [torch.zeros((), device=v.device) if h is None else h.float() for h in hyper]
-        + [heldout_loss.float()]
     )
-    all_reduce_sum(hyper_t[:2], env)
-    hyper_t[:2] /= env.world_size
-    finite = bool(torch.isfinite(hyper_t).all())
-    for p, g in zip(sev_params, hyper_t[:2]):
-        p.grad = g.to(p.dtype).clone() if finite else None
-    values = hyper_t.tolist()
-    return Hypergradient(
-        heldout_loss=values[2], grad_mu=values[0], grad_log_sigma=values[1], finite=finite
-    )
+    all_reduce_sum(grads, env)
+    grads /= env.world_size
+    finite = torch.isfinite(grads).all() & torch.isfinite(heldout_loss)
+    grads = torch.where(finite, grads, torch.zeros_like(grads))
+    for p, g in zip(sev_params, grads):
+        p.grad = g.to(p.dtype)
+    return Hypergradient(heldout_loss.detach().float(), grads[0], grads[1], finite)
 
 
 class HeldoutSeverityUpdater:
@@ -238,10 +241,11 @@ class HeldoutSeverityUpdater:
             raise ValueError("the held-out objective needs a LearnableSeverity in the augmenter")
         self.net, self.loader, self.env = net, heldout_loader, env
         self.every, self.beta_jsd = int(every), float(beta_jsd)
-        self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr)
+        # fused: a skipped update (non-finite) is skipped on the device, no host read
+        self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr, fused=True)
         self._batches: Any = None
         self._next_update = -1
-        self.skipped_nonfinite = 0
+        self.skipped = torch.zeros((), device=net.severity.log_severity_mu.device)
 
     def due(self, global_step: int) -> bool:
         """Whether the step with this (0-based) global index ends with a severity update."""
@@ -261,9 +265,15 @@ class HeldoutSeverityUpdater:
             epoch, start = epoch + 1, 0
 
     def update(
-        self, net_optimizer: torch.optim.Optimizer, views: Tensor, labels: Tensor, global_step: int
-    ) -> dict[str, float]:
-        """One severity update after the network's step ``global_step``; returns what to log."""
+        self,
+        net_optimizer: torch.optim.Optimizer,
+        views: Tensor,
+        labels: Tensor,
+        global_step: int,
+        step_skipped: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """One severity update after the network's step ``global_step``; what to log, as 0-d
+        device tensors. ``step_skipped`` (the network's step was skipped): skip this one too."""
         from .augmix import normalize_images
 
         images, h_labels, valid = self._heldout_batch((global_step + 1) // self.every - 1)
@@ -271,24 +281,29 @@ class HeldoutSeverityUpdater:
             self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,
             self.env, beta_jsd=self.beta_jsd,
         )  # fmt: skip
-        if result.finite:
-            self.optimizer.step()
-            with torch.no_grad():  # projected: a median beyond the bound would sit where no
-                # sample carries a gradient, so nothing could bring it back
-                severity = self.net.severity
-                severity.log_severity_mu.clamp_(max=math.log(severity.max_severity))
-        else:
-            self.skipped_nonfinite += 1
+        skip = ~result.finite if step_skipped is None else step_skipped | ~result.finite
+        self.optimizer.found_inf = skip.float()  # read by the fused step
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += skip
+        with torch.no_grad():  # projected: a median beyond the bound would sit where no sample
+            # carries a gradient, so nothing could bring it back
+            severity = self.net.severity
+            severity.log_severity_mu.clamp_(max=math.log(severity.max_severity))
         return {
             "heldout_loss": result.heldout_loss,
             "hypergrad_mu": result.grad_mu,
             "hypergrad_log_sigma": result.grad_log_sigma,
         }
 
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Updates skipped because a value was non-finite (a host read: for reports)."""
+        return int(self.skipped)
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped_nonfinite}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped_nonfinite = int(state["skipped"])
+        self.skipped.fill_(int(state["skipped"]))

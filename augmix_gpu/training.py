@@ -287,6 +287,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         stop,
         frozenset(config["debug_nonfinite_steps"]),
         updater,
+        save_due=ckpts.due,
     )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
