@@ -1,0 +1,171 @@
+"""Shared machinery of the studies: train.py runs per (variant, seed), a few at a time, then
+mean +- std over seeds and a coarse spread screen.
+
+Each run is a fresh ``train.py`` process on the embedded task (the whole pipeline: DALI, AugMix on
+tensors, the trainer, the -C evaluation); its ``results.json`` is the record. Runs are timed in
+wall seconds and in CPU seconds of the process and its threads (``os.wait4``): on a shared machine
+the CPU time is the figure that does not depend on what else runs.
+
+    from _study import Run, beyond_spread, dig, run_all, summarize, summary_table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dig(d: dict, path: str):
+    """``d["a"]["b"]`` for ``"a.b"``; None where a key is missing."""
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std); std 0 for a single value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def beyond_spread(a: Sequence[float], b: Sequence[float]) -> bool:
+    """|mean_a - mean_b| > 2 standard errors of the difference (Welch): a coarse screen."""
+    if len(a) < 2 or len(b) < 2:
+        return False
+    (ma, sa), (mb, sb) = summarize(a), summarize(b)
+    return abs(ma - mb) > 2 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+
+
+@dataclass
+class Run:
+    """One train.py run: ``flags`` on top of ``--config demo.toml``, written under ``out``."""
+
+    variant: str
+    seed: int
+    flags: list[str]
+    out: Path
+    result: dict = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO / "train.py"), "--config", "demo.toml", *self.flags,
+                "--seed", str(self.seed), "--ckpt_dir_base", str(self.out), "--no_progress",
+                "--wandb", "disabled", "--workers", "1"]  # fmt: skip
+
+    def finished(self) -> Path | None:
+        return next(iter(self.out.glob("*/results.json")), None)
+
+
+def _load(run: Run, wall: float, cpu: float) -> dict:
+    res = json.loads(run.finished().read_text())
+    timing_file = run.out / "timing.json"
+    if wall == wall:  # a fresh run: record its timing beside its results
+        timing_file.write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
+    elif timing_file.is_file():  # reused: the timing of the run that made it
+        t = json.loads(timing_file.read_text())
+        wall, cpu = t["wall_s"], t["cpu_s"]
+    res["_seconds"], res["_cpu_seconds"] = wall, cpu
+    return res
+
+
+def run_all(
+    runs: Sequence[Run],
+    *,
+    jobs: int = 2,
+    reuse: bool = False,
+    on_done: Callable[[Run], None] | None = None,
+) -> None:
+    """Train every run (``jobs`` at a time, one intra-op thread each); fills ``run.result``.
+
+    ``reuse``: a run whose ``results.json`` exists is read, not trained again (a study stopped
+    half-way continues where it was).
+    """
+    from tqdm import tqdm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    pending = []
+    bar = tqdm(total=len(runs), desc="runs", unit="run", dynamic_ncols=True)
+    for run in runs:
+        if reuse and run.finished():
+            run.result = _load(run, float("nan"), float("nan"))
+            bar.update()
+            if on_done:
+                on_done(run)
+        else:
+            pending.append(run)
+    active: dict[int, tuple[Run, subprocess.Popen, float, Path]] = {}
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            run.out.mkdir(parents=True, exist_ok=True)
+            log = run.out / "train.log"
+            with log.open("w") as f:
+                proc = subprocess.Popen(run.command(), cwd=REPO, env=env, stdout=f, stderr=f)
+            active[proc.pid] = (run, proc, time.perf_counter(), log)
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in active:
+            continue
+        run, proc, start, log = active.pop(pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            for _, p, _, _ in active.values():
+                p.kill()
+            raise SystemExit(
+                f"{run.variant} seed {run.seed} failed (exit {proc.returncode}):\n"
+                + log.read_text()[-3000:]
+            )
+        run.result = _load(run, time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
+        bar.update()
+        if on_done:
+            on_done(run)
+    bar.close()
+
+
+def summarize_runs(
+    runs: Sequence[Run], metrics: dict[str, Callable[[dict], float | None]]
+) -> dict[str, dict[str, dict | None]]:
+    """``summary[variant][metric] = {"values": [...], "mean": m, "std": s}`` (None: no values)."""
+    by_variant: dict[str, list[Run]] = {}
+    for run in runs:
+        by_variant.setdefault(run.variant, []).append(run)
+    out: dict[str, dict[str, dict | None]] = {}
+    for variant, rs in by_variant.items():
+        out[variant] = {}
+        for label, metric in metrics.items():
+            vals = [v for v in (metric(r.result) for r in rs) if v is not None]
+            out[variant][label] = (
+                {"values": vals, **dict(zip(("mean", "std"), summarize(vals)))} if vals else None
+            )
+    return out
+
+
+def summary_table(
+    summary: dict, labels: Sequence[str], baseline: str | None, digits: dict[str, int] | None = None
+) -> list[list[str]]:
+    """Rows ``[variant, "m ± s[ *]", ...]``; ``*``: beyond the spread of ``baseline``."""
+    rows = []
+    for variant, metrics in summary.items():
+        row = [variant]
+        for label in labels:
+            s = metrics.get(label)
+            if s is None:
+                row.append("–")
+                continue
+            mark = ""
+            base = summary.get(baseline, {}).get(label) if baseline else None
+            if variant != baseline and base is not None:
+                mark = " *" if beyond_spread(s["values"], base["values"]) else ""
+            d = (digits or {}).get(label, 1)
+            row.append(f"{s['mean']:.{d}f} ± {s['std']:.{d}f}{mark}")
+        rows.append(row)
+    return rows
