@@ -339,6 +339,9 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         log(env, f"results: {out / 'results.json'}")
     if wandb_run is not None:
+        wandb_run.summary.update(
+            {"best_val_top1": best_top1, "skipped_files": len(results["skipped_files"])}
+        )
         wandb_run.finish()
     return 0
 
