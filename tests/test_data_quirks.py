@@ -8,6 +8,7 @@ The same tree trains and evaluates under torchrun in `test_train.py`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,25 @@ def test_gpu_and_cpu_decoders_agree(tree):
         assert torch.equal(vc, vg.cpu())
         if vc.all():
             assert (xc.float() - xg.cpu().float()).abs().mean() < 1.0
+
+
+@pytest.mark.slow
+def test_quirk_tree_trains_and_evaluates_under_torchrun(tmp_path):
+    """The first real-ImageNet run in miniature: 2 gloo ranks, the default loader options, a tree
+    holding every quirk in train/ and val/. It must train, evaluate every decodable val image
+    exactly once across the ranks (evaluate_loader checks its count against the loader's), and
+    name the truncated file instead of stopping."""
+    from cli_runner import ok, run_script
+
+    data = quirk_tree(tmp_path / "data")
+    args = [
+        "--data", str(data), "--arch", "tiny_resnet", "--crop_size", "32", "--val_resize", "36",
+        "--batch", "4", "--epochs", "1", "--workers", "1", "--device", "cpu",
+        "--no_progress", "--wandb", "disabled", "--ckpt_dir_base", str(tmp_path / "run"),
+    ]  # fmt: skip
+    proc = ok(run_script("train.py", args, torchrun=2, timeout=400))
+    res = json.loads((tmp_path / "run" / "learnable_augmix_jsd" / "results.json").read_text())
+    assert res["world_size"] == 2 and res["history"][0]["global_step"] == 18 // 4
+    assert 0 <= res["final"]["val_top1"] <= 100
+    assert str(data / "val" / "c1" / "truncated.JPEG") in res["skipped_files"]
+    assert "skipping corrupt image(s)" in proc.stderr and "truncated.JPEG" in proc.stderr
