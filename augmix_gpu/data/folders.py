@@ -118,6 +118,6 @@ def list_images(
 def scan_folder(
     root: str | os.PathLike, classes: Sequence[str] | None = None
 ) -> list[tuple[str, int]]:
-    """`[(path, label)]` in `ImageFolder` order (`list_images` as pairs, like `ImageFolder.samples`)."""
+    """`[(path, label)]` in `ImageFolder` order: `list_images` as `ImageFolder.samples` pairs."""
     paths, labels = list_images(root, classes)
     return list(zip(paths, labels.tolist()))

@@ -5,7 +5,7 @@ that trains. Reading 256 files there (and, for train crops, parsing their header
 by the full I/O latency: small on a warm local disk, milliseconds per file on a network
 filesystem. Here `BatchReader.get(i)` returns batch `i`'s bytes, read by `threads` worker threads
 while the earlier batches were decoded and trained on; the reads for batches `i+1 .. i+ahead` are
-already queued when it returns. `wait_s` counts the time the caller still had to wait.
+already queued when it returns. `waits` holds how long the caller still had to wait, per batch.
 
 Why threads and not DALI's `parallel=True` process workers: reads release the GIL (the header
 parse holds it for ~2 us per JPEG), so threads overlap I/O as well as processes do, and they
@@ -37,7 +37,7 @@ def read_bytes(path: str) -> np.ndarray:
 
 
 class BatchReader:
-    """Reads batch `i` (`indices[i*bs:(i+1)*bs]` of `paths`) on a thread pool, `ahead` batches early.
+    """Reads batch `i` (`indices[i*bs:(i+1)*bs]` of `paths`) on threads, `ahead` batches early.
 
     `sizes=True` also parses each file's `(height, width)` from its header in the same worker
     (train crop windows; None when the header cannot be read). Batches must be requested in
@@ -65,7 +65,7 @@ class BatchReader:
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="reader")
         self._pending: dict[int, list[Future]] = {}
         self._next = 0  # the next batch to submit
-        self.wait_s = 0.0  # time `get` blocked on reads that were not finished yet
+        self.waits: list[float] = []  # per batch: how long `get` blocked on unfinished reads
 
     def _chunk(self, names: list[str]) -> tuple[list[np.ndarray], list]:
         files = [self._read(p) for p in names]
@@ -89,7 +89,7 @@ class BatchReader:
         futures = self._pending.pop(i)
         start = time.perf_counter()
         parts = [f.result() for f in futures]
-        self.wait_s += time.perf_counter() - start
+        self.waits.append(time.perf_counter() - start)
         files = [x for part in parts for x in part[0]]
         sizes = [x for part in parts for x in part[1]]
         return files, sizes
