@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -374,8 +374,12 @@ def build_loader(
     antialias: bool = True,
     read_threads: int = 16,
     read_ahead: int = 2,
+    exclude: Collection[str] = (),
 ) -> DaliLoader:
     """A loader over an ImageNet-layout folder or `CifarArrays`; see the module docstring.
+
+    `exclude`: paths relative to `source` left out (the held-out split of the severity's
+    held-out objective).
 
     `rank`/`world_size` are the GLOBAL ones (torchrun's RANK / WORLD_SIZE). `classes` maps folder
     names to labels (the list saved with a checkpoint); by default the sorted folder names.
@@ -400,5 +404,9 @@ def build_loader(
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a folder path or CifarArrays, got {type(source).__name__}")
     paths, labels = list_images(source, classes)
+    if exclude:
+        drop = {os.path.normpath(os.path.join(source, rel)) for rel in exclude}
+        keep = [i for i, p in enumerate(paths) if os.path.normpath(p) not in drop]
+        paths, labels = [paths[i] for i in keep], labels[keep]
     names = list(classes) if classes is not None else find_classes(source)[0]
     return DaliLoader(recipe, paths=paths, arrays=None, labels=labels, classes=names, **common)
