@@ -66,7 +66,11 @@ def eval_only_argv(config: dict, env) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     config = resolve_config(argv)
-    env = init_distributed("cpu" if config["gpus"] == 0 else config["device"])
+    try:  # a device that cannot serve this launch is a one-line error too
+        env = init_distributed("cpu" if config["gpus"] == 0 else config["device"])
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         validate_config(config, env.world_size)
         torch.set_float32_matmul_precision(config["matmul_precision"])

@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt_path", default=None, help="checkpoint to evaluate with --eval_only")
     a(
         "--resume",
+        nargs="?",
+        const="auto",
         default=None,
-        help="checkpoint to continue from, or 'auto' for <run dir>/last.ckpt",
+        help="checkpoint to continue from; alone or 'auto': --ckpt_path if given, else "
+        "<run dir>/last.ckpt",
     )
     a("--seed", type=int, default=0)
     a("--no_wandb", action="store_true", help="same as --wandb disabled")
@@ -121,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="if >0: lr *= global batch / this (linear scaling)",
     )
-    a("--schedule", choices=("cosine", "step", "cosine_restarts", "constant"), default="cosine")
+    a(
+        "--schedule",
+        choices=("cosine", "step", "step_thirds", "cosine_restarts", "constant"),
+        default="cosine",
+        help="step_thirds: x0.1 at epochs//3 and 2*(epochs//3) (official AugMix imagenet.py)",
+    )
     a("--warmup_epochs", type=float, default=0.0)
     a("--step_epochs", type=int, default=30, help="step schedule: x0.1 every this many epochs")
     a("--restart_epochs", type=int, default=10, help="cosine_restarts: period in epochs")
@@ -234,6 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     a("--c_severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     a("--no_c_eval", action="store_true", help="skip the -C evaluation after training")
     a("--no_progress", action="store_true")
+    # --- the recipes exactly (optimizer, schedule) and the loader at scale ---
+    a("--nesterov", action="store_true", help="SGD with Nesterov momentum (both recipes: plain)")
+    a(
+        "--no_decay_norm_bias",
+        action="store_true",
+        help="no weight decay on norm weights and biases (both recipes decay every parameter)",
+    )
+    a("--restart_mult", type=int, default=1, help="cosine_restarts: period x this (T_mult)")
+    a(
+        "--lr_min_factor",
+        type=float,
+        default=0.0,
+        help="cosine schedules end at lr x this (eta_min / lr)",
+    )
+    a(
+        "--lr_interval",
+        choices=("step", "epoch"),
+        default="step",
+        help="cosine schedules: update the lr every step, or once per epoch (Lightning's default)",
+    )
+    a(
+        "--on_corrupt",
+        choices=("skip", "error"),
+        default="skip",
+        help="a file that cannot be decoded: skip it (named in a warning and results.json) or stop",
+    )
+    a(
+        "--read_threads",
+        type=int,
+        default=16,
+        help="threads per rank reading files ahead of DALI (hide filesystem latency)",
+    )
     # Test hooks, hidden from --help: stop as if SIGTERM arrived at this global step; force a NaN
     # loss at these global steps.
     a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
@@ -252,7 +292,9 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
             if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
                 kwargs["action"] = "store_true"
             else:
-                kwargs.update(type=action.type, nargs=action.nargs, choices=action.choices)
+                kwargs.update(
+                    type=action.type, nargs=action.nargs, choices=action.choices, const=action.const
+                )
             shadow.add_argument(*action.option_strings, **kwargs)
     return vars(shadow.parse_known_args(argv)[0])
 
@@ -296,6 +338,9 @@ def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
     config["precision"] = PRECISIONS[str(config["precision"])]
     if config["no_wandb"]:
         config["wandb"] = "disabled"
+    # The reference script's `--resume --ckpt_path X` (a flag and a path): continue from X.
+    if config["resume"] == "auto" and config["ckpt_path"] and not config["eval_only"]:
+        config["resume"] = config["ckpt_path"]
     return config
 
 
@@ -331,6 +376,14 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
         )
     if not 0 < config["crop_area_min"] <= 1:
         bad("crop_area_min", config["crop_area_min"], "must be in (0, 1]")
+    if config["nesterov"] and (config["optimizer"] != "sgd" or config["momentum"] <= 0):
+        bad("nesterov", True, "needs --optimizer sgd and --momentum > 0")
+    if config["restart_mult"] < 1:
+        bad("restart_mult", config["restart_mult"], "must be >= 1 (1: equal periods)")
+    if not 0 <= config["lr_min_factor"] < 1:
+        bad("lr_min_factor", config["lr_min_factor"], "must be in [0, 1)")
+    if config["read_threads"] < 1:
+        bad("read_threads", config["read_threads"], "must be >= 1")
     if config["save_every_steps"] < 0:
         bad("save_every_steps", config["save_every_steps"], "must be >= 0 (0: by the minute)")
     if config["save_every_minutes"] < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +50,54 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks this rank's GPU when CUDA is available, else the CPU."""
+def _cuda_usable() -> tuple[bool, str]:
+    """(torch can use CUDA, why not): torch explains a failed initialisation (an old driver, say)
+    in a warning, which becomes part of our message instead of scrolling past."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    reasons = [
+        str(w.message).splitlines()[0].split("(")[0].strip()
+        for w in caught
+        if "CUDA" in str(w.message)
+    ]
+    if not ok and not reasons and os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        reasons = [f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"]
+    return ok, "; ".join(reasons)
+
+
+def resolve_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """'auto' picks this rank's GPU when CUDA is available, else the CPU.
+
+    Why it refuses instead of falling back: with several processes per node (torchrun
+    --nproc_per_node > 1) the user meant one GPU each; 8 gloo ranks on the CPU would "train" at a
+    thousandth of the speed with nothing but "on cpu" in a log line to say so. `--device cpu`
+    asks for exactly that and is honoured.
+    """
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("cuda", "gpu"):
-        if not torch.cuda.is_available():
+        ok, why = _cuda_usable()
+        if not ok and local_world_size > 1:
             raise ValueError(
-                "--device cuda was requested but CUDA is not available: use --device cpu"
+                f"{local_world_size} processes on this node but CUDA is not usable "
+                f"(torch.cuda.is_available() is False{': ' + why if why else ''}): fix the "
+                f"driver / CUDA_VISIBLE_DEVICES, or pass --device cpu to run {local_world_size} "
+                "gloo processes on the CPU"
             )
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = "cuda" if ok else "cpu"
+    if device in ("cuda", "gpu"):
+        ok, why = _cuda_usable()
+        if not ok:
+            raise ValueError(
+                "--device cuda was requested but CUDA is not available"
+                f"{' (' + why + ')' if why else ''}: use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if local_world_size > count:
+            raise ValueError(
+                f"{local_world_size} processes on this node but only {count} GPU(s) visible: "
+                f"launch torchrun --nproc_per_node={count} (one process per GPU)"
+            )
+        return torch.device("cuda", local_rank % count)
     if device == "cpu":
         return torch.device("cpu")
     raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'")
@@ -112,7 +151,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
+    # torchrun sets LOCAL_WORLD_SIZE; other launchers: at least this rank's index + 1.
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", local_rank + 1)
+    dev = resolve_device(device, local_rank, local_world_size)
     backend = None
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -143,8 +143,11 @@ def evaluate_loader(
     device = env.device
     counts = torch.zeros(3, dtype=torch.long, device=device)  # n, correct@1, correct@5
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # Per batch: full-length tensors and the mask, filtered once at the end. Boolean indexing
+    # (`conf[valid]`) would cost a host sync per batch (its output size is data-dependent).
     confs: list[Tensor] = []
     corrs: list[Tensor] = []
+    valids: list[Tensor] = []
     own_bar = pbar is None
     bar = (
         tqdm(total=len(loader), desc=desc, disable=not (progress and env.is_main), leave=False)
@@ -171,9 +174,10 @@ def evaluate_loader(
                 nll = F.cross_entropy(logits, labels, reduction="none")
                 conf = logits.softmax(dim=1).amax(dim=1)
                 counts += torch.stack([valid.sum(), (hit1 & valid).sum(), (hit5 & valid).sum()])
-                nll_sum += nll[valid].double().sum()
-                confs.append(conf[valid])
-                corrs.append(hit1[valid])
+                nll_sum += torch.where(valid, nll.double(), 0.0).sum()
+                confs.append(conf)
+                corrs.append(hit1)
+                valids.append(valid)
                 bar.update(1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -193,9 +197,10 @@ def evaluate_loader(
         )
     if n == 0:
         raise RuntimeError(f"{desc}: the loader yielded no images")
-    conf_local = torch.cat(confs).float() if confs else torch.empty(0, device=device)
+    mask = torch.cat(valids) if valids else torch.empty(0, dtype=torch.bool, device=device)
+    conf_local = torch.cat(confs).float()[mask] if confs else torch.empty(0, device=device)
     corr_local = (
-        torch.cat(corrs).to(torch.uint8)
+        torch.cat(corrs)[mask].to(torch.uint8)
         if corrs
         else torch.empty(0, dtype=torch.uint8, device=device)
     )

@@ -82,6 +82,8 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=
         "crop_size": config["crop_size"],
         "resize_size": config["val_resize"],
         "num_threads": config["workers"],
+        "on_corrupt": config["on_corrupt"],
+        "read_threads": config["read_threads"],
     }
     train = build_loader(
         spec.train,
@@ -275,6 +277,8 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         net.model.compile()
     stop = StopFlag()
     stop.install()
+    # The steps each epoch actually takes: the schedule's epochs are these (--max_steps_per_epoch).
+    steps = min(len(train_loader), config["max_steps_per_epoch"] or len(train_loader))
     ctx = StepContext(
         ddp_net,
         net,
@@ -283,7 +287,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         config,
         env,
         generator,
-        len(train_loader),
+        steps,
         stop,
         frozenset(config["debug_nonfinite_steps"]),
         updater,
@@ -315,7 +319,6 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
             wandb_run.log(s.severity_trajectory[-1], step=s.global_step)
 
     best_top1 = max((h["val_top1"] for h in history), default=-1.0)
-    steps = min(len(train_loader), config["max_steps_per_epoch"] or len(train_loader))
     while state.epoch < config["epochs"]:
         bar = tqdm(
             total=steps,
@@ -379,6 +382,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         "final": history[-1] if history else None,
         "classes": classes,
         "replica_checksums": _gather(replica_checksum(net), env),
+        # Files skipped as corrupt (--on_corrupt skip), on any rank: each named once.
+        "skipped_files": sorted(
+            {p for r in _gather(train_loader.skipped + val_loader.skipped, env) for p in r}
+        ),
         "heldout": None
         if heldout is None
         else {
@@ -395,6 +402,9 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         log(env, f"results: {out / 'results.json'}")
     if wandb_run is not None:
+        wandb_run.summary.update(
+            {"best_val_top1": best_top1, "skipped_files": len(results["skipped_files"])}
+        )
         wandb_run.finish()
     return 0
 

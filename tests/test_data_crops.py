@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from augmix_gpu.data.crops import encoded_size, random_resized_crops
+from augmix_gpu.data.crops import encoded_size, jpeg_size, random_resized_crops
 from augmix_gpu.data.pipeline import RANDOM_AREA, RANDOM_ASPECT
 
 SIZES = [(375, 500), (500, 333), (64, 64), (36, 70)]  # (height, width)
@@ -71,3 +71,42 @@ def test_encoded_size_reads_the_header():
     Image.new("RGB", (70, 36)).save(buf, format="JPEG")
     assert encoded_size(np.frombuffer(buf.getvalue(), dtype=np.uint8)) == (36, 70)
     assert encoded_size(np.zeros(10, dtype=np.uint8)) is None  # the loader names the file
+
+
+def _encode(mode: str, size=(70, 36), **save) -> np.ndarray:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(buf, **{"format": "JPEG", **save})
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def test_jpeg_size_parser_agrees_with_pil_on_real_variants():
+    """The fast start-of-frame parser sizes every train file; PIL is the reference."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated (sizes stay the stored, unrotated ones)
+    variants = {
+        "baseline": _encode("RGB"),
+        "progressive": _encode("RGB", progressive=True),
+        "cmyk": _encode("CMYK"),
+        "greyscale": _encode("L"),
+        "exif": _encode("RGB", exif=exif),
+        "icc_and_comment": _encode("RGB", icc_profile=b"\0" * 3000, comment=b"hello"),
+        "restart_markers": _encode("RGB", size=(333, 500), restart_marker_blocks=1),
+        "4:4:4": _encode("RGB", size=(17, 9), subsampling=0),
+    }
+    # Fill bytes (0xFF padding) before a marker are legal.
+    base = variants["baseline"].tobytes()
+    variants["fill_bytes"] = np.frombuffer(base[:2] + b"\xff\xff\xff" + base[2:], dtype=np.uint8)
+    for name, data in variants.items():
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            ref = im.size[::-1]
+        assert jpeg_size(data) == ref, name
+        assert encoded_size(data) == ref, name
+    png = io.BytesIO()
+    Image.new("RGB", (70, 36)).save(png, format="PNG")
+    png = np.frombuffer(png.getvalue(), dtype=np.uint8)
+    assert jpeg_size(png) is None and encoded_size(png) == (36, 70)  # PIL for anything else
+    truncated = variants["baseline"][:150]  # cut inside the headers, before the frame
+    assert jpeg_size(truncated) is None
+    assert jpeg_size(np.zeros(0, dtype=np.uint8)) is None

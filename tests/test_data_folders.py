@@ -1,7 +1,9 @@
-"""Folder scan: ImageFolder label order, class maps from checkpoints, one clear error per bad input."""
+"""Folder listing: ImageFolder label order, class maps from checkpoints, no file opened at
+startup, one clear error per bad input, and damaged files named (or skipped) at batch time."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from augmix_gpu.data import DatasetError, build_loader, find_classes, scan_folder
+from augmix_gpu.data.folders import list_images
 
 
 def _img(path: Path, size=(40, 36), value: int = 128, fmt: str | None = None) -> None:
@@ -52,8 +55,6 @@ def test_dotfiles_are_ignored(tmp_path):
         ("no_classes", r"no class folders.*root/<class>/<image>"),
         ("empty_class", r"empty_cls'.*holds no image files"),
         ("not_image_ext", r"notes.txt'.*is not an image.*move it out"),
-        ("bad_header", r"fake.JPEG'.*not a .jpeg header"),
-        ("empty_file", r"zero.png'.*is empty"),
     ],
 )
 def test_bad_inputs_get_their_message(tmp_path, case, match):
@@ -69,27 +70,41 @@ def test_bad_inputs_get_their_message(tmp_path, case, match):
             (root / "empty_cls").mkdir()
         elif case == "not_image_ext":
             (root / "good" / "notes.txt").write_text("hi")
-        elif case == "bad_header":
-            (root / "good" / "fake.JPEG").write_text("<html>404</html>")
-        elif case == "empty_file":
-            (root / "good" / "zero.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=match):
         scan_folder(root)
     with pytest.raises(DatasetError, match=match):  # build_loader validates before DALI starts
         build_loader(root, "val", batch_size=2, device="cpu")
 
 
-def test_every_image_format_passes_the_header_check(tmp_path):
-    for ext, fmt in [
-        ("jpg", "JPEG"),
-        ("png", "PNG"),
-        ("bmp", "BMP"),
-        ("ppm", "PPM"),
-        ("tif", "TIFF"),
-        ("webp", "WEBP"),
-    ]:
+def test_listing_opens_no_file(tmp_path, monkeypatch):
+    """Startup is names only: whatever the bytes are, listing reads none of them (no open, no
+    stat per file), so it does not grow with the dataset on every rank beyond the listing."""
+    for ext, fmt in [("jpg", "JPEG"), ("png", "PNG"), ("bmp", "BMP"), ("JPEG", "PNG")]:
         _img(tmp_path / "a" / f"x.{ext}", fmt=fmt)
-    assert len(scan_folder(tmp_path)) == 6
+    (tmp_path / "a" / "html.JPEG").write_text("<html>404</html>")
+    (tmp_path / "b" / "sub").mkdir(parents=True)
+    (tmp_path / "b" / "sub" / "zero.png").write_bytes(b"")
+
+    touched: list[str] = []
+    real_open, real_stat = open, os.stat
+
+    def spy(real):
+        def wrapper(path, *args, **kwargs):
+            touched.append(os.fspath(path) if isinstance(path, (str, os.PathLike)) else "")
+            return real(path, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr("builtins.open", spy(real_open))
+    monkeypatch.setattr("os.stat", spy(real_stat))
+    paths, labels = list_images(tmp_path)
+    monkeypatch.undo()
+    assert not [t for t in touched if os.path.isfile(t)], touched  # the root's stat is fine
+    assert [Path(p).name for p in paths] == [
+        "html.JPEG", "x.JPEG", "x.bmp", "x.jpg", "x.png", "zero.png",
+    ]  # fmt: skip
+    assert labels.tolist() == [0, 0, 0, 0, 0, 1] and labels.dtype == np.int64
+    assert scan_folder(tmp_path) == list(zip(paths, labels.tolist()))
 
 
 def _truncated_jpeg(path: Path) -> None:
@@ -102,8 +117,16 @@ def test_corrupt_jpeg_in_a_run_names_the_file(tmp_path):
     for i in range(5):
         _img(tmp_path / "a" / f"{i}.JPEG", value=40 * i)
     _truncated_jpeg(tmp_path / "a" / "3.JPEG")
-    loader = build_loader(tmp_path, "val", batch_size=2, device="cpu", crop_size=32, resize_size=32)
-    with pytest.raises(DatasetError, match=r"cannot decode .*3\.JPEG.*on_corrupt='skip'"):
+    loader = build_loader(
+        tmp_path,
+        "val",
+        batch_size=2,
+        device="cpu",
+        crop_size=32,
+        resize_size=32,
+        on_corrupt="error",
+    )
+    with pytest.raises(DatasetError, match=r"3\.JPEG' cannot be decoded.*on_corrupt='skip'"):
         list(loader.epoch(0))
 
 
@@ -111,32 +134,64 @@ def test_corrupt_jpeg_skip_counts_and_masks_it(tmp_path):
     for i in range(5):
         _img(tmp_path / "a" / f"{i}.JPEG", value=40 * i)
     _truncated_jpeg(tmp_path / "a" / "3.JPEG")
-    loader = build_loader(
-        tmp_path, "val", batch_size=2, device="cpu", crop_size=32, resize_size=32, on_corrupt="skip"
-    )
+    loader = build_loader(tmp_path, "val", batch_size=2, device="cpu", crop_size=32, resize_size=32)
+    assert loader.on_corrupt == "skip"  # the default: a long run is not stopped by one file
     with pytest.warns(UserWarning, match=r"3\.JPEG"):
         batches = list(loader.epoch(0))
     assert len(batches) == len(loader) == 3
     assert sum(int(v.sum()) for _, _, v in batches) == 4  # 5 images, the corrupt one masked out
+    assert loader.num_samples == 4  # what evaluate_loader checks its count against
     assert len(loader.skipped) == 1 and loader.skipped[0].endswith("3.JPEG")
 
 
-@pytest.mark.parametrize("damage", ["truncated_body", "garbage_header"])
-def test_corrupt_file_in_the_train_recipe_is_named_or_skipped(damage, tmp_path):
-    """Train windows are sized from the header on the host: a header PIL cannot read is as
-    corrupt as a body DALI cannot decode (torchvision's PIL loader would fail on either)."""
+DAMAGE = {
+    "truncated_body": ("cannot be decoded", lambda p: _truncated_jpeg(p)),
+    "garbage_header": (
+        "cannot be decoded|has no image header",
+        lambda p: p.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8),  # JPEG magic, noise
+    ),
+    "html_page": (
+        "cannot be decoded|has no image header",
+        lambda p: p.write_text("<html>404</html>"),
+    ),
+    "empty": ("is empty", lambda p: p.write_bytes(b"")),
+}
+
+
+@pytest.mark.parametrize("recipe", ["train", "val"])
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_file_is_named_at_batch_time_or_skipped(damage, recipe, tmp_path):
+    """No header is read at startup, so every kind of damage must be caught when the batch is
+    read: by name and reason (`error`), or skipped and listed (`skip`). Train windows are sized
+    from the bytes on the host, so a header PIL cannot read is as corrupt as a bad body."""
     for i in range(6):
         _img(tmp_path / "a" / f"{i}.JPEG", value=40 * i)
     bad = tmp_path / "a" / "3.JPEG"
-    if damage == "truncated_body":
-        _truncated_jpeg(bad)
-    else:
-        bad.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)  # JPEG magic, then noise
-    kw = dict(batch_size=2, device="cpu", crop_size=32, num_threads=1, prefetch=1)
-    with pytest.raises(DatasetError, match=r"cannot decode .*3\.JPEG"):
-        list(build_loader(tmp_path, "train", **kw).epoch(0))
-    loader = build_loader(tmp_path, "train", on_corrupt="skip", **kw)
+    reason, damage_it = DAMAGE[damage]
+    kw = dict(batch_size=2, device="cpu", crop_size=32, resize_size=32, num_threads=1, prefetch=1)
+    with pytest.raises(DatasetError, match=rf"3\.JPEG' ({reason})"):
+        damage_it(bad)
+        list(build_loader(tmp_path, recipe, on_corrupt="error", **kw).epoch(0))
+    loader = build_loader(tmp_path, recipe, on_corrupt="skip", **kw)
     with pytest.warns(UserWarning, match=r"3\.JPEG"):
         batches = list(loader.epoch(0))
     assert len(batches) == len(loader) == 3
     assert loader.skipped == [str(bad)]
+    assert loader.num_samples == (6 if recipe == "train" else 5)
+
+
+def test_file_removed_after_listing_is_named(tmp_path):
+    for i in range(4):
+        _img(tmp_path / "a" / f"{i}.JPEG", value=40 * i)
+    loader = build_loader(
+        tmp_path,
+        "val",
+        batch_size=2,
+        device="cpu",
+        crop_size=32,
+        resize_size=32,
+        on_corrupt="error",
+    )
+    (tmp_path / "a" / "2.JPEG").unlink()
+    with pytest.raises(DatasetError, match=r"2\.JPEG' cannot be read \(No such file"):
+        list(loader.epoch(0))

@@ -95,7 +95,9 @@ def test_lr_schedules_are_pure_functions_of_the_step():
 
 
 def test_optimizer_groups_severity_at_lr_multiplier_without_decay():
-    config = resolve_config(["--dataset", "imagenet", "--lr", "0.01", "--beta_net", "0.05"])
+    config = resolve_config(
+        ["--dataset", "imagenet", "--lr", "0.01", "--beta_net", "0.05", "--no_decay_norm_bias"]
+    )
     net = AugmentedClassifier(
         Recorder(), "learnable_augmix_jsd", AugMixBatch(severity=LearnableSeverity())
     )

@@ -42,7 +42,7 @@ ARGS = [
     "--synthetic_train_per_class", "12", "--synthetic_val_per_class", "4", "--no_c_eval",
     "--batch", "20", "--crop_size", "32", "--val_resize", "36", "--workers", "1",
     "--no_progress", "--wandb", "disabled", "--lr", "3e-3", "--epochs", "2", "--seed", "3",
-    "--save_every_steps", "2",
+    "--save_every_steps", "2", "--device", "cpu",
 ]  # fmt: skip
 RUN = "learnable_augmix_jsd"  # the default --aug_type names the run folder
 

@@ -61,7 +61,11 @@ def test_too_many_heldout_images_is_one_line(cache, tmp_path) -> None:
 def test_heldout_objective_under_torchrun(cache, tmp_path) -> None:
     ok(
         run_train(
-            SMALL + HELDOUT + ["--epochs", "2", "--ckpt_dir_base", str(tmp_path)], cache, torchrun=2
+            SMALL
+            + HELDOUT
+            + ["--epochs", "2", "--device", "cpu", "--ckpt_dir_base", str(tmp_path)],
+            cache,
+            torchrun=2,
         )
     )
     res = results(tmp_path / "learnable_augmix_jsd")

@@ -67,7 +67,7 @@ def test_ddp_two_ranks_gloo(cache, tmp_path):
     """Loss goes down, replicas (weights and severity) stay identical, only rank 0 writes."""
     proc = ok(
         run_train(
-            SMALL + ["--epochs", "3", "--ckpt_dir_base", str(tmp_path)],
+            SMALL + ["--epochs", "3", "--device", "cpu", "--ckpt_dir_base", str(tmp_path)],
             cache,
             torchrun=2,
             timeout=400,

@@ -6,7 +6,7 @@ inside `DaliLoader.epoch()`, corruptions are imported when a -C set is written.
 """
 
 from .cifar import CifarArrays, load_cifar, load_cifar_c
-from .folders import IMG_EXTENSIONS, DatasetError, find_classes, scan_folder
+from .folders import IMG_EXTENSIONS, DatasetError, find_classes, list_images, scan_folder
 from .loader import DaliLoader, build_loader
 from .make_c import CORRUPTIONS, EXTRA_CORRUPTIONS, make_corrupted_dataset
 from .synthetic import make_synthetic_dataset
@@ -20,6 +20,7 @@ __all__ = [
     "DatasetError",
     "build_loader",
     "find_classes",
+    "list_images",
     "load_cifar",
     "load_cifar_c",
     "make_corrupted_dataset",

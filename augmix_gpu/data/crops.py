@@ -24,12 +24,55 @@ ATTEMPTS = 10  # torchvision's get_params
 UNREADABLE_WINDOW = (-1, -1, 1, 1)
 
 
-def encoded_size(data: np.ndarray) -> tuple[int, int] | None:
-    """``(height, width)`` from an encoded image's header (PIL reads the header only), or None.
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic):
+# C0-CF except DHT (C4), JPG (C8) and DAC (CC). Their payload starts with precision, height, width.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-    EXIF orientation is ignored, as by PIL/torchvision and by our decoders
-    (``adjust_orientation=False``).
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's start-of-frame segment, or None if it is not found.
+
+    Why not PIL: ``Image.open`` costs ~30x more per file (~45 vs ~1.5 us: plugin probing, EXIF),
+    and the train loader sizes every file of every batch. The segments before the frame header
+    (APPn, DQT, DHT, COM...) are skipped by their lengths; fill bytes and parameterless markers
+    are stepped over. Anything unexpected returns None and the caller asks PIL.
     """
+    b = memoryview(data).cast("B")
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        return None
+    i = 2
+    while i + 3 < n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # TEM, SOI, RSTn: no length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+            return None
+        elif marker in _SOF:
+            if i + 9 > n:
+                return None
+            height, width = (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
+            return (height, width) if height and width else None  # 0: defined later (DNL)
+        else:
+            i += 2 + ((b[i + 2] << 8) | b[i + 3])
+    return None
+
+
+def encoded_size(data: np.ndarray) -> tuple[int, int] | None:
+    """``(height, width)`` from an encoded image's header, or None if neither we nor PIL can
+    read it (the file is then treated as corrupt).
+
+    JPEGs by `jpeg_size` (whatever the file's extension says), anything else, and JPEGs it cannot
+    parse, by PIL (header only). EXIF orientation is ignored, as by PIL/torchvision and by our
+    decoders (``adjust_orientation=False``).
+    """
+    size = jpeg_size(data)
+    if size is not None:
+        return size
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
             width, height = im.size

@@ -6,11 +6,19 @@ One DALI pipeline is built per call to `epoch()` and released when the epoch end
 - train and val pipelines never hold decoder buffers at the same time (GPU memory);
 - building costs milliseconds on the CPU, against an epoch of minutes.
 
-Corrupt images met during a run (a header that passed the scan, but a body DALI cannot decode):
-`on_corrupt="error"` (default) stops with a `DatasetError` naming the file; `on_corrupt="skip"`
-names it in a warning, lists it in `loader.skipped`, and replaces it for the rest of the run by a
-neighbour from the same batch (train: a duplicate with its label; eval: a padded slot with
-`valid=False`, so the accuracy simply does not count it).
+Startup lists file names only (`folders.list_images`); the bytes are read for decoding by a
+thread pool ahead of DALI (`reading.BatchReader`), and the train crop windows are sized from those
+same bytes. So what a file holds is found out at batch time: any file DALI decodes is accepted
+whatever its extension says (ImageNet's PNG named `.JPEG`, CMYK and greyscale JPEGs: all come out
+as 3-channel RGB), and a file it cannot decode (truncated, empty, an HTML page) is named there.
+`on_corrupt="skip"` (default) names it in a warning, lists it in `loader.skipped`, and replaces
+it for the rest of the run by a neighbour from the same batch (train: a duplicate with its label;
+eval: a slot with `valid=False`, not counted, and `num_samples` drops by one);
+`on_corrupt="error"` stops with a `DatasetError` naming the file and the reason.
+
+On a GPU the pipeline runs on torch's current stream (`pipe.run(stream)`): images and labels are
+copied device to device in stream order and `valid` goes up non-blocking, so a batch costs the
+training thread no host synchronisation.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import torch
 
 from .cifar import CifarArrays
 from .crops import UNREADABLE_WINDOW, encoded_size, random_resized_crops
-from .folders import DatasetError, find_classes, scan_folder
+from .folders import DatasetError, find_classes, list_images
 from .pipeline import RANDOM_AREA, RANDOM_ASPECT, RECIPES, build_pipeline
+from .reading import BatchReader, read_bytes
 from .sharding import eval_indices, stream_seed, train_indices, train_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -48,6 +57,15 @@ def _resolve_device(device: str) -> tuple[torch.device, str, int | None]:
 def _constant_batch(data: np.ndarray):
     """A DALI batch callback that returns the one-sample batch `[data]` every time."""
     return lambda _iteration: [data]
+
+
+def _dali_reason(err: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (its message is mostly a traceback)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for k, line in enumerate(lines):
+        if line == "encountered:" and k + 1 < len(lines):
+            return lines[k + 1]
+    return lines[-1] if lines else type(err).__name__
 
 
 class DaliLoader:
@@ -74,6 +92,8 @@ class DaliLoader:
         on_corrupt: str,
         random_area: tuple[float, float] = RANDOM_AREA,
         antialias: bool = True,
+        read_threads: int = 16,
+        read_ahead: int = 2,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -85,6 +105,10 @@ class DaliLoader:
             )
         if recipe == "val" and resize_size < crop_size:
             raise ValueError(f"resize_size ({resize_size}) must be >= crop_size ({crop_size})")
+        if read_threads < 1 or read_ahead < 0:
+            raise ValueError(
+                f"read_threads must be >= 1 and read_ahead >= 0, got {read_threads}, {read_ahead}"
+            )
         self.recipe, self.batch_size = recipe, int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.classes = list(classes)
@@ -99,6 +123,12 @@ class DaliLoader:
         )  # fmt: skip
         self.random_area = (float(random_area[0]), float(random_area[1]))
         self.on_corrupt = on_corrupt
+        self.read_threads, self.read_ahead = int(read_threads), int(read_ahead)
+        # Seconds the training thread waited on file reads, per batch of the last epoch (a
+        # rebuilt pipeline appends its own): ~0 after the first read-ahead window when reads
+        # keep up. The benchmark's overlap figure.
+        self.read_waits: list[float] = []
+        self._read = read_bytes  # benchmarks substitute a slow filesystem here
         self.skipped: list[str] = []  # files found corrupt during a run (on_corrupt="skip")
         self._bad: set[int] = set()
         if recipe == "train":
@@ -117,8 +147,9 @@ class DaliLoader:
 
     @property
     def num_samples(self) -> int:
-        """Real images this rank yields per epoch (eval: summed over ranks == dataset size)."""
-        return self._num_samples
+        """Real images this rank yields per epoch (eval: summed over ranks == dataset size, less
+        the files skipped as corrupt, which are masked out)."""
+        return self._num_samples - (0 if self.is_train else len(self._bad))
 
     @property
     def is_train(self) -> bool:
@@ -135,23 +166,28 @@ class DaliLoader:
             idx, valid, _ = eval_indices(self._n, self.batch_size, self.rank, self.world_size)
         if self._bad:
             idx, valid = idx.copy(), valid.copy()
-            for b in range(0, len(idx), self.batch_size):
-                sl = slice(b, b + self.batch_size)
-                bad = np.isin(idx[sl], list(self._bad))
-                if bad.any():
-                    good = idx[sl][~bad]
-                    if len(good) == 0:
-                        raise DatasetError(f"every file of batch {b // self.batch_size} is corrupt")
-                    idx[sl][bad] = good[0]
-                    if not self.is_train:
-                        valid[sl][bad] = False
+            bad = np.isin(idx, np.fromiter(self._bad, dtype=np.int64))
+            for b in np.unique(np.flatnonzero(bad) // self.batch_size):
+                sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                good = idx[sl][~bad[sl]]
+                idx[sl][bad[sl]] = good[0] if len(good) else self._any_good()
+                if not self.is_train:
+                    valid[sl][bad[sl]] = False
         return idx, valid
 
-    def _pipeline(self, idx: np.ndarray, epoch: int, start_step: int):
+    def _any_good(self) -> int:
+        """A file not known to be corrupt, for a batch whose every file is (its label goes with
+        it; eval slots holding it are masked anyway)."""
+        for i in range(self._n):
+            if i not in self._bad:
+                return i
+        raise DatasetError(f"all {self._n} files are corrupt: {self._paths[:3]}...")
+
+    def _pipeline(self, idx: np.ndarray, epoch: int, start_step: int, reader: BatchReader | None):
         """A pipeline over `idx` (this rank's samples from `start_step` on)."""
         return build_pipeline(
             self.recipe,
-            source=self._source(idx, epoch, start_step),
+            source=self._source(idx, epoch, start_step, reader),
             encoded=self._paths is not None,
             batch_size=self.batch_size,
             device=self._dali_device,
@@ -160,14 +196,14 @@ class DaliLoader:
             **self._opts,
         )
 
-    def _source(self, idx: np.ndarray, epoch: int, start_step: int):
+    def _source(self, idx: np.ndarray, epoch: int, start_step: int, reader: BatchReader | None):
         """A DALI batch callback over `idx`; stops after its last batch (no work past the epoch).
 
-        Files: the encoded bytes (DALI decodes them). CIFAR arrays: images, labels and, for
-        train, pad-4 crop anchors and flips drawn per (seed, epoch, rank, step), so a resumed
-        epoch repeats the uninterrupted one exactly.
+        Files: the encoded bytes from `reader` (read ahead on its threads, DALI decodes them).
+        CIFAR arrays: images, labels and, for train, pad-4 crop anchors and flips drawn per
+        (seed, epoch, rank, step), so a resumed epoch repeats the uninterrupted one exactly.
         """
-        paths, images, labels, bs = self._paths, self._arrays, self._labels, self.batch_size
+        images, labels, bs = self._arrays, self._labels, self.batch_size
         steps = len(idx) // bs
 
         def source(iteration: int):
@@ -175,16 +211,15 @@ class DaliLoader:
                 raise StopIteration
             batch = idx[iteration * bs : (iteration + 1) * bs]
             lab = labels[batch].astype(np.int32)
-            if paths is not None:
-                files = [np.fromfile(paths[i], dtype=np.uint8) for i in batch]
+            if reader is not None:
+                files, sizes = reader.get(iteration)
             else:
                 files = images.images[batch]
             if not self.is_train:
                 return files, lab
             # Every random choice of this batch, from (seed, epoch, rank, step) alone.
             rng = np.random.default_rng([self.seed, epoch, self.rank, start_step + iteration])
-            if paths is not None:
-                sizes = [encoded_size(f) for f in files]
+            if reader is not None:
                 windows = random_resized_crops(
                     [s or (1, 1) for s in sizes], rng, self.random_area, RANDOM_ASPECT
                 )
@@ -196,7 +231,8 @@ class DaliLoader:
 
         return source
 
-    def _to_torch(self, tensor_list, dtype: torch.dtype, what: str) -> torch.Tensor:
+    def _to_torch(self, tensor_list, dtype: torch.dtype, what: str, stream) -> torch.Tensor:
+        """A DALI output as a torch tensor on `self.device`, copied in `stream`'s order on a GPU."""
         from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -208,43 +244,48 @@ class DaliLoader:
                 "lower crop_size or pass c_resize"
             )
         tensor = tensor_list.as_tensor()
-        if isinstance(
-            tensor_list, TensorListGPU
-        ):  # images from the mixed decoder: device to device
+        if isinstance(tensor_list, TensorListGPU):  # the GPU pipeline's outputs: device to device
             out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
-            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+            feed_ndarray(tensor, out, cuda_stream=stream)
             return out
-        out = torch.empty(tensor.shape(), dtype=dtype)  # CPU outputs (labels; the CPU path)
+        out = torch.empty(tensor.shape(), dtype=dtype)  # the CPU path
         feed_ndarray(tensor, out)
-        return out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
+        if self.device.type == "cuda":  # not expected: the GPU pipeline moves every output
+            return out.pin_memory().to(self.device, non_blocking=True)
+        return out
 
-    def _find_corrupt(self, idx: np.ndarray) -> list[int]:
-        """Decode each candidate alone on the CPU; return the indices DALI cannot decode (train:
-        also those whose header PIL cannot read, as their crop window could not be drawn)."""
+    def _corruption(self, i: int) -> str | None:
+        """Why file `i` cannot be used, or None if it can: read and decode it alone on the CPU
+        (train: its header must also give the size its crop window is drawn on)."""
         from nvidia import dali
         from nvidia.dali import fn, types
 
-        bad = []
-        for i in dict.fromkeys(int(j) for j in idx):
-            data = np.fromfile(self._paths[i], dtype=np.uint8)
-            if self.is_train and encoded_size(data) is None:  # no train window could be drawn
-                bad.append(i)
-                continue
-            pipe = dali.Pipeline(
-                batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1
-            )
-            with pipe:
-                enc = fn.external_source(
-                    source=_constant_batch(data), batch=True, dtype=types.UINT8
-                )
-                pipe.set_outputs(fn.decoders.image(enc, output_type=types.RGB))
-            try:
-                pipe.build()
-                pipe.run()
-            except Exception:  # any failure to decode it alone marks the file bad
-                bad.append(i)
+        path = self._paths[i]
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as err:
+            return f"cannot be read ({err.strerror or err})"
+        if len(data) == 0:
+            return "is empty (0 bytes)"
+        if self.is_train and encoded_size(data) is None:  # no train window could be drawn
+            return "has no image header that PIL can read (the crop window needs its size)"
+        pipe = dali.Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        with pipe:
+            enc = fn.external_source(source=_constant_batch(data), batch=True, dtype=types.UINT8)
+            pipe.set_outputs(fn.decoders.image(enc, output_type=types.RGB))
+        try:
+            pipe.build()
+            pipe.run()
+        except Exception as err:  # any failure to decode it alone marks the file bad
+            return f"cannot be decoded (DALI: {_dali_reason(err)})"
+        finally:
             del pipe
-        return bad
+        return None
+
+    def _find_corrupt(self, idx: np.ndarray) -> dict[int, str]:
+        """`{index: reason}` for the files among `idx` that cannot be used."""
+        reasons = {int(i): self._corruption(int(i)) for i in dict.fromkeys(idx.tolist())}
+        return {i: why for i, why in reasons.items() if why is not None}
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield this rank's batches of `epoch`, from batch `start_step` on (mid-epoch resume).
@@ -255,22 +296,33 @@ class DaliLoader:
         """
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        cuda = self.device.type == "cuda"
         step = start_step
+        self.read_waits = []
         while step < len(self):
             idx, valid = self._order(epoch)
-            pipe = self._pipeline(idx[step * self.batch_size :], epoch, step)
+            rest = idx[step * self.batch_size :]
+            reader = None
+            if self._paths is not None:
+                reader = BatchReader(
+                    self._paths, rest, self.batch_size, threads=self.read_threads,
+                    ahead=self.read_ahead, sizes=self.is_train, read=self._read,
+                )  # fmt: skip
+            pipe = self._pipeline(rest, epoch, step, reader)
             try:
                 while step < len(self):
-                    images, labels = pipe.run()
-                    sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+                    # GPU: outputs bound to torch's current stream, no host synchronisation.
+                    stream = torch.cuda.current_stream(self.device) if cuda else None
+                    images, labels = pipe.run(stream) if cuda else pipe.run()
+                    mask = torch.from_numpy(valid[step * self.batch_size :][: self.batch_size])
                     batch = (
-                        self._to_torch(images, torch.uint8, "images"),
-                        self._to_torch(labels, torch.int32, "labels").view(-1).long(),
-                        torch.tensor(valid[sl], device=self.device),
+                        self._to_torch(images, torch.uint8, "images", stream),
+                        self._to_torch(labels, torch.int32, "labels", stream).view(-1).long(),
+                        mask.pin_memory().to(self.device, non_blocking=True) if cuda else mask,
                     )
                     step += 1
                     yield batch
-            except (RuntimeError, IndexError) as err:  # DALI raises either for a failed decode
+            except (RuntimeError, IndexError):  # DALI raises either for a failed decode
                 if self._paths is None:
                     raise
                 # The failing batch is the current one or one DALI already prefetched.
@@ -280,16 +332,19 @@ class DaliLoader:
                 bad = self._find_corrupt(lookahead)
                 if not bad:
                     raise
-                names = [self._paths[i] for i in bad]
+                named = [f"{self._paths[i]!r} {why}" for i, why in bad.items()]
                 if self.on_corrupt == "error":
                     raise DatasetError(
-                        f"cannot decode {names} (DALI: {str(err).splitlines()[-1] if str(err) else err}): "
-                        "delete or replace the file(s), or build the loader with on_corrupt='skip'"
+                        f"{'; '.join(named)}: delete or replace the file(s), or build the loader "
+                        "with on_corrupt='skip' (train.py: --on_corrupt skip)"
                     ) from None
-                warnings.warn(f"skipping corrupt image(s) {names}", stacklevel=2)
+                warnings.warn(f"skipping corrupt image(s): {'; '.join(named)}", stacklevel=2)
                 self._bad.update(bad)
-                self.skipped.extend(names)
+                self.skipped.extend(self._paths[i] for i in bad)
             finally:
+                if reader is not None:
+                    self.read_waits.extend(reader.waits)
+                    reader.close()
                 del pipe
 
     def __repr__(self) -> str:
@@ -314,9 +369,11 @@ def build_loader(
     classes: Sequence[str] | None = None,
     num_threads: int = 2,
     prefetch: int = 2,
-    on_corrupt: str = "error",
+    on_corrupt: str = "skip",
     random_area: tuple[float, float] = RANDOM_AREA,
     antialias: bool = True,
+    read_threads: int = 16,
+    read_ahead: int = 2,
     exclude: Collection[str] = (),
 ) -> DaliLoader:
     """A loader over an ImageNet-layout folder or `CifarArrays`; see the module docstring.
@@ -326,12 +383,14 @@ def build_loader(
 
     `rank`/`world_size` are the GLOBAL ones (torchrun's RANK / WORLD_SIZE). `classes` maps folder
     names to labels (the list saved with a checkpoint); by default the sorted folder names.
+    `read_threads` threads per loader read files `read_ahead` batches before DALI asks for them
+    (16 keep ~16 reads in flight: enough to hide a network filesystem's latency at ~2k img/s).
     """
     common = dict(
         batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed,
         crop_size=crop_size, resize_size=resize_size, c_resize=c_resize,
         num_threads=num_threads, prefetch=prefetch, on_corrupt=on_corrupt, random_area=random_area,
-        antialias=antialias,
+        antialias=antialias, read_threads=read_threads, read_ahead=read_ahead,
     )  # fmt: skip
     if isinstance(source, CifarArrays):
         names = list(source.classes)
@@ -344,12 +403,10 @@ def build_loader(
         )
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a folder path or CifarArrays, got {type(source).__name__}")
-    samples = scan_folder(source, classes)
+    paths, labels = list_images(source, classes)
     if exclude:
         drop = {os.path.normpath(os.path.join(source, rel)) for rel in exclude}
-        samples = [s for s in samples if os.path.normpath(s[0]) not in drop]
+        keep = [i for i, p in enumerate(paths) if os.path.normpath(p) not in drop]
+        paths, labels = [paths[i] for i in keep], labels[keep]
     names = list(classes) if classes is not None else find_classes(source)[0]
-    labels = np.array([lab for _, lab in samples], dtype=np.int64)
-    return DaliLoader(
-        recipe, paths=[p for p, _ in samples], arrays=None, labels=labels, classes=names, **common
-    )
+    return DaliLoader(recipe, paths=paths, arrays=None, labels=labels, classes=names, **common)

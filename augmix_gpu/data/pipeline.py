@@ -62,8 +62,17 @@ def build_pipeline(
         raise ValueError(f"device must be 'cpu' or 'gpu' here, got {device!r}")
     decoder_device = "mixed" if device == "gpu" else "cpu"
     # EXIF orientation is not applied: torchvision's ImageFolder (PIL) does not apply it either,
-    # and the train windows are drawn on the header's (unrotated) size.
-    decode = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+    # and the train windows are drawn on the header's (unrotated) size. RGB output: greyscale and
+    # CMYK JPEGs (ImageNet has both) come out as 3 channels, CMYK converted as PIL converts it.
+    # Fancy (triangular) chroma upsampling on the GPU too: libjpeg-turbo's and PIL's default, so
+    # the mixed decoder's pixels match the CPU path's and torchvision's instead of nvJPEG's
+    # nearest-neighbour chroma (the README's loader section has the measured difference).
+    decode = dict(
+        device=decoder_device,
+        output_type=types.RGB,
+        adjust_orientation=False,
+        jpeg_fancy_upsampling=True,
+    )
     to_chw = dict(dtype=types.UINT8, output_layout="CHW")
     pipe = dali.Pipeline(
         batch_size=batch_size,
@@ -134,6 +143,8 @@ def build_pipeline(
                 images = fn.crop_mirror_normalize(images, mirror=flips, **to_chw)
             else:
                 images = fn.crop_mirror_normalize(images, **to_chw)
+        if device == "gpu":  # every output on the device: the loader copies them in stream order
+            lab = lab.gpu()
         pipe.set_outputs(images, lab)
     pipe.build()
     return pipe
