@@ -66,6 +66,27 @@ class Run:
         return next(iter(self.out.glob("*/results.json")), None)
 
 
+def prepare_caches(runs: Sequence[Run]) -> None:
+    """Make the data the runs need (the synthetic set, its -C set, held-out sets) once, here,
+    before runs go in parallel: two runs generating the same cache at once would race."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from augmix_gpu.config import resolve_config
+    from augmix_gpu.datasets import prepare_data, prepare_heldout
+    from augmix_gpu.distributed import DistEnv
+
+    env = DistEnv(0, 0, 1, torch.device("cpu"), None)
+    done = set()
+    for run in runs:
+        config = resolve_config(run.command()[2:])
+        key = json.dumps([config[k] for k in sorted(config) if "synthetic" in k or "heldout" in k
+                          or k in ("c_severities", "severity_objective", "aug_type")])  # fmt: skip
+        if key not in done:
+            done.add(key)
+            prepare_heldout(config, env, prepare_data(config, env))
+
+
 def _load(run: Run, wall: float, cpu: float) -> dict:
     res = json.loads(run.finished().read_text())
     timing_file = run.out / "timing.json"
@@ -93,6 +114,7 @@ def run_all(
     from tqdm import tqdm
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    prepare_caches([run for run in runs if not (reuse and run.finished())])
     pending = []
     bar = tqdm(total=len(runs), desc="runs", unit="run", dynamic_ncols=True)
     for run in runs:
