@@ -326,7 +326,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         "classes": classes,
         "replica_checksums": _gather(replica_checksum(net), env),
     }
-    if spec.corrupted is not None and not config["no_c_eval"]:
+    if (spec.corrupted is not None and not config["no_c_eval"]) or spec.perturbed is not None:
         results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)
     if env.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -337,7 +337,8 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
 
 
 def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
-    """Clean vs corrupted evaluation of the final model, reports written under ``out/eval``."""
+    """Clean vs corrupted (-C) and perturbed (-P) evaluation of the final model, reports written
+    under ``out/eval``."""
     from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
 
     net.model.eval()
@@ -347,7 +348,8 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
         env,
         classes=classes,
         val_dir=spec.val,
-        imagenet_c_dir=spec.corrupted,
+        imagenet_c_dir=None if config["no_c_eval"] else spec.corrupted,
+        imagenet_p_dir=spec.perturbed,
         severities=config["c_severities"],
         batch_size=config["batch"] // env.world_size,
         num_threads=config["workers"],
