@@ -46,6 +46,22 @@ def default_perturbations(root: str | os.PathLike) -> list[str]:
     return [*rb.PERTURBATIONS, *[p for p in rb.EXTRA_PERTURBATIONS if (root / p).is_dir()]]
 
 
+def present_perturbations(root: str | os.PathLike) -> list[str]:
+    """The perturbations (of the 14) whose folder exists: what train.py's end-of-run evaluation
+    reads from a given tree (fewer than the 10 is reported as partial)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise dataset_error(f"ImageNet-P root {str(root)!r} is not a folder (--imagenet_p)")
+    found = [p for p in (*rb.PERTURBATIONS, *rb.EXTRA_PERTURBATIONS) if (root / p).is_dir()]
+    if not found:
+        present = sorted(x.name for x in root.iterdir() if x.is_dir())
+        raise dataset_error(
+            f"{str(root)!r} holds no perturbation folder (found {present[:20]}): expected some of "
+            f"{list(rb.PERTURBATIONS)}"
+        )
+    return found
+
+
 def _check_class_folders(
     folder: Path, known: set[str] | None, extensions: tuple[str, ...] | None, what: str
 ) -> None:

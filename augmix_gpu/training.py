@@ -188,6 +188,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     spec = prepare_data(config, env)
     train_loader, val_loader = build_loaders(config, env, spec)
     classes = train_loader.classes
+    if spec.perturbed is not None:  # a bad -P tree fails now, not after the training
+        from .layouts import check_p_layout, present_perturbations
+
+        check_p_layout(spec.perturbed, present_perturbations(spec.perturbed), [1], classes)
     log(
         env,
         f"data: {spec.description}; {len(classes)} classes; {len(train_loader)} steps/epoch/rank; "
@@ -340,6 +344,7 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
     """Clean vs corrupted (-C) and perturbed (-P) evaluation of the final model, reports written
     under ``out/eval``."""
     from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
+    from .layouts import present_perturbations
 
     net.model.eval()
     start = time.perf_counter()
@@ -350,6 +355,7 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
         val_dir=spec.val,
         imagenet_c_dir=None if config["no_c_eval"] else spec.corrupted,
         imagenet_p_dir=spec.perturbed,
+        perturbations=present_perturbations(spec.perturbed) if spec.perturbed else None,
         severities=config["c_severities"],
         batch_size=config["batch"] // env.world_size,
         num_threads=config["workers"],
