@@ -112,14 +112,14 @@ class DaliVideoDecoder:
         from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        if self._pipe is None:
-            self._pipe = self._build()
         data = []
         for p in paths:
             data.append(np.fromfile(p, dtype=np.uint8))
             if data[-1].size == 0:
                 raise DatasetError(f"empty video {str(p)!r} (0 bytes): re-extract or delete it")
         try:
+            if self._pipe is None:
+                self._pipe = self._build()
             self._pipe.feed_input("encoded", data)
             (out,) = self._pipe.run()
         except RuntimeError as e:
