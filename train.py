@@ -1,12 +1,19 @@
 """Train a classifier with (learnable) AugMix + JSD: one process, or many under torchrun.
 
-    python train.py                                   # embedded demo: synthetic data on the CPU, ~3 min
-    python train.py --data /imagenet --config reference.toml          # the reference script's recipe
-    torchrun --nproc_per_node=8 train.py --data /imagenet --config augmix_paper.toml
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        train.py --data /imagenet --config augmix_paper.toml          # multi-node
+Launched so that torchrun restarts the workers after a fault; they continue from the newest
+complete last.ckpt by themselves (README, "Faults and restarts"):
+
+    torchrun --standalone --nproc_per_node=1 --max-restarts=3 train.py   # embedded demo, CPU, ~3 min
+    torchrun --standalone --nproc_per_node=1 --max-restarts=3 train.py --data /imagenet \
+        --config reference.toml                                          # the reference recipe
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --data /imagenet \
+        --config augmix_paper.toml                                       # all GPUs of a node
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 \
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=JOB_ID \
+        train.py --data /imagenet --config augmix_paper.toml             # every node, multi-node
     python train.py --eval_only --ckpt_path checkpoints/learnable_augmix_jsd/best.ckpt --imagenet_c /imagenet-c
 
+`python train.py` runs the same without restarts; a relaunched job continues with --resume auto.
 Flags override the --config preset; the resolved configuration is saved beside the run.
 """
 
@@ -19,6 +26,7 @@ from augmix_gpu.runtime import prefer_passive_openmp, reuse_freed_memory
 prefer_passive_openmp()  # before torch loads OpenMP (idle threads must not spin on a shared CPU)
 import torch  # noqa: E402
 
+from augmix_gpu.checkpoint import CheckpointWriteError  # noqa: E402
 from augmix_gpu.config import resolve_config, validate_config  # noqa: E402
 from augmix_gpu.distributed import cleanup, init_distributed  # noqa: E402
 
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from augmix_gpu.training import fit
 
         return fit(config, env)
-    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: one line, no traceback
+    # Bad arguments or data, or a checkpoint that cannot be written: one line, no traceback.
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -12,7 +12,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import parse_debug_fault
+from .data.heldout import check_heldout_corruptions
 from .models import check_arch
+from .robustness import EXTRA_CORRUPTIONS
+from .severity import OBJECTIVES
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
@@ -24,6 +28,8 @@ PRECISIONS = {
     "bf16": "bf16",
     "bf16-mixed": "bf16",
 }
+# The held-out objective's cadence and step size (chosen by measurement: README, severity study).
+HELDOUT_DEFAULTS = {"severity_update_every": 8, "severity_hyper_lr": 0.05}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = "demo.toml"
 
@@ -132,7 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="one severity draw per sample, not per batch",
     )
     a("--max_severity", type=float, default=10.0)
-    a("--severity_objective", choices=("minimize", "adversarial"), default="minimize")
+    a(
+        "--severity_objective",
+        choices=OBJECTIVES,
+        default="minimize",
+        help="minimize: the training loss (the reference script's); adversarial: ascend it; "
+        "heldout: the hypergradient of a held-out corrupted loss (README: learnable severity)",
+    )
+    a(
+        "--severity_update_every",
+        type=int,
+        default=HELDOUT_DEFAULTS["severity_update_every"],
+        help="heldout: one severity update every N training steps",
+    )
+    a(
+        "--severity_hyper_lr",
+        type=float,
+        default=HELDOUT_DEFAULTS["severity_hyper_lr"],
+        help="heldout: Adam learning rate of (mu, log_sigma), log-severity per update",
+    )
+    a(
+        "--heldout_images",
+        type=float,
+        default=0,
+        help="heldout: training images held out: a count, a fraction (<1), or 0 for "
+        "min(10000, 10%%); the fraction must be in (0, 0.5]",
+    )
+    a(
+        "--heldout_corruptions",
+        nargs="+",
+        default=list(EXTRA_CORRUPTIONS),
+        help="heldout: corruptions of the held-out images (never the 15 evaluation ones)",
+    )
+    a("--heldout_seed", type=int, default=0, help="heldout: the split's seed (fixed across --seed)")
+    a(
+        "--heldout_batch",
+        type=int,
+        default=0,
+        help="heldout: held-out images per rank per update (0: the per-rank train batch)",
+    )
     a("--all_ops", action="store_true", help="add color/contrast/brightness/sharpness (overlap -C)")
     a("--channels_last", action="store_true")
     a("--compile", action="store_true", help="torch.compile the network")
@@ -158,11 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="stop after this many non-finite steps in a row",
     )
+    # Faults (README "Faults and restarts"): a fault costs at most the steps since last.ckpt.
     a(
         "--save_every_steps",
         type=int,
         default=0,
-        help="also write last.ckpt every N steps (0: per epoch)",
+        help="write last.ckpt every N global steps (0: every --save_every_minutes)",
+    )
+    a(
+        "--save_every_minutes",
+        type=float,
+        default=10.0,
+        help="write last.ckpt about this often, in minutes of training (turned into steps once, "
+        "from the pace of the first steps); 0 with --save_every_steps 0: epoch ends only",
     )
     a("--synthetic_train_per_class", type=int, default=200)
     a("--synthetic_val_per_class", type=int, default=50)
@@ -187,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     # loss at these global steps.
     a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
     a("--debug_nonfinite_steps", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    # ... and inject one real fault (KIND@STEP, see checkpoint.RunCheckpoints).
+    a("--debug_fault", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -278,6 +332,12 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
         )
     if not 0 < config["crop_area_min"] <= 1:
         bad("crop_area_min", config["crop_area_min"], "must be in (0, 1]")
+    if config["save_every_steps"] < 0:
+        bad("save_every_steps", config["save_every_steps"], "must be >= 0 (0: by the minute)")
+    if config["save_every_minutes"] < 0:
+        bad("save_every_minutes", config["save_every_minutes"], "must be >= 0")
+    if config["debug_fault"]:
+        parse_debug_fault(config["debug_fault"])
     if config["grad_clip_val"] < 0:
         bad("grad_clip_val", config["grad_clip_val"], "must be >= 0 (0 disables clipping)")
     if config["data"] is not None and not Path(config["data"]).is_dir():
@@ -308,4 +368,28 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
             config["gpus"],
             f"launch several processes with torchrun --nproc_per_node={config['gpus']}",
         )
+    if config["severity_update_every"] < 1:
+        bad(
+            "severity_update_every",
+            config["severity_update_every"],
+            "must be >= 1 (the held-out objective updates the severity every N steps)",
+        )
+    if config["severity_objective"] == "heldout":
+        if config["aug_type"] != "learnable_augmix_jsd":
+            bad(
+                "severity_objective",
+                "heldout",
+                f"needs --aug_type learnable_augmix_jsd (--aug_type {config['aug_type']} has a "
+                "fixed severity, nothing to learn)",
+            )
+        if config["dataset"] in ("cifar10", "cifar100"):
+            bad("severity_objective", "heldout", "needs an image-folder dataset (not CIFAR arrays)")
+        images = config["heldout_images"]
+        if images < 0 or (0 < images < 1 and images > 0.5):
+            bad("heldout_images", images, "the held-out fraction must be in (0, 0.5]")
+        if config["severity_hyper_lr"] <= 0:
+            bad("severity_hyper_lr", config["severity_hyper_lr"], "must be > 0")
+        if config["heldout_batch"] < 0:
+            bad("heldout_batch", config["heldout_batch"], "must be >= 0 (0: the train batch)")
+    check_heldout_corruptions(config["heldout_corruptions"])
     check_arch(config["arch"])

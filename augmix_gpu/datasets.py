@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, barrier, broadcast_object
 
 CACHE_ENV = "AUGMIX_GPU_CACHE"
 
@@ -112,3 +112,39 @@ def _with_p(spec: DataSpec, config: dict[str, Any]) -> DataSpec:
         p = Path(config["imagenet_p"])
         return DataSpec(spec.train, spec.val, spec.corrupted, spec.description, p)
     return spec
+
+
+def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):
+    """The held-out set of ``--severity_objective heldout`` (None otherwise), made by rank 0 once.
+
+    Cached under ``$AUGMIX_GPU_CACHE/heldout-<hash>``, keyed by the training folder and every
+    parameter of the split, so a changed tree or flag makes a new one.
+    """
+    if config["aug_type"] != "learnable_augmix_jsd" or config["severity_objective"] != "heldout":
+        return None
+    from .data.heldout import HeldoutSet, default_root, make_heldout_set
+
+    params = dict(
+        images=config["heldout_images"],
+        seed=config["heldout_seed"],
+        corruptions=list(config["heldout_corruptions"]),
+        crop_size=config["crop_size"],
+        resize_size=config["val_resize"],
+    )
+    root = default_root(spec.train, cache_root(), **params)
+    error = None
+    if env.is_main:
+        try:
+            make_heldout_set(
+                spec.train,
+                root,
+                workers=config["workers"],
+                progress=not config["no_progress"],
+                **params,
+            )
+        except ValueError as e:  # bad flags found once the tree is known: every rank stops
+            error = str(e)
+    error = broadcast_object(error, env)
+    if error is not None:
+        raise ValueError(error)
+    return HeldoutSet.read(root)

@@ -59,6 +59,49 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'")
 
 
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Keep a restarted worker group off the keys its predecessor left in torchrun's store.
+
+    torchrun (c10d rendezvous, torch 2.5+) serves one TCPStore for the whole job and the workers'
+    process group keeps its keys there under fixed names, so after ``--max-restarts`` restarts
+    the workers the new group can read the dead group's addresses: measured here with gloo, it
+    hangs or fails with "Connection refused" (pytorch/pytorch#135712). With one agent (a single
+    node) TORCHELASTIC_RESTART_COUNT is the same on every worker, so it names a fresh key space.
+    Across nodes the agents count restarts apart; there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    on every node's torchrun gives each restart its own store (README, "Faults and restarts").
+    """
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or _env_int("GROUP_WORLD_SIZE", 0) != 1
+    ):
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 0),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    prefix = f"augmix_gpu/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{attempt}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
+
+
+def restart_hazard() -> str | None:
+    """Why torchrun's restarts of this job may not come back, or None (see _restart_safe_store)."""
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and _env_int("GROUP_WORLD_SIZE", 1) > 1
+        and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+    ):
+        return (
+            "torchrun shares its rendezvous store with the workers of several nodes: a restarted "
+            "worker group can hang or fail to connect (pytorch/pytorch#135712); launch torchrun "
+            "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node"
+        )
+    return None
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Read the torchrun environment and start the process group when WORLD_SIZE > 1."""
     rank = _env_int("RANK", 0)
@@ -71,9 +114,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
             dist.init_process_group(
                 backend=backend,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
+                **_restart_safe_store(rank, world_size, timeout),
                 **({"device_id": dev} if dev.type == "cuda" else {}),
             )
     elif dev.type == "cuda":
@@ -89,6 +134,15 @@ def cleanup(env: DistEnv) -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank (also a barrier): e.g. an error found by rank 0 alone."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -20,11 +20,14 @@ import torch.nn as nn
 from .augmix import AugMixBatch
 from .distributed import DistEnv, all_reduce_sum
 from .evaluation import normalize_uint8 as normalize_images
+from .hypergradient import HeldoutSeverityUpdater
 from .losses import augmix_objective
 from .severity import LearnableSeverity
 
 JSD_MODES = ("augmix_jsd", "learnable_augmix_jsd")
 AMP_DTYPES = {"32": None, "16": torch.float16, "bf16": torch.bfloat16}
+# Per-step values kept in the severity trajectory (results.json, plots).
+TRAJECTORY_KEYS = ("severity_", "heldout_", "hypergrad_")
 
 
 class AugmentedClassifier(nn.Module):
@@ -58,31 +61,68 @@ class AugmentedClassifier(nn.Module):
         self.time_augment = False  # benchmarks: synchronise and time the AugMix part
         self.augment_seconds = 0.0
 
-    def views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The batch the network sees: [B] clean or one view, or [3B] for the JSD modes."""
+    def views(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        severity_grad: bool | None = None,
+    ) -> torch.Tensor:
+        """The batch the network sees: [B] clean or one view, or [3B] for the JSD modes.
+
+        ``severity_grad``: whether the views carry a gradient to a learnable severity. Default:
+        yes, unless the severity follows the held-out objective, which the training loss must not
+        move; its views are then drawn without autograd (the cheap in-place path), except when
+        the hypergradient step asks for them with ``severity_grad=True``. The random draws are
+        the same either way.
+        """
         if self.augmenter is None:
             return normalize_images(images)
-        views = self.augmenter(images, generator=generator)
+        if severity_grad is None:
+            severity_grad = not self.severity_follows_heldout
+        with torch.set_grad_enabled(torch.is_grad_enabled() and severity_grad):
+            views = self.augmenter(images, generator=generator)
         return views[1] if self.aug_type == "augmix" else torch.cat(views)
 
-    def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+    def classify(
+        self, x: torch.Tensor, model: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
-        start = _now(images.device) if self.time_augment else 0.0
-        x = self.views(images, generator)
-        if self.time_augment:
-            self.augment_seconds += _now(images.device) - start
+        """Normalised views -> logits: channels_last and autocast as configured.
+
+        ``model`` replaces ``self.model`` for one call (the hypergradient evaluates the network at
+        perturbed weights through ``torch.func.functional_call``).
+        """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            return self.model(x)
+            return (model or self.model)(x)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        views: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """uint8 images -> logits; ``views`` (already made, e.g. detached ones) skips AugMix."""
+        if views is None:
+            start = _now(images.device) if self.time_augment else 0.0
+            views = self.views(images, generator)
+            if self.time_augment:
+                self.augment_seconds += _now(images.device) - start
+        return self.classify(views)
 
     @property
     def severity(self) -> LearnableSeverity | None:
         sev = getattr(self.augmenter, "severity", None)
         return sev if isinstance(sev, LearnableSeverity) else None
+
+    @property
+    def severity_follows_heldout(self) -> bool:
+        """True when the severity is trained by the held-out hypergradient, not by this loss."""
+        return self.severity is not None and self.severity.objective == "heldout"
 
 
 def _now(device: torch.device) -> float:
@@ -134,7 +174,7 @@ def build_optimizer(
         {"params": decay, "weight_decay": config["beta_net"], "base_lr": lr, "name": "net"},
         {"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "name": "net_no_decay"},
     ]
-    if net.severity is not None:
+    if net.severity is not None and not net.severity_follows_heldout:  # heldout: its own Adam
         groups.append(
             {
                 "params": list(net.severity.parameters()),
@@ -196,6 +236,7 @@ class StepContext:
     inject_nonfinite_steps: frozenset[int] = (
         frozenset()
     )  # tests: force a NaN loss at these global steps
+    severity_updater: HeldoutSeverityUpdater | None = None  # the held-out objective's trainer
 
 
 def _set_lr(ctx: StepContext, step: int) -> float:
@@ -220,15 +261,24 @@ def train_step(
     """One optimisation step; returns the loss parts, or None when the step was skipped."""
     c, net = ctx.config, ctx.net
     lr = _set_lr(ctx, state.global_step)
-    logits = ctx.ddp_net(images, generator=ctx.generator)
     severity = net.severity
+    updater = ctx.severity_updater
+    hyper_step = updater is not None and updater.due(state.global_step)
+    if hyper_step:  # views attached to the severity sample; the network gets a detached copy
+        views = net.views(images, generator=ctx.generator, severity_grad=True)
+        logits = ctx.ddp_net(images, views=views.detach())
+    else:
+        logits = ctx.ddp_net(images, generator=ctx.generator)
+    # The held-out objective trains the severity itself, without a prior (hypergradient.py): its
+    # KL is only logged here.
+    kl = None if severity is None else severity.kl() if updater is None else severity.kl().detach()
     parts = augmix_objective(
         logits.float(),
         labels,
         jsd=net.aug_type in JSD_MODES,
         beta_jsd=c["beta_jsd"],
-        kl=severity.kl() if severity is not None else None,
-        beta_augmenter_reg=c["beta_augmenter_reg"],
+        kl=kl,
+        beta_augmenter_reg=0.0 if updater is not None else c["beta_augmenter_reg"],
         kl_scale=1.0 / c["batch"],
     )
     loss = parts.total
@@ -261,6 +311,9 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(net.model.parameters(), c["grad_clip_val"])
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
+    hyper = {}
+    if hyper_step:
+        hyper = updater.update(ctx.optimizer, views, labels, state.global_step)
     out = {
         "loss": loss.item(),
         "ce": parts.ce.item(),
@@ -270,6 +323,7 @@ def train_step(
     }
     if severity is not None:
         out.update(severity.stats())
+    out.update(hyper)
     return out
 
 
@@ -301,7 +355,7 @@ def train_one_epoch(
                 state.severity_trajectory.append(
                     {
                         "step": state.global_step,
-                        **{k: out[k] for k in out if k.startswith("severity_")},
+                        **{k: v for k, v in out.items() if k.startswith(TRAJECTORY_KEYS)},
                     }
                 )
         if progress is not None and out is not None:

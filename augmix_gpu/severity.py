@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-OBJECTIVES = ("minimize", "adversarial")
+OBJECTIVES = ("minimize", "adversarial", "heldout")
 
 
 class _GradReverse(torch.autograd.Function):
@@ -37,15 +37,19 @@ class _GradReverse(torch.autograd.Function):
         return -grad
 
 
-def _straight_through_clamp(s: Tensor, max_value: float) -> Tensor:
-    """``min(s, max_value)`` in value, identity in gradient.
+def bounded(s: Tensor, max_value: float) -> Tensor:
+    """``min(s, max_value)`` with its true derivative: 1 below the bound, 0 above it.
 
-    A hard clamp would zero the gradient whenever a sample lands above the bound, freezing mu in
-    exactly the region where the KL and the loss disagree; a smooth bound (e.g. ``max*s/(s+max)``)
-    would distort every sample (3 -> 2.3 for max 10). The straight-through clamp keeps samples below
-    the bound exact and the gradient alive above it.
+    Why not a straight-through clamp (the value clamped, the gradient passed): above the bound the
+    views no longer change with s, yet a straight-through gradient keeps pushing
+    ``log_severity_mu`` outwards (with mu = log 20 every draw is exactly 10, yet mu's gradient was
+    +-2.26), so the adversarial objective escaped the bound. With the true derivative a sample at
+    the bound carries no gradient from the views under any objective; the only force left there
+    is the KL to the prior (computed from mu and sigma, not from the sample), which pulls back
+    inside. A smooth bound (e.g. ``max * s / (s + max)``) would also hold, but it distorts every
+    sample (3 -> 2.3 for max 10), so the severity the ops receive would not be the one logged.
     """
-    return s + (s.clamp(max=max_value) - s).detach()
+    return s.clamp(max=max_value)
 
 
 class LearnableSeverity(nn.Module):
@@ -58,11 +62,14 @@ class LearnableSeverity(nn.Module):
         prior_severity_mean_offset: shift of the prior mean in log space.
         per_sample: draw one ``eps`` per sample (``[B]``) instead of one per batch (``[]``, the
             reference script's behaviour).
-        max_severity: upper bound of s (AugMix levels live in [0, 10]); enforced by a
-            straight-through clamp so the gradient survives.
+        max_severity: upper bound of s (AugMix levels live in [0, 10]); enforced by
+            :func:`bounded` (no gradient pushes a sample past it).
         initial_sigma: initial std of ``log s`` (0.1 in the reference script).
-        objective: ``"minimize"`` (s follows the training loss) or ``"adversarial"`` (s ascends the
-            loss the views feed, through gradient reversal).
+        objective: ``"minimize"`` (s follows the training loss), ``"adversarial"`` (s ascends the
+            loss the views feed, through gradient reversal) or ``"heldout"`` (s follows the
+            hypergradient of a held-out loss, :mod:`augmix_gpu.hypergradient`; the training
+            loss does not move it, so the trainer draws the views without a gradient to s
+            except on the hypergradient steps).
     """
 
     def __init__(
@@ -112,7 +119,7 @@ class LearnableSeverity(nn.Module):
         eps = torch.randn(shape, generator=generator, device=eps_device, dtype=torch.float32)
         eps = eps.to(device=mu.device, dtype=mu.dtype)
         s = torch.exp(mu + self.sigma * eps)
-        s = _straight_through_clamp(s, self.max_severity)
+        s = bounded(s, self.max_severity)
         if self.objective == "adversarial":
             s = _GradReverse.apply(s)
         self.last_sample = s.detach()
@@ -132,27 +139,46 @@ class LearnableSeverity(nn.Module):
             - 0.5
         )
 
+    def _bounded_mean(self) -> Tensor:
+        mu, sigma = self.log_severity_mu.detach().double(), self.sigma.detach().double()
+        log_m = math.log(self.max_severity)
+        below = torch.exp(mu + 0.5 * sigma**2) * torch.special.ndtr((log_m - mu - sigma**2) / sigma)
+        above = self.max_severity * torch.special.ndtr((mu - log_m) / sigma)
+        return (below + above).clamp(max=self.max_severity).float()
+
     def mean_severity(self) -> float:
-        """E[s] = exp(mu + sigma^2/2) of the unbounded log-normal (the clamp is ignored)."""
-        with torch.no_grad():
-            return float(torch.exp(self.log_severity_mu + 0.5 * self.sigma**2))
+        """E[min(S, max)] for log S ~ N(mu, sigma^2): the mean severity the ops receive.
+
+        ``exp(mu + sigma^2/2) Phi((log M - mu - sigma^2)/sigma) + M (1 - Phi((log M - mu)/sigma))``
+        (the partial expectation of a log-normal below M, plus M times the mass above it).
+        """
+        return float(self._bounded_mean())
 
     def median_severity(self) -> float:
-        """Median of s, exp(mu)."""
-        with torch.no_grad():
-            return float(torch.exp(self.log_severity_mu))
+        """Median of the bounded severity, ``min(exp(mu), max)``."""
+        return float(self.log_severity_mu.detach().exp().clamp(max=self.max_severity))
+
+    def stats_tensors(self) -> dict[str, Tensor]:
+        """:meth:`stats` as 0-d tensors on the parameters' device: the trainer reads them to the
+        host only at logging steps (no host sync per training step)."""
+        mu = self.log_severity_mu.detach()
+        last = mu.new_full((), float("nan")) if self.last_sample is None else self.last_sample
+        return {
+            "severity_mu": mu.clone(),
+            "severity_sigma": self.sigma.detach(),
+            "severity_mean": self._bounded_mean(),
+            "severity_median": mu.exp().clamp(max=self.max_severity),
+            "severity_last": last.float().mean(),
+        }
 
     def stats(self) -> dict[str, float]:
-        """Scalars for logs, JSON and W&B; ``severity_last`` is the mean of the last draw (NaN before any)."""
-        last = float("nan") if self.last_sample is None else float(self.last_sample.float().mean())
-        with torch.no_grad():
-            return {
-                "severity_mu": float(self.log_severity_mu),
-                "severity_sigma": float(self.sigma),
-                "severity_mean": self.mean_severity(),
-                "severity_median": self.median_severity(),
-                "severity_last": last,
-            }
+        """Scalars for logs, JSON and W&B, all of the bounded severity the ops receive.
+
+        ``severity_mu``/``severity_sigma`` are the parameters of log s (before the bound);
+        ``severity_mean``/``severity_median`` are of ``min(s, max_severity)``; ``severity_last``
+        is the mean of the last (bounded) draw, NaN before any.
+        """
+        return {k: float(v) for k, v in self.stats_tensors().items()}
 
     def extra_repr(self) -> str:
         return (

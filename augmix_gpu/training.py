@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .augmix import AugMixBatch
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from .datasets import DataSpec, prepare_data
+from .checkpoint import LAST, RunCheckpoints, capture_rng_state, restore_rng_state
+from .datasets import DataSpec, prepare_data, prepare_heldout
 from .distributed import DistEnv, barrier
 from .engine import (
     AMP_DTYPES,
@@ -30,6 +30,7 @@ from .engine import (
     build_optimizer,
     train_one_epoch,
 )
+from .hypergradient import HeldoutSeverityUpdater
 from .models import build_model
 from .severity import LearnableSeverity
 
@@ -68,7 +69,8 @@ def build_augmenter(config: dict[str, Any]) -> AugMixBatch | None:
     )
 
 
-def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
+def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=None):
+    """Train and val loaders; with a held-out set, also its loader (train minus its files)."""
     from .data import build_loader
 
     common = {
@@ -86,10 +88,20 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec):
         "train",
         random_area=(config["crop_area_min"], 1.0),
         antialias=not config["no_train_antialias"],
+        exclude=heldout.source_files if heldout is not None else (),
         **common,
     )
     val = build_loader(spec.val, "val", classes=train.classes, **common)
-    return train, val
+    if heldout is None:
+        return train, val, None
+    # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
+    held = build_loader(
+        heldout.root,
+        "corrupted",
+        classes=train.classes,
+        **{**common, "batch_size": config["heldout_batch"] or common["batch_size"]},
+    )
+    return train, val, held
 
 
 def _gather(obj: Any, env: DistEnv) -> list[Any]:
@@ -102,12 +114,13 @@ def _gather(obj: Any, env: DistEnv) -> list[Any]:
 
 
 def make_checkpoint(
-    net, optimizer, scaler, state, generator, config, classes, history, env
+    net, optimizer, scaler, state, generator, config, classes, history, env, updater=None
 ) -> dict:
     generators = _gather(generator.get_state(), env)
     rngs = _gather(capture_rng_state(), env)
     return {
         "model": net.model.state_dict(),
+        "severity_updater": updater.state_dict() if updater is not None else None,
         "augmenter": net.augmenter.state_dict() if net.augmenter is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -123,11 +136,10 @@ def make_checkpoint(
 
 
 def resume_from(
-    path: Path, net, optimizer, scaler, generator, config, env
+    path: Path, ckpt: dict, net, optimizer, scaler, generator, config, env, updater=None
 ) -> tuple[TrainState, list]:
-    ckpt = load_checkpoint(path)
     saved = ckpt["config"]
-    for key in ("aug_type", "arch", "dataset", "all_ops", "batch"):
+    for key in ("aug_type", "arch", "dataset", "all_ops", "batch", "severity_objective"):
         if saved.get(key) != config.get(key):
             raise ValueError(
                 f"--resume {path}: it was trained with {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
@@ -140,6 +152,8 @@ def resume_from(
     if net.augmenter is not None:
         net.augmenter.load_state_dict(ckpt["augmenter"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if updater is not None:
+        updater.load_state_dict(ckpt["severity_updater"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["generators"][env.rank])
     restore_rng_state(ckpt["rng"][env.rank])
@@ -186,7 +200,8 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     out = run_dir(config)
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     spec = prepare_data(config, env)
-    train_loader, val_loader = build_loaders(config, env, spec)
+    heldout = prepare_heldout(config, env, spec)
+    train_loader, val_loader, heldout_loader = build_loaders(config, env, spec, heldout)
     classes = train_loader.classes
     if spec.perturbed is not None:  # a bad -P tree fails now, not after the training
         from .layouts import check_p_layout, present_perturbations
@@ -197,6 +212,13 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         f"data: {spec.description}; {len(classes)} classes; {len(train_loader)} steps/epoch/rank; "
         f"world size {env.world_size} on {env.device}",
     )
+    if heldout is not None:
+        log(
+            env,
+            f"held-out objective: {len(heldout.source_files)} training images held out "
+            f"(seed {config['heldout_seed']}), corrupted by {', '.join(heldout.corruptions)} "
+            f"in {heldout.root}; severity update every {config['severity_update_every']} steps",
+        )
 
     model = build_model(config["arch"], len(classes), config["pretrained"])
     net = AugmentedClassifier(
@@ -212,13 +234,42 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     optimizer = build_optimizer(net, config, config["batch"])
     scaler = torch.amp.GradScaler(env.device.type, enabled=config["precision"] == "16")
     generator = torch.Generator(env.device).manual_seed(config["seed"] * 1_000_003 + env.rank)
+    updater = None
+    if heldout_loader is not None:
+        updater = HeldoutSeverityUpdater(
+            net,
+            heldout_loader,
+            env,
+            every=config["severity_update_every"],
+            lr=config["severity_hyper_lr"],
+            beta_jsd=config["beta_jsd"],
+        )
 
     state, history = TrainState(), []
-    resume = out / "last.ckpt" if config["resume"] == "auto" else config["resume"]
-    if resume and Path(resume).is_file():
-        state, history = resume_from(Path(resume), net, optimizer, scaler, generator, config, env)
-        log(env, f"resumed from {resume}: epoch {state.epoch}, step {state.step_in_epoch}")
+    ckpts = RunCheckpoints(
+        out,
+        env,
+        every_steps=config["save_every_steps"],
+        every_minutes=config["save_every_minutes"],
+        debug_fault=config["debug_fault"],
+        log=lambda message: log(env, message),
+    )
+    resume = ckpts.find_resume(config["resume"])  # by itself after a torchrun restart
+    if resume.state is not None:
+        state, history = resume_from(
+            resume.path, resume.state, net, optimizer, scaler, generator, config, env, updater
+        )
+    ckpts.settle(
+        resume, f"epoch {state.epoch}, step {state.step_in_epoch} (global {state.global_step})"
+    )
+    del resume  # the loaded state: not kept alive for the whole run
 
+    if env.distributed and updater is not None:
+        # The held-out objective all-reduces the severity's gradient itself (hypergradient.py);
+        # DDP would wait for a gradient the training loss never produces.
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            net, [f"augmenter.severity.{n}" for n, _ in net.severity.named_parameters()]
+        )
     ddp_net = (
         DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if env.distributed
@@ -239,6 +290,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         len(train_loader),
         stop,
         frozenset(config["debug_nonfinite_steps"]),
+        updater,
     )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -247,16 +299,17 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
 
     def save(name: str) -> None:
         ckpt = make_checkpoint(
-            net, optimizer, scaler, state, generator, config, classes, history, env
+            net, optimizer, scaler, state, generator, config, classes, history, env, updater
         )
-        if env.is_main:
-            save_atomic(ckpt, out / name)
+        ckpts.save(ckpt, name, state.global_step)
 
     def on_step(s: TrainState) -> None:
         if s.global_step == config["debug_stop_at_step"]:
             stop.requested, stop.signal_name = True, "debug stop"
-        if config["save_every_steps"] and s.global_step % config["save_every_steps"] == 0:
-            save("last.ckpt")
+        ckpts.inject(s.global_step)  # test hook: --debug_fault sigkill@STEP
+        # The epoch's last step is saved after validation, below.
+        if ckpts.due(s.global_step) and s.step_in_epoch < steps:
+            save(LAST)
         if (
             wandb_run is not None
             and s.severity_trajectory
@@ -283,10 +336,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
         bar.close()
         if stop.requested:
-            save("last.ckpt")
+            save(LAST)
             log(
                 env,
-                f"{stop.signal_name or 'stop'} received: saved {out / 'last.ckpt'} at epoch "
+                f"{stop.signal_name or 'stop'} received: saved {out / LAST} at epoch "
                 f"{state.epoch}, step {state.step_in_epoch}; continue with --resume auto",
             )
             return 0
@@ -313,7 +366,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
         if wandb_run is not None:
             wandb_run.log(record, step=state.global_step)
-        save("last.ckpt")
+        save(LAST)
         if val.top1 > best_top1:
             best_top1 = val.top1
             save("best.ckpt")
@@ -329,6 +382,15 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         "final": history[-1] if history else None,
         "classes": classes,
         "replica_checksums": _gather(replica_checksum(net), env),
+        "heldout": None
+        if heldout is None
+        else {
+            "root": str(heldout.root),
+            "images": len(heldout.source_files),
+            "seed": config["heldout_seed"],
+            "corruptions": list(heldout.corruptions),
+            "skipped_nonfinite_updates": updater.skipped_nonfinite,
+        },
     }
     if (spec.corrupted is not None and not config["no_c_eval"]) or spec.perturbed is not None:
         results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)

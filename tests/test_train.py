@@ -85,6 +85,7 @@ def test_ddp_two_ranks_gloo(cache, tmp_path):
         "best.ckpt",
         "config.json",
         "last.ckpt",
+        "last.prev.ckpt",  # the last two checkpoints are kept (README, "Faults and restarts")
         "results.json",
     ]
     assert "world size 2" in proc.stdout + proc.stderr

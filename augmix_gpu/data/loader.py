@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -317,8 +317,12 @@ def build_loader(
     on_corrupt: str = "error",
     random_area: tuple[float, float] = RANDOM_AREA,
     antialias: bool = True,
+    exclude: Collection[str] = (),
 ) -> DaliLoader:
     """A loader over an ImageNet-layout folder or `CifarArrays`; see the module docstring.
+
+    `exclude`: paths relative to `source` left out (the held-out split of the severity's
+    held-out objective).
 
     `rank`/`world_size` are the GLOBAL ones (torchrun's RANK / WORLD_SIZE). `classes` maps folder
     names to labels (the list saved with a checkpoint); by default the sorted folder names.
@@ -341,6 +345,9 @@ def build_loader(
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a folder path or CifarArrays, got {type(source).__name__}")
     samples = scan_folder(source, classes)
+    if exclude:
+        drop = {os.path.normpath(os.path.join(source, rel)) for rel in exclude}
+        samples = [s for s in samples if os.path.normpath(s[0]) not in drop]
     names = list(classes) if classes is not None else find_classes(source)[0]
     labels = np.array([lab for _, lab in samples], dtype=np.int64)
     return DaliLoader(

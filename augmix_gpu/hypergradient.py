@@ -1,0 +1,294 @@
+"""The held-out objective for the learnable severity: a one-step-lookahead hypergradient.
+
+Why: the training loss cannot choose the severity. CE + JSD is minimised by the identity (weaker
+views are easier to agree on), so ``minimize`` collapses towards no augmentation, and
+``adversarial`` climbs until the bound stops it. Following DARTS (Liu et al. 2019, section 2.3)
+and its augmentation descendants (DADA, Li et al. 2020; MADAO, Hataya et al. 2022), the severity
+here descends a loss it does not feed directly: the network's cross-entropy on held-out training
+images under corruptions that are *not* evaluated (ImageNet-C's 4 validation corruptions), after
+the network's update on the augmented batch:
+
+    w'(s) = w - step(grad_w L_train(w, s))            the optimiser's actual step
+    d L_val(w'(s)) / ds = v^T (d w' / ds),            v = grad_w L_val(w')
+                        = (J v)^T d(grad_w L_train)/ds,  J = d step / d grad (diagonal, negative)
+                        ~ [grad_s L_train(w + eps J v, s) - grad_s L_train(w - eps J v, s)] / (2 eps)
+
+``J`` is the Jacobian of the optimiser's update with respect to the gradient, its statistics held
+fixed: ``-lr`` for SGD (``-lr (1 + momentum)`` with Nesterov), and
+``-lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps))`` for Adam/AdamW, so the lookahead is the
+step the network really takes (DARTS assumes plain SGD). The finite difference is the DARTS
+Hessian-vector product, ``eps = 0.01 / |J v|``, evaluated around the post-step weights (the
+Hessian changes by O(lr) over one step; evaluating there saves a copy of the weights).
+
+Cost per update: one held-out forward/backward (eval mode, no AugMix), two forward/backward
+passes of the training batch to its input (not to the weights), and one backward through AugMix
+to the severity; the trainer runs it every ``--severity_update_every`` steps. Under DDP the
+held-out batch is sharded by rank and ``v`` is all-reduced (so every rank uses the held-out
+gradient of the whole global held-out batch), then the per-rank severity gradients are averaged:
+every rank applies the same update and keeps the same severity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from .distributed import DistEnv, all_reduce_sum
+from .losses import augmix_objective
+
+FIXED_STEP_LENGTH = True  # see the module docstring
+FD_SCALE = 0.01  # DARTS: eps = 0.01 / |vector| for the finite-difference Hessian-vector product
+
+
+@dataclass
+class Hypergradient:
+    """One hypergradient evaluation: the held-out loss at w' and d L_val / d (mu, log_sigma)."""
+
+    heldout_loss: float
+    grad_mu: float
+    grad_log_sigma: float
+    finite: bool
+
+
+def update_jacobian(optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor | float]:
+    """``d (update of p) / d (gradient of p)`` for every parameter, the optimiser state held fixed.
+
+    SGD: ``-lr`` (``-lr (1 + momentum)`` with Nesterov; ``-lr (1 - dampening)`` with dampening);
+    Adam/AdamW: ``-lr (1 - beta1) / ((1 - beta1^t)(sqrt(v_t / (1 - beta2^t)) + eps))`` elementwise.
+    Weight decay does not depend on the gradient, so it does not enter.
+    """
+    out: dict[Tensor, Tensor | float] = {}
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        for p in group["params"]:
+            if isinstance(optimizer, torch.optim.SGD):
+                mom, damp = float(group["momentum"]), float(group["dampening"])
+                out[p] = -lr * (
+                    1.0 + mom if group["nesterov"] and mom else 1.0 - damp if mom else 1.0
+                )
+            elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+                state = optimizer.state.get(p)
+                if not state:  # no step taken yet: Adam's first step is lr * sign(g)
+                    out[p] = -lr
+                    continue
+                beta1, beta2 = group["betas"]
+                t = float(state["step"])
+                denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
+                out[p] = denom.reciprocal_().mul_(-lr * (1.0 - beta1) / (1.0 - beta1**t))
+            else:
+                raise TypeError(
+                    f"the held-out objective needs SGD, Adam or AdamW for the network, got "
+                    f"{type(optimizer).__name__}"
+                )
+    return out
+
+
+def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for p in like:
+        out.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
+def _masked_ce_sum(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Sum of the cross-entropy over the valid (non-padding) samples, in fp32, no host sync."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (ce * valid.to(ce.dtype)).sum()
+
+
+def severity_hypergradient(
+    net: Any,
+    optimizer: torch.optim.Optimizer,
+    views: Tensor,
+    labels: Tensor,
+    heldout_images: Tensor,
+    heldout_labels: Tensor,
+    heldout_valid: Tensor,
+    env: DistEnv,
+    *,
+    beta_jsd: float,
+) -> Hypergradient:
+    """``d L_val(w'(s)) / d (mu, log_sigma)``; written into the severity parameters' ``.grad``.
+
+    Args:
+        net: the :class:`~augmix_gpu.engine.AugmentedClassifier` (not the DDP wrapper), its
+            network already updated by this step (the weights are w').
+        optimizer: the network's optimiser, after its step (for the update Jacobian).
+        views: this step's ``[clean; view1; view2]`` batch, still attached to the severity sample
+            (made with ``net.views(images, severity_grad=True)``); the network was fed its
+            detached copy.
+        labels: the step's labels ``[B]``.
+        heldout_images, heldout_labels, heldout_valid: this rank's held-out batch (normalised
+            images ``[H,3,h,w]``; ``valid`` marks real samples, False for padding).
+        beta_jsd: the JSD weight of the training loss.
+    """
+    model = net.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    severity = net.severity
+    sev_params = [severity.log_severity_mu, severity.log_severity_log_sigma]
+
+    # 1. v = grad_w of the mean held-out CE at w', over the global held-out batch. Eval mode: the
+    #    held-out images are scored as at test time (running BatchNorm statistics, none updated).
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        loss_sum = _masked_ce_sum(net.classify(heldout_images), heldout_labels, heldout_valid)
+        grads = torch.autograd.grad(loss_sum, params, allow_unused=True)
+    model.train(was_training)
+    flat = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+        + [loss_sum.detach().reshape(1), heldout_valid.sum().to(loss_sum.dtype).reshape(1)]
+    )
+    all_reduce_sum(flat, env)
+    count = flat[-1].clamp_min(1.0)
+    v = flat[:-2] / count
+    heldout_loss = flat[-2] / count
+
+    # 2. The direction c of the finite difference: u = J v (the change of w' per unit change of
+    #    the training gradient, along v), minus, with a fixed step length, its component along
+    #    the step a = J g itself (see the module docstring).
+    jac = update_jacobian(optimizer)
+    u, offset = [], 0
+    for p in params:
+        n = p.numel()
+        u.append(v[offset : offset + n].view_as(p) * jac[p])
+        offset += n
+    if FIXED_STEP_LENGTH:
+        a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+        a_sq = sum((t.double() ** 2).sum() for t in a)
+        v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(_split(v, params), a))
+        coef = (v_dot_a / a_sq.clamp_min(1e-30)).to(v.dtype)
+        u = [t - coef * jac[p] * s for t, p, s in zip(u, params, a)]
+    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in u))
+    eps = FD_SCALE / norm.clamp_min(1e-30)
+
+    # 3. grad of the training loss to its input at w' +- eps u (BatchNorm in train mode on
+    #    copies of the buffers, so the running statistics are not touched).
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    x = views.detach().requires_grad_(True)
+
+    def input_grad(sign: float) -> Tensor:
+        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, u)}
+        state.update({n: b.clone() for n, b in buffers.items()})
+        run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
+        with torch.enable_grad():
+            logits = net.classify(x, model=run)
+            loss = augmix_objective(logits.float(), labels, jsd=True, beta_jsd=beta_jsd).total
+            return torch.autograd.grad(loss, x)[0]
+
+    diff = (input_grad(+1.0) - input_grad(-1.0)) / (2.0 * eps).to(x.dtype)
+
+    # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
+    hyper = torch.autograd.grad(views, sev_params, grad_outputs=diff, allow_unused=True)
+    hyper_t = torch.stack(
+        [torch.zeros((), device=v.device) if h is None else h.float() for h in hyper]
+        + [heldout_loss.float()]
+    )
+    all_reduce_sum(hyper_t[:2], env)
+    hyper_t[:2] /= env.world_size
+    finite = bool(torch.isfinite(hyper_t).all())
+    for p, g in zip(sev_params, hyper_t[:2]):
+        p.grad = g.to(p.dtype).clone() if finite else None
+    values = hyper_t.tolist()
+    return Hypergradient(
+        heldout_loss=values[2], grad_mu=values[0], grad_log_sigma=values[1], finite=finite
+    )
+
+
+class HeldoutSeverityUpdater:
+    """Trains a :class:`~augmix_gpu.severity.LearnableSeverity` by the held-out hypergradient.
+
+    Every ``every`` training steps (after the network's own update) it takes the next held-out
+    batch, computes :func:`severity_hypergradient` and takes one Adam step on
+    ``(mu, log_sigma)`` with learning rate ``lr``. Adam, not the network's optimiser: the
+    hypergradient's scale follows the network's learning rate and loss landscape, and Adam's
+    normalised step makes ``lr`` mean "log-severity per update" whatever they are.
+
+    No prior: the KL to the prior exists to hold the training-loss objectives (``minimize``,
+    ``adversarial``), which have no other place to stop. The held-out loss has one, and a prior
+    centred on the starting severity would only pull every run back to where it started (and
+    its weight, per training example, has no common scale with a hypergradient).
+
+    The held-out batches cycle through ``heldout_loader`` in its fixed (evaluation) order; the
+    batch of update ``u`` is a pure function of ``u``, so a resumed run takes the same ones.
+    """
+
+    def __init__(
+        self,
+        net: Any,
+        heldout_loader: Any,
+        env: DistEnv,
+        *,
+        every: int,
+        lr: float,
+        beta_jsd: float,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if net.severity is None:
+            raise ValueError("the held-out objective needs a LearnableSeverity in the augmenter")
+        self.net, self.loader, self.env = net, heldout_loader, env
+        self.every, self.beta_jsd = int(every), float(beta_jsd)
+        self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr)
+        self._batches: Any = None
+        self._next_update = -1
+        self.skipped_nonfinite = 0
+
+    def due(self, global_step: int) -> bool:
+        """Whether the step with this (0-based) global index ends with a severity update."""
+        return (global_step + 1) % self.every == 0
+
+    def _heldout_batch(self, update: int) -> tuple[Tensor, Tensor, Tensor]:
+        steps = len(self.loader)
+        if self._batches is None or update != self._next_update:
+            epoch, start = divmod(update, steps)
+            self._batches = self._cycle(epoch, start)
+        self._next_update = update + 1
+        return next(self._batches)
+
+    def _cycle(self, epoch: int, start: int):
+        while True:
+            yield from self.loader.epoch(epoch, start_step=start)
+            epoch, start = epoch + 1, 0
+
+    def update(
+        self, net_optimizer: torch.optim.Optimizer, views: Tensor, labels: Tensor, global_step: int
+    ) -> dict[str, float]:
+        """One severity update after the network's step ``global_step``; returns what to log."""
+        from .augmix import normalize_images
+
+        images, h_labels, valid = self._heldout_batch((global_step + 1) // self.every - 1)
+        result = severity_hypergradient(
+            self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,
+            self.env, beta_jsd=self.beta_jsd,
+        )  # fmt: skip
+        if result.finite:
+            self.optimizer.step()
+            with torch.no_grad():  # projected: a median beyond the bound would sit where no
+                # sample carries a gradient, so nothing could bring it back
+                severity = self.net.severity
+                severity.log_severity_mu.clamp_(max=math.log(severity.max_severity))
+        else:
+            self.skipped_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "heldout_loss": result.heldout_loss,
+            "hypergrad_mu": result.grad_mu,
+            "hypergrad_log_sigma": result.grad_log_sigma,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped_nonfinite}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.skipped_nonfinite = int(state["skipped"])

@@ -1,0 +1,110 @@
+"""train.py with --severity_objective heldout: bad input, DDP under torchrun (every rank keeps the
+same severity), and exact resume through the held-out updates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import ok, run_script
+from test_train import SMALL, _weights, results
+
+from augmix_gpu.checkpoint import load_checkpoint
+
+HELDOUT = ["--severity_objective", "heldout", "--severity_update_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_train(args: list[str], cache: Path, *, torchrun: int = 0, timeout: float = 300):
+    return run_script(
+        "train.py", args, torchrun=torchrun, timeout=timeout, env={"AUGMIX_GPU_CACHE": str(cache)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--severity_update_every", "0"], "--severity_update_every 0: must be >= 1"),
+        (HELDOUT + ["--heldout_images", "0.7"], "--heldout_images 0.7: the held-out fraction"),
+        (
+            HELDOUT + ["--aug_type", "augmix_jsd"],
+            "--severity_objective 'heldout': needs --aug_type learnable_augmix_jsd",
+        ),
+        (HELDOUT + ["--heldout_corruptions", "spatter", "fog"], "['fog']: evaluation corruption"),
+        (HELDOUT + ["--severity_hyper_lr", "0"], "--severity_hyper_lr 0.0: must be > 0"),
+    ],
+)
+def test_bad_heldout_arguments_fail_before_work(args, message) -> None:
+    from augmix_gpu.config import resolve_config, validate_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_config(resolve_config(args), world_size=1)
+
+
+def test_too_many_heldout_images_is_one_line(cache, tmp_path) -> None:
+    """A count is checked against the tree once it is known: one line, no traceback."""
+    proc = run_train(
+        SMALL + HELDOUT + ["--heldout_images", "100", "--ckpt_dir_base", str(tmp_path)], cache
+    )
+    assert proc.returncode == 2
+    assert "holds out 100 of 120 training images" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_heldout_objective_under_torchrun(cache, tmp_path) -> None:
+    ok(
+        run_train(
+            SMALL + HELDOUT + ["--epochs", "2", "--ckpt_dir_base", str(tmp_path)], cache, torchrun=2
+        )
+    )
+    res = results(tmp_path / "learnable_augmix_jsd")
+    a, b = res["replica_checksums"]
+    assert a == b, "ranks must keep the same network AND severity"
+    held = res["heldout"]
+    assert held["images"] == 12 and held["corruptions"] == [
+        "speckle_noise", "gaussian_blur", "spatter", "saturate"
+    ]  # fmt: skip
+    steps = res["history"][-1]["global_step"]
+    updates = [t for t in res["severity_trajectory"] if "hypergrad_mu" in t]
+    assert [t["step"] for t in updates] == list(range(2, steps + 1, 2))
+    assert all(t["heldout_loss"] > 0 for t in updates)
+    mu0 = torch.tensor(3.0).log().item()
+    assert res["history"][-1]["severity_mu"] != pytest.approx(mu0, abs=1e-6), "severity never moved"
+    # The training loss does not move the severity: between updates mu stays put.
+    traj = res["severity_trajectory"]
+    for before, after in zip(traj, traj[1:]):
+        if "hypergrad_mu" not in after:
+            assert after["severity_mu"] == before["severity_mu"]
+
+
+@pytest.mark.slow
+def test_heldout_resume_is_exact(cache, tmp_path) -> None:
+    """2 epochs straight == stopped mid-epoch 2 (between two severity updates) + --resume."""
+    common = SMALL + HELDOUT + ["--epochs", "2", "--seed", "5", "--severity_update_every", "3"]
+    ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
+    straight = tmp_path / "straight" / "learnable_augmix_jsd"
+    steps = results(straight)["history"][0]["global_step"]
+    stop = steps + 1
+    split = tmp_path / "split"
+    ok(
+        run_train(
+            common + ["--ckpt_dir_base", str(split), "--debug_stop_at_step", str(stop)], cache
+        )
+    )
+    assert load_checkpoint(split / "learnable_augmix_jsd" / "last.ckpt")["severity_updater"]
+    ok(run_train(common + ["--ckpt_dir_base", str(split), "--resume", "auto"], cache))
+    a, b = _weights(straight / "last.ckpt"), _weights(split / "learnable_augmix_jsd" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    ra, rb = results(straight), results(split / "learnable_augmix_jsd")
+    assert ra["history"][-1]["severity_mu"] == pytest.approx(
+        rb["history"][-1]["severity_mu"], abs=1e-6
+    )
+    assert ra["history"][-1]["severity_mu"] != ra["history"][0]["severity_mu"]
