@@ -1,4 +1,4 @@
-"""Clean + ImageNet-C (+ CIFAR-C) evaluation: results JSON, markdown table, heatmap.
+"""Clean + ImageNet-C (+ CIFAR-C) + ImageNet-P evaluation: results JSON, markdown, pictures.
 
 One device:
     python evaluate.py --ckpt_path runs/x/last.pt --val /data/imagenet/val --imagenet_c /data/ImageNet-C
@@ -6,6 +6,8 @@ All GPUs of a node (every image counted exactly once):
     torchrun --nproc_per_node=8 evaluate.py --ckpt_path runs/x/last.pt --imagenet_c /data/ImageNet-C
 torchvision weights from a local file:
     python evaluate.py --pretrained ~/resnet50-0676ba61.pth --arch resnet50 --val /data/imagenet/val
+ImageNet-P (flip probability, top-5 distance per perturbation; mFR/mT5D with a reference):
+    python evaluate.py --ckpt_path runs/x/last.pt --imagenet_p /data/ImageNet-P [--p_reference alexnet/results.json]
 CIFAR-10-C (unnormalised mean corruption error, as the official augmix cifar.py reports):
     python evaluate.py --ckpt_path c10.pt --cifar_c /data/CIFAR-10-C --cifar /data/cifar --cifar_name cifar10
 Two results side by side:
@@ -52,6 +54,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--c_resize", type=int, help="resize -C images' shorter side first (official augmix: 256)"
     )
+    data.add_argument(
+        "--imagenet_p", help="ImageNet-P root: <perturbation>[_<difficulty>]/<class>/<name>.mp4"
+    )
+    data.add_argument("--perturbations", nargs="+", help="-P subset (partial, never an mFR)")
+    data.add_argument(
+        "--p_difficulties", nargs="+", type=int, default=[1], help="-P difficulties (1 2 3)"
+    )
+    data.add_argument(
+        "--p_decoder", default="auto", choices=("auto", "cpu", "dali"),
+        help="-P videos: DALI on a GPU (auto), PyAV on the CPU (cpu), or DALI (dali)",
+    )  # fmt: skip
+    data.add_argument(
+        "--p_batch", type=int, help="-P sequences per rank per step (default: ~batch frames)"
+    )
+    data.add_argument(
+        "--p_reference", help="results.json whose -P figures normalise FR/mFR/mT5D (e.g. AlexNet's)"
+    )
     data.add_argument("--crop_size", type=int, help="centre crop (default: checkpoint's, else 224)")
     data.add_argument(
         "--resize_size", type=int, help="clean resize (default: checkpoint's, else 256)"
@@ -74,8 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.compare:
         if bool(args.ckpt_path) == bool(args.pretrained):
             p.error("pass exactly one of --ckpt_path or --pretrained (or --compare A.json B.json)")
-        if not (args.val or args.imagenet_c or args.cifar_c or args.cifar):
-            p.error("nothing to evaluate: pass --val, --imagenet_c, --cifar_c and/or --cifar")
+        if not (args.val or args.imagenet_c or args.cifar_c or args.cifar or args.imagenet_p):
+            p.error(
+                "nothing to evaluate: pass --val, --imagenet_c, --cifar_c, --cifar and/or --imagenet_p"
+            )
         if args.imagenet_c and args.cifar_c:
             p.error("--imagenet_c and --cifar_c need different models: run them separately")
     return args
@@ -136,10 +157,14 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
 
 def _first_c_folder(args: argparse.Namespace) -> str:
-    from augmix_gpu.robustness import CORRUPTIONS
+    from augmix_gpu.robustness import CORRUPTIONS, PERTURBATIONS
 
+    if not args.imagenet_c and args.imagenet_p:
+        return str(Path(args.imagenet_p) / (args.perturbations or PERTURBATIONS)[0])
     if not args.imagenet_c:
-        raise SystemExit("--pretrained needs --val or --imagenet_c to read the class folders from")
+        raise SystemExit(
+            "--pretrained needs --val, --imagenet_c or --imagenet_p to read the class folders from"
+        )
     c = (args.corruptions or CORRUPTIONS)[0]
     s = (args.severities or [1])[0]
     return str(Path(args.imagenet_c) / c / str(s))
@@ -182,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             channels_last=args.channels_last,
             progress=not args.no_progress,
             extra_info={"args": vars(args), "model": info},
+            imagenet_p_dir=args.imagenet_p,
+            perturbations=args.perturbations,
+            p_difficulties=args.p_difficulties,
+            p_batch_size=args.p_batch,
+            p_decoder=args.p_decoder,
+            p_reference=args.p_reference,
         )
         if env.is_main:
             paths = write_reports(results, args.out, args.name)

@@ -45,6 +45,7 @@ def eval_only_argv(config: dict, env) -> list[str]:
     data = ["--val", str(spec.val)] + (
         ["--imagenet_c", str(spec.corrupted)] if spec.corrupted else []
     )
+    data += ["--imagenet_p", str(spec.perturbed)] if spec.perturbed else []
     run = [
         "--batch",
         str(config["batch"] // env.world_size),

@@ -241,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--c_severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     a("--no_c_eval", action="store_true", help="skip the -C evaluation after training")
+    # ImageNet-P after training (synthetic: a -P set made from the val images)
+    a(
+        "--imagenet_p",
+        default=None,
+        help="-P tree to evaluate after training (synthetic: generated)",
+    )
+    a("--no_p_eval", action="store_true", help="skip the -P evaluation after training")
+    a("--synthetic_p_per_class", type=int, default=2, help="generated -P sequences per class")
     a("--no_progress", action="store_true")
     # --- the recipes exactly (optimizer, schedule) and the loader at scale ---
     a("--nesterov", action="store_true", help="SGD with Nesterov momentum (both recipes: plain)")

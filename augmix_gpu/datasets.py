@@ -29,6 +29,7 @@ class DataSpec:
     val: Any
     corrupted: Path | None  # ImageNet-C layout root (corruption/severity/class/file), if any
     description: str
+    perturbed: Path | None = None  # ImageNet-P layout root (perturbation/class/name.mp4), if any
 
 
 def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
@@ -58,8 +59,27 @@ def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
                 workers=config["workers"],
                 overwrite=True,
             )
+    p_root = _synthetic_p(root, config, make=env.is_main)
     barrier(env)
-    return DataSpec(root / "train", root / "val", c_root, f"synthetic 10-class 64 px ({root})")
+    desc = f"synthetic 10-class 64 px ({root})"
+    return DataSpec(root / "train", root / "val", c_root, desc, p_root)
+
+
+def _synthetic_p(root: Path, config: dict[str, Any], make: bool) -> Path | None:
+    """The demo's -P set: the first ``synthetic_p_per_class`` val images of each class as the 10
+    perturbation sequences (x264 preset "medium": ~10 s on 2 cores; the frames are the same as
+    with the official "veryslow" up to compression noise). ``--no_c_eval`` skips it too: the
+    generated robustness sets come and go together (a given ``--imagenet_p`` is still evaluated)."""
+    if config.get("no_p_eval") or config.get("imagenet_p") or config.get("no_c_eval"):
+        return None
+    n, seed = config["synthetic_p_per_class"], config["synthetic_seed"]
+    out = root / f"p-{n}pc-seed{seed}"
+    if make:
+        from .data.make_p import make_perturbed_dataset
+
+        make_perturbed_dataset(root / "val", out, per_class=n, seed=seed, workers=config["workers"],
+                               preset="medium", overwrite=True)  # fmt: skip
+    return out
 
 
 def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
@@ -68,17 +88,30 @@ def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
     if dataset == "synthetic":
         spec = _synthetic(config, env)
         if config["imagenet_c"]:
-            spec = DataSpec(spec.train, spec.val, Path(config["imagenet_c"]), spec.description)
-        return spec
+            spec = DataSpec(
+                spec.train, spec.val, Path(config["imagenet_c"]), spec.description, spec.perturbed
+            )
+        return _with_p(spec, config)
     corrupted = Path(config["imagenet_c"]) if config["imagenet_c"] else None
     if dataset in ("cifar10", "cifar100"):
         from .data import load_cifar
 
         train = load_cifar(config["data"], name=dataset, train=True)
         val = load_cifar(config["data"], name=dataset, train=False)
-        return DataSpec(train, val, corrupted, f"{dataset} ({config['data']})")
+        return _with_p(DataSpec(train, val, corrupted, f"{dataset} ({config['data']})"), config)
     root = Path(config["data"])
-    return DataSpec(root / "train", root / "val", corrupted, f"ImageNet layout ({root})")
+    spec = DataSpec(root / "train", root / "val", corrupted, f"ImageNet layout ({root})")
+    return _with_p(spec, config)
+
+
+def _with_p(spec: DataSpec, config: dict[str, Any]) -> DataSpec:
+    """``--imagenet_p`` (a given -P tree) wins over a generated one; ``--no_p_eval`` drops both."""
+    if config.get("no_p_eval"):
+        return DataSpec(spec.train, spec.val, spec.corrupted, spec.description)
+    if config.get("imagenet_p"):
+        p = Path(config["imagenet_p"])
+        return DataSpec(spec.train, spec.val, spec.corrupted, spec.description, p)
+    return spec
 
 
 def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):

@@ -81,3 +81,65 @@ def plot_error_heatmap(results: dict, path: str | os.PathLike) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_sequence_flips(results: dict, path: str | os.PathLike, crop_size: int = 224) -> Path:
+    """One row per perturbation: frames of its example sequence (the one with the most flips),
+    each captioned with the model's top-1 (green: the label, red: not), and under them a band
+    with the top-1 of every frame, a tick where test.py counts a flip (noise: vs the first frame;
+    others: vs the previous one). The frames are re-read from the videos named in the JSON.
+    """
+    block = results.get("imagenet_p") or {}
+    examples = block.get("examples") or {}
+    if not examples:
+        raise ValueError("the results hold no imagenet_p examples to draw")
+    plt = _pyplot()
+    import numpy as np
+    import torch
+
+    from .data.sequences import centre_crop
+    from .data.video import read_video_cpu
+    from .robustness import is_noise
+
+    shown = 8
+    fig = plt.figure(figsize=(1.3 * shown, 1.95 * len(examples)), dpi=110)
+    grid = fig.add_gridspec(2 * len(examples), shown, height_ratios=[5, 1] * len(examples))
+    cmap = plt.get_cmap("tab20")
+    for row, (name, ex) in enumerate(examples.items()):
+        video = torch.from_numpy(read_video_cpu(ex["path"])).permute(0, 3, 1, 2)
+        frames = centre_crop(video, crop_size).permute(0, 2, 3, 1).numpy()
+        preds = ex["predictions"][: len(frames)]
+        picks = np.unique(np.linspace(0, len(frames) - 1, shown).round().astype(int))
+        names = ex["classes"]
+        for col, t in enumerate(picks):
+            ax = fig.add_subplot(grid[2 * row, col])
+            ax.imshow(frames[t])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ok = preds[t] == ex["label"]
+            ax.set_xlabel(f"{t}: {names.get(str(preds[t]), preds[t])}"[:16], fontsize=6,
+                          color="green" if ok else "red")  # fmt: skip
+            if col == 0:
+                ax.set_ylabel(name, fontsize=7)
+        band = fig.add_subplot(grid[2 * row + 1, :])
+        band.imshow(np.asarray(preds)[None] % 20, cmap=cmap, vmin=0, vmax=19, aspect="auto",
+                    interpolation="nearest")  # fmt: skip
+        base = [0] * len(preds) if is_noise(name) else list(range(-1, len(preds) - 1))
+        flips = [j for j in range(1, len(preds)) if preds[j] != preds[base[j]]]
+        for j in flips:
+            band.axvline(j - 0.5, color="black", lw=1.2)
+        band.set_yticks([])
+        band.set_xticks(range(0, len(preds), 5))
+        band.tick_params(labelsize=6)
+        band.set_xlabel(
+            f"{name}: top-1 per frame ({len(flips)} flips in {len(preds) - 1} comparisons; "
+            f"label {names.get(str(ex['label']), ex['label'])})",
+            fontsize=7,
+        )
+    fig.suptitle("ImageNet-P: the sequence with the most top-1 flips, per perturbation", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -19,6 +19,10 @@ Corruptions and Perturbations", section 3):
   called "mCE".
 
 All error-like outputs are in percent (CE of 100 = as robust as AlexNet).
+
+ImageNet-P (same paper, section 3, "perturbation robustness metrics"; every detail below follows
+hendrycks/robustness ``ImageNet-P/test.py``) works on per-sequence counts, see the section at the
+end of this module.
 """
 
 from __future__ import annotations
@@ -235,3 +239,198 @@ def expected_calibration_error(confidence, correct, n_bins: int = 15) -> float:
         if mask.any():
             ece += mask.sum() / n * abs(corr[mask].mean() - conf[mask].mean())
     return 100.0 * float(ece)
+
+
+# ----------------------------------------------------------------------------- ImageNet-P
+
+# The 10 ImageNet-P perturbations of the benchmark (mFR, mT5D) and the 4 validation ones, reported
+# apart (Hendrycks & Dietterich 2019, section 4; hendrycks/robustness ImageNet-P/test.py choices).
+PERTURBATIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow",
+    "brightness", "translate", "rotate", "tilt", "scale",
+)  # fmt: skip
+EXTRA_PERTURBATIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "shear")
+DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
+# The benchmark's figures are at difficulty 1: "Most people only measure with difficulty 1. For
+# example, in [google-research/augmix] we use difficulty 1" (hendrycks/robustness issue #23).
+HEADLINE_DIFFICULTY = 1
+
+# AlexNet's flip probability and top-5 distance per perturbation (the FR / T5D normalisers) are
+# not published in the paper, which prints normalised rates only, nor in hendrycks/robustness or
+# google-research/augmix code: the maintainers point to a spreadsheet (hendrycks/robustness
+# issue #49) that no stored source holds. So they are left empty, never guessed: FR, mFR, mT5D
+# are reported as unavailable unless a reference results file is passed (evaluate.py
+# --p_reference: e.g. torchvision's AlexNet evaluated by this code on the same -P data, which is
+# how the paper defines the normaliser).
+ALEXNET_FLIP_PROBABILITY: dict[str, float] = {}
+ALEXNET_TOP5_DISTANCE: dict[str, float] = {}
+ALEXNET_UNAVAILABLE = (
+    "AlexNet's per-perturbation flip probabilities / top-5 distances are not in the paper or its "
+    "code (hendrycks/robustness issue #49 points to a spreadsheet): pass --p_reference with an "
+    "AlexNet results.json from this tool on the same -P data to get FR, mFR and mT5D"
+)
+
+
+def is_noise(perturbation: str) -> bool:
+    """Noise sequences are not temporally related: each frame is compared with the first."""
+    return "noise" in perturbation  # test.py: ``'noise' in args.perturbation``
+
+
+def perturbation_folder(perturbation: str, difficulty: int) -> str:
+    """``gaussian_noise_2`` etc.: only the noise perturbations have a folder per difficulty."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    return (
+        f"{perturbation}_{difficulty}"
+        if is_noise(perturbation) and difficulty > 1
+        else perturbation
+    )
+
+
+def comparison_pairs(n_frames: int, perturbation: str, difficulty: int) -> list[tuple[int, int]]:
+    """The (earlier, later) frame pairs a sequence is scored on, in test.py's order.
+
+    Noise: ``(0, j)`` for every later frame (difficulty selects the folder, not a step). Others: the
+    step is the difficulty ``d``; for each offset ``i < d`` the chain ``i, i+d, i+2d, ...`` is
+    compared frame with previous frame.
+    """
+    if is_noise(perturbation):
+        pairs = [(0, j) for j in range(1, n_frames)]
+    else:
+        pairs = [
+            (a, a + difficulty)
+            for i in range(difficulty)
+            for a in range(i, n_frames - difficulty, difficulty)
+        ]
+    if not pairs:
+        raise ValueError(
+            f"a {perturbation} sequence of {n_frames} frame(s) has nothing to compare at "
+            f"difficulty {difficulty}: it needs at least {2 if is_noise(perturbation) else difficulty + 1}"
+        )
+    return pairs
+
+
+def sequence_rates(flips, comparisons, top5, zipf) -> dict[str, float]:
+    """FP (percent), T5D and Zipf distance over sequences, each the mean of per-sequence means.
+
+    test.py averages each sequence's comparisons, then the sequences (every sequence weighs the
+    same, whatever its length); arguments are per-sequence sums and comparison counts.
+    """
+    comps = np.asarray(comparisons, dtype=np.float64)
+    if comps.size == 0:
+        raise ValueError("no sequences to summarise")
+    if np.any(comps <= 0):
+        raise ValueError("every sequence needs at least one comparison")
+    return {
+        "flip_probability": 100.0 * float(np.mean(np.asarray(flips, np.float64) / comps)),
+        "top5_distance": float(np.mean(np.asarray(top5, np.float64) / comps)),
+        "zipf_distance": float(np.mean(np.asarray(zipf, np.float64) / comps)),
+    }
+
+
+PCounts = Mapping[str, Mapping[int, Mapping[str, np.ndarray]]]  # p -> difficulty -> name -> [N]
+
+
+def summarize_perturbations(
+    counts: PCounts,
+    reference: Mapping[str, Mapping[str, float]] | None = None,
+    reference_name: str | None = None,
+) -> dict:
+    """Everything derived from per-sequence counts, ready for the results JSON.
+
+    ``counts[p][d]`` holds per-sequence arrays ``flips``, ``comparisons``, ``top5`` (sum of top-5
+    distances) and ``zipf``. ``reference[p]`` holds ``flip_probability`` (percent) and
+    ``top5_distance`` of the normalising model at difficulty 1 (AlexNet in the paper). Without the
+    10 perturbations at difficulty 1 the result is partial: means carry a ``_partial`` suffix and
+    ``mfr``/``mt5d`` are None, so a subset is never quoted as an mFR.
+    """
+    reference = reference if reference is not None else _alexnet_reference()
+    known = (*PERTURBATIONS, *EXTRA_PERTURBATIONS)
+    perts = [p for p in known if p in counts] + sorted(p for p in counts if p not in known)
+    out: dict = {"perturbations": perts, "counts": {}, "flip_probability": {}, "top5_distance": {},
+                 "zipf_distance": {}}  # fmt: skip
+    for p in perts:
+        for name in ("counts", "flip_probability", "top5_distance", "zipf_distance"):
+            out[name][p] = {}
+        for d, c in sorted(counts[p].items()):
+            rates = sequence_rates(c["flips"], c["comparisons"], c["top5"], c["zipf"])
+            for name, value in rates.items():
+                out[name][p][str(d)] = value
+            out["counts"][p][str(d)] = {
+                "sequences": int(len(c["comparisons"])),
+                "flips": int(np.sum(c["flips"])),
+                "comparisons": int(np.sum(c["comparisons"])),
+            }
+    at = {p: counts[p][HEADLINE_DIFFICULTY] for p in perts if HEADLINE_DIFFICULTY in counts[p]}
+    main = [p for p in PERTURBATIONS if p in at]
+    missing = [p for p in PERTURBATIONS if p not in at]
+    complete = not missing
+    out["partial"] = not complete
+    out["partial_reason"] = (
+        None
+        if complete
+        else f"{len(missing)} of the {len(PERTURBATIONS)} perturbations not evaluated at "
+        f"difficulty {HEADLINE_DIFFICULTY}: {missing}"
+    )
+    sfx = "" if complete else "_partial"
+    fp = {p: out["flip_probability"][p][str(HEADLINE_DIFFICULTY)] for p in at}
+    t5 = {p: out["top5_distance"][p][str(HEADLINE_DIFFICULTY)] for p in at}
+    zf = {p: out["zipf_distance"][p][str(HEADLINE_DIFFICULTY)] for p in at}
+    mean = lambda table, ps: float(np.mean([table[p] for p in ps])) if ps else None  # noqa: E731
+    out["mean_flip_probability" + sfx] = mean(fp, main)
+    out["mean_top5_distance" + sfx] = mean(t5, main)
+    out["mean_zipf_distance" + sfx] = mean(zf, main)
+    extra = [p for p in at if p not in PERTURBATIONS]
+    if extra:
+        out["extra_mean_flip_probability"] = mean(fp, extra)
+        out["extra_mean_top5_distance"] = mean(t5, extra)
+    # Normalised rates (percent; 100 = as stable as the reference), where a reference exists.
+    fr, t5r, why = {}, {}, []
+    for p in at:
+        ref = reference.get(p) or {}
+        rfp, rt5 = ref.get("flip_probability"), ref.get("top5_distance")
+        if rfp:
+            fr[p] = 100.0 * fp[p] / rfp
+        if rt5:
+            t5r[p] = 100.0 * t5[p] / rt5
+        if not (rfp and rt5) and p in PERTURBATIONS:
+            why.append(p)
+    out["fr"], out["t5d_rate"] = fr, t5r
+    out["normalisation"] = {
+        "reference": reference_name or "AlexNet",
+        "available": not why,
+        "reason": None if not why else (
+            ALEXNET_UNAVAILABLE if not reference else f"the reference has no (non-zero) value for {why}"
+        ),
+    }  # fmt: skip
+    has_all = complete and all(p in fr and p in t5r for p in PERTURBATIONS)
+    out["mfr"] = mean(fr, PERTURBATIONS) if has_all else None
+    out["mt5d"] = mean(t5r, PERTURBATIONS) if has_all else None
+    if not has_all and any(p in fr for p in main):
+        out["mfr_partial"] = mean(fr, [p for p in main if p in fr])
+        out["mt5d_partial"] = mean(t5r, [p for p in main if p in t5r])
+    out["difficulty"] = HEADLINE_DIFFICULTY
+    return out
+
+
+def _alexnet_reference() -> dict[str, dict[str, float]]:
+    return {
+        p: {"flip_probability": 100.0 * ALEXNET_FLIP_PROBABILITY[p],
+            "top5_distance": ALEXNET_TOP5_DISTANCE[p]}
+        for p in ALEXNET_FLIP_PROBABILITY if p in ALEXNET_TOP5_DISTANCE
+    }  # fmt: skip
+
+
+def reference_from_results(results: Mapping) -> dict[str, dict[str, float]]:
+    """The difficulty-1 FP / T5D per perturbation of a results JSON of this tool (--p_reference)."""
+    block = results.get("imagenet_p") if isinstance(results, Mapping) else None
+    if not block:
+        raise ValueError(
+            "the reference results hold no imagenet_p block: evaluate it with --imagenet_p"
+        )
+    d = str(HEADLINE_DIFFICULTY)
+    return {
+        p: {"flip_probability": block["flip_probability"][p][d],
+            "top5_distance": block["top5_distance"][p][d]}
+        for p in block["perturbations"] if d in block["flip_probability"].get(p, {})
+    }  # fmt: skip

@@ -205,6 +205,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     heldout = prepare_heldout(config, env, spec)
     train_loader, val_loader, heldout_loader = build_loaders(config, env, spec, heldout)
     classes = train_loader.classes
+    if spec.perturbed is not None:  # a bad -P tree fails now, not after the training
+        from .layouts import check_p_layout, present_perturbations
+
+        check_p_layout(spec.perturbed, present_perturbations(spec.perturbed), [1], classes)
     log(
         env,
         f"data: {spec.description}; {len(classes)} classes; {len(train_loader)} steps/epoch/rank; "
@@ -396,7 +400,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
             "skipped_nonfinite_updates": updater.skipped_nonfinite,
         },
     }
-    if spec.corrupted is not None and not config["no_c_eval"]:
+    if (spec.corrupted is not None and not config["no_c_eval"]) or spec.perturbed is not None:
         results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)
     if env.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -410,8 +414,10 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
 
 
 def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
-    """Clean vs corrupted evaluation of the final model, reports written under ``out/eval``."""
+    """Clean vs corrupted (-C) and perturbed (-P) evaluation of the final model, reports written
+    under ``out/eval``."""
     from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
+    from .layouts import present_perturbations
 
     net.model.eval()
     start = time.perf_counter()
@@ -420,7 +426,9 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
         env,
         classes=classes,
         val_dir=spec.val,
-        imagenet_c_dir=spec.corrupted,
+        imagenet_c_dir=None if config["no_c_eval"] else spec.corrupted,
+        imagenet_p_dir=spec.perturbed,
+        perturbations=present_perturbations(spec.perturbed) if spec.perturbed else None,
         severities=config["c_severities"],
         batch_size=config["batch"] // env.world_size,
         num_threads=config["workers"],

@@ -2,8 +2,9 @@
 
 The same small model is trained on the embedded synthetic task under each mode and several seeds,
 with the full pipeline (DALI -> AugMix on tensors -> the DDP loop -> -C evaluation), then the
-clean error, the mean corruption error (mCE-style, AlexNet-normalised and unnormalised) and the
-calibration are reported as mean +- std over seeds, with the learned severity trajectories.
+clean error, the mean corruption error (mCE-style, AlexNet-normalised and unnormalised), the
+calibration and the ImageNet-P stability (mean flip probability and top-5 distance on the demo's
+generated -P set; mFR / mT5D where a normaliser exists) are reported as mean +- std over seeds, with the learned severity trajectories.
 
     python benchmarks/robustness_study.py                 # 5 variants x 3 seeds (make study)
     python benchmarks/robustness_study.py --seeds 0 --variants none augmix_jsd --epochs 2   # a quick look
@@ -45,6 +46,12 @@ METRICS = {  # label -> value from a run's robustness block (all % and lower is 
     "mCE (AlexNet-norm.)": lambda r: dig(r, "imagenet_c.mce"),
     "clean RMS calib.": lambda r: dig(r, "clean.rms_calibration_error"),
     "-C RMS calib.": lambda r: dig(r, "imagenet_c.calibration.mean_rms_calibration_error"),
+    # ImageNet-P stability (the demo's generated -P set): mean flip probability (%) and top-5
+    # distance over the 10 perturbations; mFR / mT5D only where a normaliser exists (robustness.py)
+    "-P flip prob.": lambda r: dig(r, "imagenet_p.mean_flip_probability"),
+    "-P top-5 dist.": lambda r: dig(r, "imagenet_p.mean_top5_distance"),
+    "mFR": lambda r: dig(r, "imagenet_p.mfr"),
+    "mT5D": lambda r: dig(r, "imagenet_p.mt5d"),
 }
 
 
@@ -178,9 +185,11 @@ def main() -> None:
             res = run_one(variant, seed, args, out)
             runs[variant].append(res)
             rob = res.get("robustness", {})
+            fp = dig(rob, "imagenet_p.mean_flip_probability")
             print(f"{variant:>14} seed {seed}: clean {dig(rob, 'clean.error'):.1f}%  "
                   f"mean corruption error {dig(rob, 'imagenet_c.mean_corruption_error'):.1f}%  "
-                  f"({res['_seconds']:.0f} s)", flush=True)  # fmt: skip
+                  + (f"-P flip prob. {fp:.2f}%  " if fp is not None else "")
+                  + f"({res['_seconds']:.0f} s)", flush=True)  # fmt: skip
 
     summary: dict[str, dict] = {}
     for variant, rs in runs.items():
@@ -218,7 +227,8 @@ def main() -> None:
         rows.append(row)
     table = markdown_table(["mode", *METRICS, "final median s"], rows)
     note = (f"mean ± std over seeds {args.seeds}; * = differs from `{baseline}` by more than 2 standard "
-            "errors of the difference (a coarse screen with this few seeds). Errors in %.")  # fmt: skip
+            "errors of the difference (a coarse screen with this few seeds). Errors and flip probabilities "
+            "in %; mFR / mT5D: – while no AlexNet normaliser is available (robustness.py).")  # fmt: skip
     print(table)
     print(note)
     pngs = plots(runs, out)

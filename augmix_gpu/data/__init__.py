@@ -1,5 +1,6 @@
 """Data layer: one DALI pipeline builder (train / val / corrupted), sharded seeded epochs,
-ImageFolder-compatible validation, CIFAR arrays, an embedded synthetic task and a -C maker.
+ImageFolder-compatible validation, CIFAR arrays, an embedded synthetic task, -C and -P makers, and
+the ImageNet-P sequence reader (`sequences.py`, `video.py`).
 
 Importing this package does not import DALI, imagecorruptions or touch CUDA: pipelines are built
 inside `DaliLoader.epoch()`, corruptions are imported when a -C set is written.
@@ -9,6 +10,7 @@ from .cifar import CifarArrays, load_cifar, load_cifar_c
 from .folders import IMG_EXTENSIONS, DatasetError, find_classes, list_images, scan_folder
 from .loader import DaliLoader, build_loader
 from .make_c import CORRUPTIONS, EXTRA_CORRUPTIONS, make_corrupted_dataset
+from .make_p import make_perturbed_dataset
 from .synthetic import make_synthetic_dataset
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "load_cifar",
     "load_cifar_c",
     "make_corrupted_dataset",
+    "make_perturbed_dataset",
     "make_synthetic_dataset",
     "scan_folder",
 ]

@@ -1,0 +1,70 @@
+"""train.py and ImageNet-P: the end-of-run -P evaluation, --eval_only forwarding, the demo's set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_runner import REPO, ok, run_script
+
+from augmix_gpu.config import resolve_config
+from augmix_gpu.datasets import prepare_data
+from augmix_gpu.distributed import DistEnv
+
+pytest.importorskip("av")
+pytest.importorskip("imagecorruptions")
+ENV = DistEnv(0, 0, 1, torch.device("cpu"), None)
+SMALL = [
+    "--synthetic_train_per_class", "12", "--synthetic_val_per_class", "2", "--no_c_eval",
+    "--batch", "20", "--crop_size", "32", "--val_resize", "36", "--workers", "1",
+    "--no_progress", "--wandb", "disabled", "--epochs", "1", "--max_steps_per_epoch", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def p_tree(tmp_path_factory):
+    """The synthetic task of SMALL (made by prepare_data) and a 1-perturbation -P set of its val."""
+    from augmix_gpu.data.make_p import make_perturbed_dataset
+
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUGMIX_GPU_CACHE", str(cache))
+        spec = prepare_data(resolve_config(SMALL), ENV)
+    p = make_perturbed_dataset(spec.val, cache / "p", perturbations=["rotate"], per_class=1,
+                               preset="ultrafast", progress=False)  # fmt: skip
+    return cache, p
+
+
+def test_data_spec_and_eval_only_forward_the_p_tree(p_tree, monkeypatch, tmp_path):
+    import importlib.util
+
+    cache, p = p_tree
+    monkeypatch.setenv("AUGMIX_GPU_CACHE", str(cache))
+    spec = prepare_data(resolve_config(SMALL + ["--imagenet_p", str(p)]), ENV)
+    assert spec.perturbed == p and spec.corrupted is None
+    assert (
+        prepare_data(resolve_config(SMALL + ["--imagenet_p", str(p), "--no_p_eval"]), ENV).perturbed
+        is None
+    )
+    # The demo's generated set comes with the -C one (SMALL has --no_c_eval: none).
+    assert prepare_data(resolve_config(SMALL), ENV).perturbed is None
+    module = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+    train = importlib.util.module_from_spec(module)
+    module.loader.exec_module(train)
+    argv = train.eval_only_argv(
+        resolve_config(SMALL + ["--imagenet_p", str(p), "--ckpt_path", "x.ckpt", "--eval_only",
+                               "--ckpt_dir_base", str(tmp_path)]), ENV)  # fmt: skip
+    assert argv[argv.index("--imagenet_p") + 1] == str(p)
+
+
+@pytest.mark.slow
+def test_a_run_ends_with_the_p_evaluation(p_tree, tmp_path):
+    cache, p = p_tree
+    args = SMALL + ["--imagenet_p", str(p), "--ckpt_dir_base", str(tmp_path)]
+    proc = ok(run_script("train.py", args, env={"AUGMIX_GPU_CACHE": str(cache)}))
+    run = tmp_path / "learnable_augmix_jsd"
+    block = json.loads((run / "results.json").read_text())["robustness"]["imagenet_p"]
+    assert block["counts"]["rotate"]["1"]["sequences"] == 10 and block["partial"]
+    assert "imagenet_c" not in json.loads((run / "eval" / "results.json").read_text())
+    assert (run / "eval" / "results_flips.png").is_file() and "| rotate | 1 | 10 |" in proc.stdout
