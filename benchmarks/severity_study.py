@@ -61,11 +61,20 @@ METRICS = {  # label -> value from a run's results.json (errors in %, lower is b
     "mCE (AlexNet-norm.)": lambda r: dig(r, "robustness.imagenet_c.mce"),
     "clean RMS calib.": lambda r: dig(r, "robustness.clean.rms_calibration_error"),
     "-C RMS calib.": lambda r: dig(r, "robustness.imagenet_c.calibration.mean_rms_calibration_error"),
+    # ImageNet-P stability on the demo's generated -P set (FR/mFR need AlexNet's rates: README)
+    "-P flip prob.": lambda r: dig(r, "robustness.imagenet_p.mean_flip_probability"),
+    "-P top-5 dist.": lambda r: dig(r, "robustness.imagenet_p.mean_top5_distance"),
     "final severity median": final_severity,
     "wall s": lambda r: r["_seconds"] if r["_seconds"] == r["_seconds"] else None,
     "CPU s": lambda r: r["_cpu_seconds"] if r["_cpu_seconds"] == r["_cpu_seconds"] else None,
 }  # fmt: skip
-DIGITS = {"final severity median": 2, "wall s": 0, "CPU s": 0}
+DIGITS = {
+    "final severity median": 2,
+    "-P flip prob.": 2,
+    "-P top-5 dist.": 2,
+    "wall s": 0,
+    "CPU s": 0,
+}
 
 
 def parse() -> argparse.Namespace:
