@@ -61,6 +61,7 @@ class AugmentedClassifier(nn.Module):
         self.time_augment = False  # benchmarks: synchronise and time the AugMix part
         self.augment_seconds = 0.0
 
+    @torch.compiler.disable  # batched per-sample AugMix: eager (its groups are data-dependent)
     def views(
         self,
         images: torch.Tensor,
