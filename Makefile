@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Idle OpenMP threads must sleep, not spin: on a shared 2-core CPU spinning costs 10x (runtime.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench study clean
+.PHONY: install demo test lint bench study severity-study gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(STAMP)
 
 study: $(STAMP)
 	$(BIN)/python benchmarks/robustness_study.py
+
+severity-study: $(STAMP)
+	$(BIN)/python benchmarks/severity_study.py
+
+# The GPU path in one command (tests -m cuda, GPU benchmark rows, a ResNet-50 run, -C): prints one
+# line and exits 0 where there is no CUDA device.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
