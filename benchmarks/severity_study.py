@@ -88,6 +88,10 @@ def parse() -> argparse.Namespace:
         "--budget", type=int, nargs="+", default=None,
         help="instead of the study: train each variant for each of these epoch counts",
     )  # fmt: skip
+    p.add_argument(
+        "--prep_cost", type=int, default=0, metavar="N",
+        help="instead of the study: time preparing N held-out images at ImageNet size",
+    )  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "severity_study"))
     p.add_argument("--reuse", action="store_true", help="read finished runs, train the rest")
@@ -255,10 +259,51 @@ def plots(runs: list[Run], summary: dict, out: Path) -> list[Path]:
     return paths
 
 
+def prep_cost(args, out: Path) -> None:
+    """CPU time to prepare one held-out image at ImageNet size: decode + resize 256 + crop 224 of
+    a ~500x375 JPEG, one validation corruption, JPEG encode (augmix_gpu.data.heldout)."""
+    import tempfile
+
+    from _common import photo_like
+    from PIL import Image
+
+    from augmix_gpu.data.heldout import _prepare_one
+    from augmix_gpu.data.make_c import image_seed
+    from augmix_gpu.robustness import EXTRA_CORRUPTIONS
+
+    rows, per = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        srcs = []
+        for i in range(args.prep_cost):
+            path = Path(tmp) / f"{i}.JPEG"
+            Image.fromarray(photo_like(500, seed=i)[:375]).save(path, quality=90)
+            srcs.append(path)
+        for c in EXTRA_CORRUPTIONS:
+            times = []
+            for i, src in enumerate(srcs):
+                sev = 1 + i % 5
+                start = time.process_time()
+                _prepare_one((str(src), str(Path(tmp) / f"out{i}.JPEG"), 224, 256, c, sev,
+                              image_seed(0, c, sev, i)))  # fmt: skip
+                times.append(time.process_time() - start)
+            per[c] = statistics.median(times) * 1000
+            rows.append([c, f"{per[c]:.1f}"])
+    mean = statistics.fmean(per.values())
+    rows.append(["mean (round-robin assignment)", f"{mean:.1f}"])
+    rows.append(["10,000 images (the default), core-minutes", f"{mean * 10_000 / 60_000:.1f}"])
+    table = markdown_table(["corruption", "CPU ms per image (median)"], rows)
+    print(table)
+    write_json(out / "prep_cost.json", {"benchmark": "heldout_prep_cost", "args": vars(args),
+               "environment": environment_info(), "ms_per_image": per, "mean_ms": mean})  # fmt: skip
+
+
 def main() -> None:
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.prep_cost:
+        prep_cost(args, out)
+        return
     if args.budget:
         budget_curve(args, out)
         return
