@@ -2,7 +2,11 @@
 
 A step is: the DALI train recipe (decode + random-resized crop + flip), AugMix on the tensors,
 forward/backward of the network on 1 or 3 views, the optimizer. Modes: none, augmix_jsd,
-learnable_augmix_jsd. The AugMix share is measured inside the step (synchronised on CUDA).
+learnable_augmix_jsd (the severity trained through the views, ``minimize``) and
+learnable_heldout (the held-out hypergradient every ``--severity_update_every`` steps, timed over
+whole update cycles; the val images stand in for the held-out set, same size). The AugMix share
+is measured inside the step (synchronised on CUDA); "vs augmix_jsd" is the time per step over
+the fixed-severity JSD step's.
 
     python benchmarks/bench_train_step.py                       # CPU defaults: resnet18, 128 px
     python benchmarks/bench_train_step.py --arch resnet50 --size 224 --batch 128   # on a GPU
@@ -37,10 +41,11 @@ from augmix_gpu.engine import (  # noqa: E402
     build_optimizer,
     train_step,
 )
+from augmix_gpu.hypergradient import HeldoutSeverityUpdater  # noqa: E402
 from augmix_gpu.models import build_model  # noqa: E402
 from augmix_gpu.training import build_augmenter  # noqa: E402
 
-MODES = ("none", "augmix_jsd", "learnable_augmix_jsd")
+MODES = ("none", "augmix_jsd", "learnable_augmix_jsd", "learnable_heldout")
 
 
 def parse() -> argparse.Namespace:
@@ -66,12 +71,14 @@ def parse() -> argparse.Namespace:
 
 def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.device) -> dict:
     env = DistEnv(0, 0, 1, device, None)
+    heldout = mode == "learnable_heldout"
     config = resolve_config(
         [
+            *(["--severity_objective", "heldout"] if heldout else []),
             "--dataset",
             "imagenet",
             "--aug_type",
-            mode,
+            "learnable_augmix_jsd" if heldout else mode,
             "--batch",
             str(args.batch),
             "--precision",
@@ -82,7 +89,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
         ]
     )
     loader = build_loader(
-        data,
+        data / "train",
         "train",
         batch_size=args.batch,
         device="gpu" if device.type == "cuda" else "cpu",
@@ -92,7 +99,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
     model = build_model(args.arch, len(loader.classes))
     net = AugmentedClassifier(
         model,
-        mode,
+        config["aug_type"],
         build_augmenter(config),
         amp_dtype=AMP_DTYPES[args.precision],
         channels_last=True,
@@ -101,9 +108,19 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
     opt = build_optimizer(net, config, args.batch)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16")
     gen = torch.Generator(device).manual_seed(0)
-    ctx = StepContext(net, net, opt, scaler, config, env, gen, len(loader), StopFlag())
+    updater, steps = None, args.steps
+    if heldout:
+        every = config["severity_update_every"]
+        held = build_loader(data / "val", "corrupted", classes=loader.classes, batch_size=args.batch,
+                            device="gpu" if device.type == "cuda" else "cpu", crop_size=args.size,
+                            num_threads=args.threads)  # fmt: skip
+        updater = HeldoutSeverityUpdater(net, held, env, every=every, lr=0.05, beta_jsd=12.0)
+        steps = -(-args.steps // every) * every  # whole update cycles per timed window
+    ctx = StepContext(
+        net, net, opt, scaler, config, env, gen, len(loader), StopFlag(), frozenset(), updater
+    )
     state = TrainState()
-    need = args.warmup + args.steps * args.repeats
+    need = args.warmup + steps * args.repeats
     batches, epoch = [], 0
     rates, shares = [], []
 
@@ -119,7 +136,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
             return next_batch()
 
     for i in range(need):
-        if i >= args.warmup and (i - args.warmup) % args.steps == 0:
+        if i >= args.warmup and (i - args.warmup) % steps == 0:
             net.time_augment, net.augment_seconds = True, 0.0
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -127,11 +144,11 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
         images, labels, _ = next_batch()
         train_step(ctx, state, images, labels)
         state.global_step += 1
-        if i >= args.warmup and (i - args.warmup) % args.steps == args.steps - 1:
+        if i >= args.warmup and (i - args.warmup) % steps == steps - 1:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
-            rates.append(args.steps * args.batch / elapsed)
+            rates.append(steps * args.batch / elapsed)
             shares.append(net.augment_seconds / elapsed)
     return {
         "mode": mode,
@@ -163,21 +180,36 @@ def main() -> None:
             Path(tmp) / "data",
             num_classes=10,
             train_per_class=per_class,
-            val_per_class=1,
+            val_per_class=max(2, args.batch // 10 + 1),
             size=max(args.size + args.size // 7, 64),
             progress=False,
         )
         for device in devices:
             for mode in args.modes:
-                rows.append(bench_mode(mode, args, data / "train", device))
+                rows.append(bench_mode(mode, args, data, device))
                 r = rows[-1]
                 print(
                     f"{mode:>22} {r['device']:>5}: {r['images_per_s_median']:.1f} img/s, "
                     f"AugMix {100 * r['augmix_share_median']:.1f}% of the step",
                     flush=True,
                 )
+    jsd = {r["device"]: r["images_per_s_median"] for r in rows if r["mode"] == "augmix_jsd"}
+    for r in rows:  # time per step relative to the fixed-severity JSD step's
+        r["vs_augmix_jsd"] = (
+            jsd[r["device"]] / r["images_per_s_median"] if r["device"] in jsd else None
+        )
     table = markdown_table(
-        ["mode", "device", "arch", "px", "batch", "img/s (median)", "min-max", "AugMix share"],
+        [
+            "mode",
+            "device",
+            "arch",
+            "px",
+            "batch",
+            "img/s (median)",
+            "min-max",
+            "AugMix share",
+            "vs augmix_jsd",
+        ],  # fmt: skip
         [
             [
                 r["mode"],
@@ -188,6 +220,7 @@ def main() -> None:
                 f"{r['images_per_s_median']:.1f}",
                 f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
                 f"{100 * r['augmix_share_median']:.1f}%",
+                "–" if r["vs_augmix_jsd"] is None else f"{r['vs_augmix_jsd']:.2f}×",
             ]
             for r in rows
         ],
