@@ -71,7 +71,7 @@ def to_unit_float(x: Tensor, name: str = "x", check_values: bool = True) -> Tens
     """
     check_image_batch(x, name, check_values=check_values)
     if x.dtype == torch.uint8:
-        return x.to(torch.float32).div_(255.0)
+        return torch.div(x, 255.0)  # float32
     if x.dtype in (torch.float32, torch.float64):
         return x
     return x.to(torch.float32)
@@ -298,12 +298,17 @@ class AugMixBatch(nn.Module):
         self._has_warp = bool(geo)
         self.register_buffer("_group_of_op", torch.tensor(group), persistent=False)
         self._group_of_op: Tensor
-        # The pil_affine term each op sets (a spare row past AFFINE_TERMS for the other ops).
-        terms = [
-            op.affine_term if op.affine_term is not None else len(AFFINE_TERMS) for op in self.ops
-        ]
-        self.register_buffer("_term_of_op", torch.tensor(terms), persistent=False)
-        self._term_of_op: Tensor
+        # One-hot rows, looked up per application: its (non-idle) group, and the pil_affine term
+        # its parameter sets (none for the non-geometric ops).
+        onehot = torch.eye(self._n_groups - 1, dtype=torch.bool)[torch.tensor(group)]
+        self.register_buffer("_group_onehot", onehot, persistent=False)
+        self._group_onehot: Tensor
+        terms = torch.zeros(len(self.ops), len(AFFINE_TERMS))
+        for i, op in enumerate(self.ops):
+            if op.affine_term is not None:
+                terms[i, op.affine_term] = 1.0
+        self.register_buffer("_term_onehot", terms, persistent=False)
+        self._term_onehot: Tensor
         # Each op's magnitude map read off the op table once, as (scale, offset) of
         # parameter = level * scale + offset (Op.parameter), at row 2 * op + (sign > 0): the scale
         # of a signed op is negated in its negative row.
@@ -370,8 +375,9 @@ class AugMixBatch(nn.Module):
             depth = torch.full((v, w, b), self.depth, dtype=torch.long, device=dev)
         level_u = torch.rand((v, w, d, b), **kw)
         signs = torch.randint(0, 2, (v, w, d, b), dtype=torch.float32, **kw).mul_(2.0).sub_(1.0)
-        weights = _dirichlet_last(torch.full((v, b, w), self.alpha, device=dev), generator)
-        mix = _dirichlet_last(torch.full((v, b, 2), self.alpha, device=dev), generator)[..., 0]
+        alpha = torch.full((v, b, w + 2), self.alpha, device=dev)  # the weights' and the mix's
+        weights = _dirichlet_last(alpha[..., :w], generator)
+        mix = _dirichlet_last(alpha[..., w:], generator)[..., 0]
         params = AugMixParams(ops, depth, level_u, signs, weights, mix)
         return params.to(target) if target is not None and target != dev else params
 
@@ -448,7 +454,8 @@ class AugMixBatch(nn.Module):
         if self._group_of_op.device != device:
             for name in (
                 "_group_of_op",
-                "_term_of_op",
+                "_group_onehot",
+                "_term_onehot",
                 "_op_coef",
                 "_op_coef64",
                 "_inv_std",
@@ -484,18 +491,20 @@ class AugMixBatch(nn.Module):
         # Flatten chains: image n = (view * width + chain) * B + sample; steps first.
         param_f = param.permute(2, 0, 1, 3).reshape(d, n)
         ops_f = params.ops.permute(2, 0, 1, 3).reshape(d, n)
-        steps = torch.arange(d, device=device).unsqueeze(1)
-        idle = self._n_groups - 1
-        # group of every application: the warp, one per other op, or idle (chain finished)
-        kind = self._group_of_op[ops_f].masked_fill_(params.depth.reshape(1, n) <= steps, idle)
+        # which applications run (the chain has not finished) and each one's group
+        active = params.depth.reshape(1, n) > torch.arange(d, device=device).unsqueeze(1)
+        drawn = self._group_onehot[ops_f].permute(2, 0, 1) & active  # [groups, D, N]
         # every warp's grid terms, built once for all steps (grid_terms)
         grid = self._grid_terms(param_f, ops_f, h, wd) if self._has_warp else None
-        drawn, coefs = self._coefficients(param_f, kind)
+        coefs = self._coefficients(param_f, drawn)
         tracked = torch.is_grad_enabled() and (x.requires_grad or param_f.requires_grad)
         if self.strategy_for(device) == "static":
-            out = self._run_static(x, drawn, coefs, grid, v * w, tracked)
+            out = self._run_static(x, drawn, active, coefs, grid, v * w, tracked)
         else:
-            sizes = drawn.sum(dim=-1).t().tolist()  # the one host sync of a grouped call
+            idle = self._n_groups - 1
+            kind = self._group_of_op[ops_f].masked_fill_(~active, idle)  # [D, N] group or idle
+            counts = torch.cat((drawn.sum(dim=-1), (~active).sum(dim=-1, keepdim=True).t()))
+            sizes = counts.t().tolist()  # the one host sync of a grouped call
             if tracked:
                 out = self._run_permuted(x, coefs, grid, kind, sizes)
             else:
@@ -506,25 +515,21 @@ class AugMixBatch(nn.Module):
         self, param_f: Tensor, ops_f: Tensor, h: int, w: int
     ) -> list[tuple[Tensor, Tensor]]:
         """``grid_terms`` of every application's PIL matrix, per step ``([N, W, 2], [N, H, 2])``,
-        built once per call: each parameter is put in the ``pil_affine`` term of its op (the other ops'
-        in a spare row, so their matrix is the identity)."""
+        built once per call: each parameter is put in the ``pil_affine`` term of its op (the other
+        ops set none: the identity)."""
         d, n = param_f.shape
-        terms = torch.zeros(
-            len(AFFINE_TERMS) + 1, d * n, dtype=param_f.dtype, device=param_f.device
-        )
-        terms = terms.scatter(0, self._term_of_op[ops_f].reshape(1, -1), param_f.reshape(1, -1))
-        along_row, along_col = grid_terms(pil_affine(terms[: len(AFFINE_TERMS)], h, w), h, w)
+        terms = self._term_onehot[ops_f] * param_f[..., None]  # [D, N, 5]
+        along_row, along_col = grid_terms(pil_affine(terms, h, w).view(d * n, 2, 3), h, w)
         return list(zip(along_row.view(d, n, w, 2).unbind(0), along_col.view(d, n, h, 2).unbind(0)))
 
-    def _coefficients(self, param_f: Tensor, kind: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Which group each application is in, ``[groups + idle, D, N]`` bool, and each non-geometric
-        op's coefficients (``Op.prepare``) for all steps at once, from its own applications'
-        parameters and 0 elsewhere (another op's magnitude can be out of its range, e.g.
-        posterize at 256 bits, whose inf would turn a zero gradient into NaN)."""
-        drawn = kind == torch.arange(self._n_groups, device=kind.device).view(-1, 1, 1)
-        gated = param_f * drawn[int(self._has_warp) : -1]
+    def _coefficients(self, param_f: Tensor, drawn: Tensor) -> list[tuple[Tensor, ...]]:
+        """Each non-geometric op's coefficients (``Op.prepare``) for all steps at once, per step,
+        from its own applications' parameters and 0 elsewhere (another op's magnitude can be out
+        of its range, e.g. posterize at 256 bits, whose inf would turn a zero gradient into NaN).
+        ``drawn`` is ``[groups, D, N]``."""
+        gated = param_f * drawn[int(self._has_warp) :]
         # unbound per step: one stack in backward instead of a zero-filled gradient per step
-        return drawn, [op.prepare(gated[j]).unbind(0) for j, op in enumerate(self._other_ops)]
+        return [op.prepare(gated[j]).unbind(0) for j, op in enumerate(self._other_ops)]
 
     def _apply_group(
         self,
@@ -549,6 +554,7 @@ class AugMixBatch(nn.Module):
         self,
         x: Tensor,
         drawn: Tensor,
+        active: Tensor,
         coefs: list[tuple[Tensor, ...]],
         grid: list[tuple[Tensor, Tensor]] | None,
         copies: int,
@@ -563,14 +569,16 @@ class AugMixBatch(nn.Module):
         d = drawn.shape[1]
         first = int(self._has_warp)
         cur = x.repeat(copies, 1, 1, 1)  # chain image n starts as sample n % B
+        if tracked:  # _Select takes every row's mask, the idle one's too
+            every = torch.cat((drawn, ~active[None]))[..., None, None, None]
         for t in range(d):
-            masks = drawn[:, t, :, None, None, None]  # [groups + idle, N, 1, 1, 1]
+            masks = drawn[:, t, :, None, None, None]  # [groups, N, 1, 1, 1]
             if tracked:  # every op's output and the input (idle), selected by one function
                 outs = [warp_grid_terms(cur, *grid[t])] if grid is not None else []
                 outs += [
                     op.apply_prepared(cur, coefs[j][t]) for j, op in enumerate(self._other_ops)
                 ]
-                cur = _Select.apply(masks, *outs, cur)
+                cur = _Select.apply(every[:, t], *outs, cur)
                 continue
             out = cur
             if grid is not None:

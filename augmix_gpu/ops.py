@@ -140,14 +140,9 @@ def autocontrast(x: Tensor, param: Tensor) -> Tensor:
     lo, hi = x.detach().flatten(2).aminmax(dim=-1)  # one pass for both, [N, C]
     span = hi - lo
     flat = span <= 0
-    scale = span.add_(flat).reciprocal_()[..., None, None]
-    out = torch.sub(x, lo.masked_fill_(flat, 0.0)[..., None, None])
-    if not _needs_grad(out):
-        return out.mul_(scale).clamp_(0.0, 1.0)
-    out = out * scale
-    # the clamp only removes rounding excess (the stretch maps [lo, hi] onto [0, 1]): its
-    # gradient is the identity
-    return _straight_through(out.detach().clamp(0.0, 1.0), out)
+    span = span.add_(flat)[..., None, None]
+    # lo <= x <= hi, and rounding is monotonic: the quotient is in [0, 1] without a clamp
+    return torch.sub(x, lo.masked_fill_(flat, 0.0)[..., None, None]).div_(span)
 
 
 def equalize(x: Tensor, param: Tensor) -> Tensor:
@@ -165,7 +160,8 @@ def equalize(x: Tensor, param: Tensor) -> Tensor:
     levels = x.detach().reshape(n * c, h * w).mul(255.0).add_(0.5).long()
     # float32 counts are exact up to 2**24 pixels per channel (4096 x 4096).
     counts = torch.zeros(n * c, 256, dtype=torch.float32, device=x.device)
-    counts.scatter_(1, levels, 1.0, reduce="add")
+    ones = torch.ones((), dtype=torch.float32, device=x.device).expand_as(levels)
+    counts.scatter_add_(1, levels, ones)  # 10x faster on the CPU than scatter_(reduce="add")
     cdf_excl = counts.cumsum(dim=1).sub_(counts)  # pixels below each level
     # count minus the count of the last non-empty bin = the pixels below the highest level used
     step = cdf_excl.gather(1, levels.amax(dim=1, keepdim=True)).div_(255, rounding_mode="floor")
@@ -273,10 +269,13 @@ def warp_grid_terms(x: Tensor, along_row: Tensor, along_col: Tensor) -> Tensor:
     grid = along_row[:, None] + along_col[:, :, None]
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # PIL fills unless 0 <= q < size, i.e. -1 <= g < 1 for both coordinates; we fill unless
-    # |g| < 1 (one norm, one compare), which differs only for a point exactly on the left or top
-    # edge (q = 0). A multiply by the mask: 3x cheaper than masked_fill_ on the CPU.
-    inside = torch.linalg.vector_norm(grid.detach(), ord=math.inf, dim=-1) < 1.0
-    return out.mul_(inside.unsqueeze(1))
+    # |g| < 1, which differs only for a point exactly on the left or top edge (q = 0). The larger
+    # |g| of each pixel is a max-pool over the interleaved (x, y) pairs: a reduction over the
+    # size-2 last dim (amax, norm) is 2-60x slower on the CPU. A multiply by the mask is 3x
+    # cheaper than masked_fill_ on the CPU.
+    n, h, w, _ = grid.shape
+    larger = F.max_pool1d(grid.detach().abs().view(n * h, 1, 2 * w), 2).view(n, 1, h, w)
+    return out.mul_(larger < 1.0)
 
 
 # The five geometric ops each set one term of a PIL AFFINE matrix: rotation (degrees,
@@ -286,17 +285,17 @@ AFFINE_TERMS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 def pil_affine(terms: Tensor, h: int, w: int) -> Tensor:
-    """``terms [5, N]`` (one row per ``AFFINE_TERMS`` entry) -> PIL AFFINE matrices ``[N, 2, 3]``.
+    """``terms [..., 5]`` (one per ``AFFINE_TERMS`` entry) -> PIL AFFINE matrices ``[..., 2, 3]``.
 
-    With one non-zero term per column that is exactly the op's PIL matrix (with all zero, the
+    With one non-zero term per sample that is exactly the op's PIL matrix (with all zero, the
     identity): ``Image.rotate(deg)`` is ``(cos, sin, cx - cos cx - sin cy, -sin, cos,
     cy + sin cx - cos cy)`` with ``r = -deg`` in radians and the centre ``(cx, cy) = (W/2, H/2)``;
     shear x is ``(1, s, 0, 0, 1, 0)`` and shear y ``(1, 0, 0, s, 1, 0)`` (origin at the top-left
     corner, as the official code); translate x is ``(1, 0, frac*W, 0, 1, 0)`` (a positive
     parameter moves the content left) and translate y ``(1, 0, 0, 0, 1, frac*H)``. Several
-    non-zero terms in one column give the sum of their deviations from the identity (not used).
+    non-zero terms for one sample give the sum of their deviations from the identity (not used).
     """
-    deg, shear_x, shear_y, frac_x, frac_y = terms.unbind(0)
+    deg, shear_x, shear_y, frac_x, frac_y = terms.unbind(-1)
     r = deg * (-math.pi / 180.0)
     cos, sin = torch.cos(r), torch.sin(r)
     cx, cy = w / 2.0, h / 2.0
@@ -304,7 +303,7 @@ def pil_affine(terms: Tensor, h: int, w: int) -> Tensor:
     tx = torch.add(one_minus_cos * cx, sin, alpha=-cy).add_(frac_x, alpha=w)
     ty = torch.add(one_minus_cos * cy, sin, alpha=cx).add_(frac_y, alpha=h)
     rows = (cos, sin + shear_x, tx, shear_y - sin, cos, ty)
-    return torch.stack(rows, dim=-1).view(-1, 2, 3)
+    return torch.stack(rows, dim=-1).view(*terms.shape[:-1], 2, 3)
 
 
 def _geometric(name: str, max_param: float) -> Op:
@@ -314,7 +313,7 @@ def _geometric(name: str, max_param: float) -> Op:
     def affine(param: Tensor, h: int, w: int) -> Tensor:
         zero = torch.zeros_like(param)
         terms = [param if k == term else zero for k in range(len(AFFINE_TERMS))]
-        return pil_affine(torch.stack(terms), h, w)
+        return pil_affine(torch.stack(terms, dim=-1), h, w)
 
     def apply(x: Tensor, param: Tensor) -> Tensor:
         return warp_affine(x, affine(param.to(x.dtype), x.shape[-2], x.shape[-1]))
