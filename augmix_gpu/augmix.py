@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import AFFINE_TERMS, Op, get_ops, grid_terms, pil_affine, warp_grid_terms
+from .runtime import tune_for_cpu_augmentation
 from .validation import check_image_batch, check_in_range, check_int_at_least, check_positive
 
 __all__ = [
@@ -476,6 +477,8 @@ class AugMixBatch(nn.Module):
         n, (_, _, h, wd) = v * w * b, x.shape
         dtype, device = x.dtype, x.device
         self._tables(device)
+        if device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
+            tune_for_cpu_augmentation()
         # Parameter of every application, differentiable in s: level -> op.parameter -> sign.
         if isinstance(severity, (int, float)) and not isinstance(severity, bool):
             span = _level_span(float(severity), dtype)  # s - 0.1, rounded as a tensor s would be
@@ -514,13 +517,14 @@ class AugMixBatch(nn.Module):
     def _grid_terms(
         self, param_f: Tensor, ops_f: Tensor, h: int, w: int
     ) -> list[tuple[Tensor, Tensor]]:
-        """``grid_terms`` of every application's PIL matrix, per step ``([N, W, 2], [N, H, 2])``,
+        """``grid_terms`` of every application's PIL matrix, per step ``([N,2,1,W], [N,2,H,1])``,
         built once per call: each parameter is put in the ``pil_affine`` term of its op (the other
         ops set none: the identity)."""
         d, n = param_f.shape
         terms = self._term_onehot[ops_f] * param_f[..., None]  # [D, N, 5]
         along_row, along_col = grid_terms(pil_affine(terms, h, w).view(d * n, 2, 3), h, w)
-        return list(zip(along_row.view(d, n, w, 2).unbind(0), along_col.view(d, n, h, 2).unbind(0)))
+        rows, cols = along_row.view(d, n, 2, 1, w), along_col.view(d, n, 2, h, 1)
+        return list(zip(rows.unbind(0), cols.unbind(0)))
 
     def _coefficients(self, param_f: Tensor, drawn: Tensor) -> list[tuple[Tensor, ...]]:
         """Each non-geometric op's coefficients (``Op.prepare``) for all steps at once, per step,

@@ -237,8 +237,8 @@ def _count_call(aug: AugMixBatch, x: torch.Tensor, backward: bool = False) -> _C
 _MAX_OPS = {
     ("static", False): 200,
     ("static", True): 400,
-    ("grouped", False): 250,
-    ("grouped", True): 430,
+    ("grouped", False): 255,
+    ("grouped", True): 440,
 }
 
 
@@ -344,6 +344,29 @@ def test_static_clamps_a_float_batch_instead_of_reading_its_range():
         assert torch.equal(u, v)
     with pytest.raises(ValueError, match=r"\[0,1\]"):
         AugMixBatch(strategy="grouped").apply(x * 1.5 - 0.25, p, 3.0)
+
+
+def test_the_first_cpu_call_keeps_freed_memory_unless_opted_out(monkeypatch):
+    """runtime.tune_for_cpu_augmentation: applied once per process, on the first CPU call."""
+    from augmix_gpu import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    x = natural_batch(2, 16)
+    monkeypatch.setattr(runtime, "_tuned", None)
+    monkeypatch.setenv("AUGMIX_GPU_DEFAULT_MALLOC", "1")
+    AugMixBatch()(x)
+    assert calls == [] and runtime._tuned is False
+    monkeypatch.setattr(runtime, "_tuned", None)
+    monkeypatch.setattr(runtime, "AUTO_REUSE_FREED_MEMORY", False)
+    monkeypatch.delenv("AUGMIX_GPU_DEFAULT_MALLOC")
+    AugMixBatch()(x)
+    assert calls == [] and runtime._tuned is False
+    monkeypatch.setattr(runtime, "_tuned", None)
+    monkeypatch.setattr(runtime, "AUTO_REUSE_FREED_MEMORY", True)
+    AugMixBatch()(x)
+    AugMixBatch(strategy="static")(x)
+    assert calls == [1] and runtime._tuned is True
 
 
 # --- gradient ---------------------------------------------------------------------------------
