@@ -19,15 +19,14 @@ draws (tests pin it):
   drawn one (an op that is the identity at parameter 0, solarize, needs no select). No shape
   depends on the draw: nothing is read back to the host, the call is the same kernels every time
   (it runs on the ``meta`` device, and compiles with ``torch.compile(fullgraph=True)``), and it
-  dispatches fewer operators (198 vs 244 per call at the defaults; 373 vs 421 for the learnable
+  dispatches fewer operators (199 vs 251 per call at the defaults; 385 vs 437 for the learnable
   forward + backward). The price is arithmetic: each op touches N images instead of its group,
-  5.4x the CPU time of ``grouped`` at 224 px (README, AugMix benchmark).
-* ``strategy="auto"`` (default): ``grouped`` on the CPU (measured: 5.4x less CPU time), ``static``
-  on any other device. That half is argued, not measured (no GPU has run this code): a GPU
-  training step should not wait on the host (a sync drains the queue the CPU had run ahead on,
-  and prevents CUDA-graph capture), and at the batch sizes where static's extra arithmetic would
-  show (a memory-bound ~5x of grouped's few ms at 128 x 224 px) a GPU check must decide; pass
-  ``strategy="grouped"`` to compare.
+  4.2x the CPU time of ``grouped`` at 224 px (README, AugMix benchmark).
+* ``strategy="auto"`` (default): ``grouped`` on the CPU (measured: 4.2x less CPU time), ``static``
+  on any other device. The second half is argued, not measured (no GPU has run this code): a GPU
+  training step should not wait on the host (a sync waits for every queued kernel and rules out
+  CUDA-graph capture); static's extra arithmetic is memory traffic on a GPU too, so the GPU check
+  decides (benchmark rows d and d-grouped); pass ``strategy="grouped"`` to compare.
 
 The counts do not depend on B (a test counts them at B=8 and B=256). Mixing happens in [0,1]
 space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the official "mix after
@@ -226,6 +225,9 @@ class AugMixBatch(nn.Module):
             e.g. ``augmix_gpu.severity.LearnableSeverity``; its parameters register here.
         normalize: subtract ``mean`` and divide by ``std`` (per channel) on every output.
         num_views: augmented views per call (2 for the JSD loss).
+        strategy: ``"grouped"`` (each op on its group; one host sync per call), ``"static"``
+            (every op on every image; nothing read back to the host) or ``"auto"`` (grouped on
+            the CPU, static elsewhere); the same views and gradients (module docstring).
     Shape:
         input ``[B,3,H,W]`` uint8 (0..255) or float in [0,1]; outputs ``num_views + 1`` tensors
         ``[B,3,H,W]`` float32 (float64 in, float64 out): clean first, then the views.

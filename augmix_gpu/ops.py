@@ -279,7 +279,7 @@ def warp_grid_terms(x: Tensor, along_row: Tensor, along_col: Tensor) -> Tensor:
     # by the mask: 3x cheaper than masked_fill_ on the CPU.
     # (grid_sample's backward keeps the grid; without a gradient |g| is taken in place, 10x faster)
     size = planar.detach().abs() if _needs_grad(planar) else planar.abs_()
-    return out.mul_(size.amax(dim=1, keepdim=True) < 1.0)
+    return out.mul_(torch.maximum(size[:, :1], size[:, 1:]) < 1.0)
 
 
 # The five geometric ops each set one term of a PIL AFFINE matrix: rotation (degrees,
