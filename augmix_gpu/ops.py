@@ -19,6 +19,7 @@ a separable box sum on the CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "AFFINE_TERMS",
     "AUGMENTATIONS",
     "AUGMENTATIONS_ALL",
     "GRADIENT_KINDS",
@@ -35,6 +37,7 @@ __all__ = [
     "Op",
     "SOLARIZE_TEMPERATURE",
     "get_ops",
+    "pil_affine",
     "warp_affine",
 ]
 
@@ -64,12 +67,27 @@ class Op:
     gradient: str
     affine: Callable[[Tensor, int, int], Tensor] | None = None
     offset: float = 0.0
+    affine_term: int | None = None  # geometric ops: the AFFINE_TERMS entry the parameter sets
+    # Optional split apply(x, param) = kernel(x, coefficient(param)): the per-sample work that
+    # depends on the parameter only, so AugMixBatch computes it once per call for every step.
+    coefficient: Callable[[Tensor], Tensor] | None = None
+    kernel: Callable[[Tensor, Tensor], Tensor] | None = None
+    # prepare(0) makes apply_prepared the exact identity on [0,1] (no gradient tracked)
+    identity_at_zero: bool = False
 
     def parameter(self, level: Tensor) -> Tensor:
         """Map ``level`` (0..10 scale, any shape) to this op's parameter, continuously."""
         if self.max_param is None:
             return torch.zeros_like(level)
         return level * (self.max_param / 10.0) + self.offset
+
+    def prepare(self, param: Tensor) -> Tensor:
+        """The per-sample coefficient ``apply_prepared`` takes (the parameter itself by default)."""
+        return param if self.coefficient is None else self.coefficient(param)
+
+    def apply_prepared(self, x: Tensor, coef: Tensor) -> Tensor:
+        """``apply(x, param)`` given ``coef = prepare(param)``."""
+        return self.apply(x, coef) if self.kernel is None else self.kernel(x, coef)
 
 
 def _col(p: Tensor, x: Tensor) -> Tensor:
@@ -81,19 +99,27 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``hard`` forward, the gradient of ``soft`` backward, without arithmetic (the usual
+    ``soft + (hard - soft).detach()`` costs two passes and rounds the value)."""
+
+    @staticmethod
+    def forward(ctx, hard: Tensor, soft: Tensor) -> Tensor:
+        return hard.view_as(hard)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
 def _straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     """Forward value of ``hard``, gradient of ``soft``."""
-    return soft + (hard - soft).detach()
+    return _StraightThrough.apply(hard.detach(), soft)
 
 
 # ---------------------------------------------------------------------------------------------
 # Histogram / lookup ops (PIL ImageOps)
 # ---------------------------------------------------------------------------------------------
-
-
-def _clamp01(t: Tensor) -> Tensor:
-    """Clamp to [0, 1], in place when no gradient is tracked (one allocation fewer)."""
-    return t.clamp(0.0, 1.0) if _needs_grad(t) else t.clamp_(0.0, 1.0)
 
 
 # Full-size ``torch.where`` and ``masked_fill_`` cost 2-7x an arithmetic pass on the CPU, so the
@@ -104,18 +130,20 @@ def autocontrast(x: Tensor, param: Tensor) -> Tensor:
     """PIL ``ImageOps.autocontrast`` (cutoff 0): stretch each channel's [min, max] to [0, 1].
 
     PIL truncates ``(v - lo) * 255 / (hi - lo)`` to an integer; we keep it continuous, so the
-    result is above PIL's by less than 1/255. A flat channel (``hi <= lo``) is left unchanged.
+    result is above PIL's by less than 1/255. A flat channel (``hi <= lo``) is left unchanged:
+    its ``lo`` is taken as 0 and its span as 1, so the map is the identity there.
+    Backward: the stretch (``lo``, ``1 / span``) is a constant, as equalize's lookup table is
+    (in PIL's 8-bit ops both are piecewise constant in the image); the exact derivative through
+    min/max would reach only each channel's darkest and brightest pixel.
     """
     del param  # no magnitude
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    flat_x = x.detach().flatten(2)
+    lo, hi = flat_x.amin(dim=-1), flat_x.amax(dim=-1)  # [N, C]; aminmax is 7x slower on the CPU
     span = hi - lo
     flat = span <= 0
-    scale = torch.where(
-        flat, torch.ones_like(span), 1.0 / torch.where(flat, torch.ones_like(span), span)
-    )
-    offset = torch.where(flat, torch.zeros_like(lo), -lo * scale)
-    return _clamp01(torch.addcmul(offset, x, scale))
+    span = span.add_(flat)[..., None, None]
+    # lo <= x <= hi, and rounding is monotonic: the quotient is in [0, 1] without a clamp
+    return torch.sub(x, lo.masked_fill_(flat, 0.0)[..., None, None]).div_(span)
 
 
 def equalize(x: Tensor, param: Tensor) -> Tensor:
@@ -129,18 +157,20 @@ def equalize(x: Tensor, param: Tensor) -> Tensor:
     """
     del param
     n, c, h, w = x.shape
-    levels = (x.detach() * 255.0 + 0.5).floor_().clamp_(0, 255).long().reshape(n * c, h * w)
-    counts = torch.zeros(n * c, 256, dtype=torch.float32, device=x.device)
+    # round half up to a level (x in [0,1], so the truncating cast is a floor)
+    levels = x.detach().reshape(n * c, h * w).mul(255.0).add_(0.5).long()
     # float32 counts are exact up to 2**24 pixels per channel (4096 x 4096).
+    counts = torch.zeros(n * c, 256, dtype=torch.float32, device=x.device)
     ones = torch.ones((), dtype=torch.float32, device=x.device).expand_as(levels)
-    counts.scatter_add_(1, levels, ones)
-    bins = torch.arange(256, device=x.device)
-    last_bin = torch.where(counts > 0, bins, torch.zeros_like(bins)).amax(dim=1, keepdim=True)
-    step = torch.div(h * w - counts.gather(1, last_bin), 255, rounding_mode="floor")  # [n*c, 1]
-    cdf_excl = counts.cumsum(dim=1) - counts
-    half = torch.div(step, 2, rounding_mode="floor")
-    lut = torch.div(cdf_excl + half, step.clamp_min(1), rounding_mode="floor").clamp_max_(255.0)
-    lut = torch.where(step == 0, bins.to(lut.dtype), lut).to(x.dtype).div_(255.0)  # [n*c, 256]
+    counts.scatter_add_(1, levels, ones)  # 10x faster on the CPU than scatter_(reduce="add")
+    cdf_excl = counts.cumsum(dim=1).sub_(counts)  # pixels below each level
+    # count minus the count of the last non-empty bin = the pixels below the highest level used
+    step = cdf_excl.gather(1, levels.amax(dim=1, keepdim=True)).div_(255, rounding_mode="floor")
+    # PIL's (cdf_excl + step // 2) // step, in integers; equal to floor((cdf_excl + step / 2) / step)
+    lut = torch.div(cdf_excl.add_(step, alpha=0.5), step, rounding_mode="floor")
+    lut = lut.clamp_max_(255.0)  # inf/nan at step 0:
+    bins = torch.arange(256, dtype=lut.dtype, device=x.device)  # replaced by the identity here
+    lut = torch.where(step > 0, lut, bins).div_(255.0).to(x.dtype)  # [n*c, 256]
     hard = lut.gather(1, levels).reshape(n, c, h, w)
     return _straight_through(hard, x) if _needs_grad(x) else hard
 
@@ -154,14 +184,24 @@ def posterize(x: Tensor, param: Tensor) -> Tensor:
     over the position of ``x`` within its bin (E[x - step*floor(x/step)] = step/2), so
     d out/d step = -1/2 per pixel and d out/d x = 1.
     """
-    step = torch.exp2(4.0 + _col(param, x))  # in 0..255 units
-    sd = step.detach()
-    # floor((255 x + margin) / step) * step / 255, as one fused multiply-add, floor, multiply
-    hard = torch.addcmul(_TIE_MARGIN / sd, x.detach(), 255.0 / sd).floor_().mul_(sd / 255.0)
+    return _posterize_kernel(x, _posterize_step(param))
+
+
+def _posterize_step(param: Tensor) -> Tensor:
+    """``posterize``'s coefficients ``[..., 3]``: the quantisation step in [0,1] units,
+    ``2**(4 + param) / 255`` (with its gradient), its reciprocal and the tie margin over it."""
+    step = torch.exp2(param + 4.0) / 255.0
+    inv = step.detach().reciprocal()
+    return torch.stack((step, inv, inv * (_TIE_MARGIN / 255.0)), dim=-1)
+
+
+def _posterize_kernel(x: Tensor, coef: Tensor) -> Tensor:
+    step, inv, offset = (_col(c, x) for c in coef.unbind(-1))
+    # floor((255 x + margin) / (255 step)) * step, as one multiply-add, floor, multiply
+    hard = torch.addcmul(offset, x.detach(), inv).floor_().mul_(step.detach())
     if not _needs_grad(x, step):
         return hard
-    soft = x - step / (2.0 * 255.0)
-    return _straight_through(hard, soft)
+    return _straight_through(hard, torch.sub(x, step, alpha=0.5))
 
 
 def solarize(x: Tensor, param: Tensor) -> Tensor:
@@ -170,15 +210,23 @@ def solarize(x: Tensor, param: Tensor) -> Tensor:
     Backward (straight-through): a sigmoid relaxation of the threshold,
     ``soft = x + sigmoid((255 x - t) / T) * (1 - 2x)`` with ``T = SOLARIZE_TEMPERATURE`` levels.
     """
-    t = 256.0 - _col(param, x)  # threshold in 0..255 units
+    return _solarize_kernel(x, _solarize_threshold(param))
+
+
+def _solarize_threshold(param: Tensor) -> Tensor:
+    """The threshold of ``solarize`` in [0,1] units, less the tie margin: ``(256 - param) / 255``."""
+    return torch.sub(256.0 - _TIE_MARGIN, param).div_(255.0)
+
+
+def _solarize_kernel(x: Tensor, threshold: Tensor) -> Tensor:
+    t = _col(threshold, x)
     xd = x.detach()
-    inverted = torch.ge(xd, (t.detach() - _TIE_MARGIN) / 255.0).to(x.dtype)
-    hard = torch.sub(xd, inverted).abs_()  # x where kept, 1 - x where inverted (x in [0,1])
+    # x where kept, 1 - x where inverted; param 0 (threshold 256) leaves every x in [0,1] as is
+    hard = torch.where(xd >= t.detach(), 1.0 - xd, xd)
     if not _needs_grad(x, t):
         return hard
-    gate = torch.sigmoid((x * 255.0 - t) / SOLARIZE_TEMPERATURE)
-    soft = x + gate * (1.0 - 2.0 * x)
-    return _straight_through(hard, soft)
+    gate = torch.sigmoid((x - t) * (255.0 / SOLARIZE_TEMPERATURE))
+    return _straight_through(hard, torch.addcmul(x + gate, x, gate, value=-2.0))  # x + gate (1-2x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,73 +243,87 @@ def warp_affine(x: Tensor, matrix: Tensor) -> Tensor:
     ``grid_sample(padding_mode="border", align_corners=False)`` with the outside set to 0.
     Differentiable in ``matrix`` and ``x``.
     """
-    n, c, h, w = x.shape
-    m = matrix.to(x.dtype)
-    a, b, tx = m[:, 0, 0, None, None], m[:, 0, 1, None, None], m[:, 0, 2, None, None]
-    d, e, ty = m[:, 1, 0, None, None], m[:, 1, 1, None, None], m[:, 1, 2, None, None]
-    # Normalised coordinates (align_corners=False): g = 2 q / size - 1 for a point q in pixels.
-    # Pixel centres of the output, in pixels: px = j + 0.5 along a row, py = i + 0.5 down a column.
-    px = torch.arange(w, dtype=x.dtype, device=x.device).add_(0.5).view(1, 1, w)
-    py = torch.arange(h, dtype=x.dtype, device=x.device).add_(0.5).view(1, h, 1)
-    # The grid is built by broadcasting a [N,1,W] row term and a [N,H,1] column term (one pass
-    # over [N,H,W] per coordinate; F.affine_grid's batched matmul is ~3x slower on the CPU).
-    row_x, col_x = (2.0 / w) * (a * px + tx) - 1.0, (2.0 / w) * (b * py)
-    row_y, col_y = (2.0 / h) * (d * px + ty) - 1.0, (2.0 / h) * (e * py)
-    if _needs_grad(m):
-        grid = torch.stack((row_x + col_x, row_y + col_y), dim=-1)
-    else:  # write both coordinates in place: saves a pass over the grid
-        grid = torch.empty((n, h, w, 2), dtype=x.dtype, device=x.device)
-        torch.add(row_x, col_x, out=grid[..., 0])
-        torch.add(row_y, col_y, out=grid[..., 1])
-    gx, gy = grid[..., 0], grid[..., 1]
+    return warp_grid_terms(x, *grid_terms(matrix.to(x.dtype), x.shape[-2], x.shape[-1]))
+
+
+def grid_terms(matrix: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The sampling grid of PIL matrices ``[N,2,3]`` as a per-column term ``[N,2,1,W]`` and a
+    per-row term ``[N,2,H,1]`` (x and y planes), whose broadcast sum is the grid in normalised
+    coordinates, planar ``[N,2,H,W]``.
+
+    Separate so that AugMixBatch builds them for every step of a call at once.
+    """
+    # Normalised coordinates (align_corners=False): g = 2 q / size - 1 for a point q in pixels,
+    # so row k of the matrix is scaled by 2 / (w, h)[k] and the constant term shifted by -1.
+    if h == w:
+        m = matrix * (2.0 / w)
+    else:
+        m = torch.stack((matrix[..., 0, :] * (2.0 / w), matrix[..., 1, :] * (2.0 / h)), dim=-2)
+    px = torch.arange(0.5, w, 1.0, dtype=m.dtype, device=m.device)  # output pixel centres
+    py = px if h == w else torch.arange(0.5, h, 1.0, dtype=m.dtype, device=m.device)
+    a, b, c = m[..., None, None].unbind(-3)  # [N, 2, 1, 1] each; one unbind: one stack backward
+    along_row = torch.addcmul(c - 1.0, a, px)
+    along_col = b * py[:, None]
+    return along_row, along_col
+
+
+def warp_grid_terms(x: Tensor, along_row: Tensor, along_col: Tensor) -> Tensor:
+    """``warp_affine`` from ``grid_terms``: one broadcast add builds the grid, planar (an
+    interleaved [N,H,W,2] sum is 8x slower on the CPU; ``grid_sample`` takes the permuted view at
+    the same speed), where F.affine_grid's batched matmul would be ~3x slower."""
+    planar = along_row + along_col  # [N, 2, H, W]
+    grid = planar.permute(0, 2, 3, 1)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gx, gy = gx.detach(), gy.detach()
-    # PIL fills unless 0 <= q < size, i.e. -1 <= g < 1 (a float mask: 3x cheaper than masked_fill_).
-    inside = (gx >= -1.0) & (gx < 1.0) & (gy >= -1.0) & (gy < 1.0)
-    return out.mul_(inside.unsqueeze(1).to(x.dtype))
+    # PIL fills unless 0 <= q < size, i.e. -1 <= g < 1 for both coordinates; we fill unless
+    # |g| < 1, which differs only for a point exactly on the left or top edge (q = 0). A multiply
+    # by the mask: 3x cheaper than masked_fill_ on the CPU.
+    # (grid_sample's backward keeps the grid; without a gradient |g| is taken in place, 10x faster)
+    size = planar.detach().abs() if _needs_grad(planar) else planar.abs_()
+    return out.mul_(torch.maximum(size[:, :1], size[:, 1:]) < 1.0)
 
 
-def _affine(rows: tuple[Tensor, ...]) -> Tensor:
-    """Six ``[N]`` tensors (a, b, c, d, e, f) -> ``[N,2,3]``."""
-    return torch.stack(rows, dim=-1).reshape(-1, 2, 3)
+# The five geometric ops each set one term of a PIL AFFINE matrix: rotation (degrees,
+# counter-clockwise about the centre), shear along x / y, translation along x / y (a fraction of
+# W / H). AugMix applies one op at a time, so a warp has at most one non-zero term.
+AFFINE_TERMS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
-def _rotate_affine(deg: Tensor, h: int, w: int) -> Tensor:
-    """PIL ``Image.rotate(deg)``: counter-clockwise about the centre (W/2, H/2), no expand."""
-    r = torch.deg2rad(-deg)
+def pil_affine(terms: Tensor, h: int, w: int) -> Tensor:
+    """``terms [..., 5]`` (one per ``AFFINE_TERMS`` entry) -> PIL AFFINE matrices ``[..., 2, 3]``.
+
+    With one non-zero term per sample that is exactly the op's PIL matrix (with all zero, the
+    identity): ``Image.rotate(deg)`` is ``(cos, sin, cx - cos cx - sin cy, -sin, cos,
+    cy + sin cx - cos cy)`` with ``r = -deg`` in radians and the centre ``(cx, cy) = (W/2, H/2)``;
+    shear x is ``(1, s, 0, 0, 1, 0)`` and shear y ``(1, 0, 0, s, 1, 0)`` (origin at the top-left
+    corner, as the official code); translate x is ``(1, 0, frac*W, 0, 1, 0)`` (a positive
+    parameter moves the content left) and translate y ``(1, 0, 0, 0, 1, frac*H)``. Several
+    non-zero terms for one sample give the sum of their deviations from the identity (not used).
+    """
+    deg, shear_x, shear_y, frac_x, frac_y = terms.unbind(-1)
+    r = deg * (-math.pi / 180.0)
     cos, sin = torch.cos(r), torch.sin(r)
     cx, cy = w / 2.0, h / 2.0
-    return _affine((cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
+    one_minus_cos = 1.0 - cos  # 0 exactly when deg = 0: the other terms' matrices stay exact
+    tx = torch.add(one_minus_cos * cx, sin, alpha=-cy).add_(frac_x, alpha=w)
+    ty = torch.add(one_minus_cos * cy, sin, alpha=cx).add_(frac_y, alpha=h)
+    rows = (cos, sin + shear_x, tx, shear_y - sin, cos, ty)
+    return torch.stack(rows, dim=-1).view(*terms.shape[:-1], 2, 3)
 
 
-def _shear_x_affine(s: Tensor, h: int, w: int) -> Tensor:
-    """PIL AFFINE (1, s, 0, 0, 1, 0): origin at the top-left corner, as the official code."""
-    one, zero = torch.ones_like(s), torch.zeros_like(s)
-    return _affine((one, s, zero, zero, one, zero))
+def _geometric(name: str, max_param: float) -> Op:
+    """A geometric op: its parameter is the ``name`` term of ``pil_affine``, applied by one warp."""
+    term = AFFINE_TERMS.index(name)
 
+    def affine(param: Tensor, h: int, w: int) -> Tensor:
+        zero = torch.zeros_like(param)
+        terms = [param if k == term else zero for k in range(len(AFFINE_TERMS))]
+        return pil_affine(torch.stack(terms, dim=-1), h, w)
 
-def _shear_y_affine(s: Tensor, h: int, w: int) -> Tensor:
-    one, zero = torch.ones_like(s), torch.zeros_like(s)
-    return _affine((one, zero, zero, s, one, zero))
-
-
-def _translate_x_affine(frac: Tensor, h: int, w: int) -> Tensor:
-    """PIL AFFINE (1, 0, frac*W, 0, 1, 0): a positive parameter moves the content left."""
-    one, zero = torch.ones_like(frac), torch.zeros_like(frac)
-    return _affine((one, zero, frac * w, zero, one, zero))
-
-
-def _translate_y_affine(frac: Tensor, h: int, w: int) -> Tensor:
-    one, zero = torch.ones_like(frac), torch.zeros_like(frac)
-    return _affine((one, zero, zero, zero, one, frac * h))
-
-
-def _warp_op(affine: Callable[[Tensor, int, int], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     def apply(x: Tensor, param: Tensor) -> Tensor:
         return warp_affine(x, affine(param.to(x.dtype), x.shape[-2], x.shape[-1]))
 
-    apply.__doc__ = affine.__doc__
-    return apply
+    apply.__doc__ = affine.__doc__ = pil_affine.__doc__
+    return Op(name, apply, max_param, True, False, "exact", affine, affine_term=term)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,32 +380,35 @@ OPS: dict[str, Op] = {
         Op("autocontrast", autocontrast, None, False, False, "none"),
         Op("equalize", equalize, None, False, False, "none"),
         # bits removed (keep 4 - param bits); official: 4 - int_parameter(level, 4)
-        Op("posterize", posterize, 4.0, False, False, "straight_through"),
+        Op(
+            "posterize",
+            posterize,
+            4.0,
+            False,
+            False,
+            "straight_through",
+            coefficient=_posterize_step,
+            kernel=_posterize_kernel,
+        ),
         # degrees, counter-clockwise; official: int_parameter(level, 30)
-        Op("rotate", _warp_op(_rotate_affine), 30.0, True, False, "exact", _rotate_affine),
+        _geometric("rotate", 30.0),
         # threshold = 256 - param (0..255 units); official: int_parameter(level, 256)
-        Op("solarize", solarize, 256.0, False, False, "straight_through"),
-        Op("shear_x", _warp_op(_shear_x_affine), 0.3, True, False, "exact", _shear_x_affine),
-        Op("shear_y", _warp_op(_shear_y_affine), 0.3, True, False, "exact", _shear_y_affine),
+        Op(
+            "solarize",
+            solarize,
+            256.0,
+            False,
+            False,
+            "straight_through",
+            coefficient=_solarize_threshold,
+            kernel=_solarize_kernel,
+            identity_at_zero=True,
+        ),
+        _geometric("shear_x", 0.3),
+        _geometric("shear_y", 0.3),
         # fraction of the width/height; official: int_parameter(level, IMAGE_SIZE / 3) pixels
-        Op(
-            "translate_x",
-            _warp_op(_translate_x_affine),
-            1.0 / 3.0,
-            True,
-            False,
-            "exact",
-            _translate_x_affine,
-        ),
-        Op(
-            "translate_y",
-            _warp_op(_translate_y_affine),
-            1.0 / 3.0,
-            True,
-            False,
-            "exact",
-            _translate_y_affine,
-        ),
+        _geometric("translate_x", 1.0 / 3.0),
+        _geometric("translate_y", 1.0 / 3.0),
         Op("color", color, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),
         Op("contrast", contrast, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),
         Op("brightness", brightness, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),

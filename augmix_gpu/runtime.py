@@ -4,12 +4,23 @@ On a CPU shared with other processes two defaults cost AugMix most of its speed 
 project's 2-core machine; see benchmarks/bench_augment.py): OpenMP threads that spin while idle
 (``OMP_WAIT_POLICY=ACTIVE`` behaviour, 10x fewer images/s under load) and glibc returning every
 large freed block to the OS (2-3x). train.py applies both on the CPU; GPUs are unaffected.
+
+The library applies the second itself: ``AugMixBatch`` calls ``tune_for_cpu_augmentation`` on its
+first call with CPU tensors, so a plain script is as fast as train.py. Opt out with the
+environment variable ``AUGMIX_GPU_DEFAULT_MALLOC=1`` or ``runtime.AUTO_REUSE_FREED_MEMORY = False``
+before that call. The first must be set before torch is imported, so only train.py (and a user's
+own launcher) can apply it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+# AugMixBatch's first CPU call applies reuse_freed_memory() unless this is False or the
+# environment has AUGMIX_GPU_DEFAULT_MALLOC=1.
+AUTO_REUSE_FREED_MEMORY = True
+_tuned: bool | None = None  # None: not tried yet; else what reuse_freed_memory returned
 
 
 def prefer_passive_openmp() -> None:
@@ -36,3 +47,16 @@ def reuse_freed_memory() -> bool:
         libc.mallopt(m_trim_threshold, 2**31 - 1)
     )
     return ok
+
+
+def tune_for_cpu_augmentation() -> bool:
+    """Apply ``reuse_freed_memory`` once per process, unless opted out; True if it is in effect.
+
+    Process-wide: freed memory stays with the process for reuse (its resident size stays at its
+    peak) instead of going back to the OS after every call.
+    """
+    global _tuned
+    if _tuned is None:
+        opted_out = os.environ.get("AUGMIX_GPU_DEFAULT_MALLOC", "") not in ("", "0")
+        _tuned = False if opted_out or not AUTO_REUSE_FREED_MEMORY else reuse_freed_memory()
+    return _tuned

@@ -11,8 +11,13 @@ Rows (each: clean + 2 views, float32, ImageNet-normalised, for every image):
   b   torchvision.transforms.v2.AugMix on a batched uint8 tensor (ONE op chain shared by the
       batch: faster, but not per-sample AugMix), ``--threads`` torch threads;
   c   AugMixBatch (ours) on the CPU, ``--threads`` torch threads, per-sample chains;
-  d   AugMixBatch on CUDA, when a GPU is present;
-  e   AugMixBatch with LearnableSeverity: forward + backward (issue 3's target: <= 1.5x row c).
+  d   AugMixBatch on CUDA, when a GPU is present (strategy auto = static), and d-grouped beside it;
+  e   AugMixBatch with LearnableSeverity: forward + backward (issue 3's target: <= 1.5x row c);
+  f   the library as a user meets it: a fresh Python process with no environment settings (no
+      OMP_*, MALLOC_*, AUGMIX_GPU_* variables; only PATH, HOME and PYTHONPATH to find the package),
+      one torch thread, AugMixBatch with its defaults against torchvision's AugMix on PIL images in
+      the same process, one image at a time (and through a DataLoader with one worker), interleaved.
+      Issue 16's goal: AugMixBatch >= 2x torchvision's PIL AugMix there.
 
 Repeats are interleaved across rows (row a, b, c, ... then again), so a load change on a shared
 machine hits all rows alike. Two process settings apply to every row and go into the JSON: glibc
@@ -35,8 +40,12 @@ from pathlib import Path
 # processes the spinning takes the cores the working threads need: measured on the 2-core machine
 # of this project, 10x fewer images/s for the multi-threaded torch rows. It must be set before torch
 # loads OpenMP; OMP_WAIT_POLICY in the environment wins; --omp-default leaves it unset.
-if "--omp-default" not in sys.argv:
+# Row f's child process (--plain-child) is a plain user script: it sets nothing.
+if "--omp-default" not in sys.argv and "--plain-child" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -53,7 +62,10 @@ from _common import (  # noqa: E402
 
 from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch  # noqa: E402
 
-ROWS = ("a", "a2", "b", "c", "d", "e")
+ROWS = ("a", "a2", "b", "c", "d", "e", "f")
+REPO = Path(__file__).resolve().parent.parent
+# What row f's child process inherits: where to find programs and the package, nothing that tunes.
+PLAIN_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
 
 # --- the official algorithm on PIL (row a2), from google-research/augmix's semantics -------------
@@ -235,11 +247,12 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
     if "c" in args.rows:
         rows["c"] = {"label": label, "device": "cpu", "run": ours(AugMixBatch(severity=sev), cpu_x), "in_process": True}  # fmt: skip
     if "d" in args.rows:
-        if torch.cuda.is_available():
-            run = ours(AugMixBatch(severity=sev), cpu_x.cuda())
-            rows["d"] = {"label": label, "device": "cuda", "run": run, "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
+        if torch.cuda.is_available():  # auto = static on CUDA; grouped beside it to compare
+            for key, strategy in (("d", "auto"), ("d-grouped", "grouped")):
+                run = ours(AugMixBatch(severity=sev, strategy=strategy).cuda(), cpu_x.cuda())
+                rows[key] = {"label": f"{label}, strategy={strategy}", "device": "cuda", "run": run, "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
         else:
-            notes.append("row d (CUDA) skipped: no GPU on this machine")
+            notes.append("row d (CUDA, strategy auto = static, and grouped) skipped: no GPU here")
     if "e" in args.rows:
         try:
             from augmix_gpu.severity import LearnableSeverity
@@ -256,6 +269,92 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
                 "in_process": True,
             }
     return rows
+
+
+# --- row f: a plain script in a fresh process ----------------------------------------------------
+
+
+def plain_child(args) -> dict:
+    """Row f's measurement, inside the fresh process: ours and PIL's, interleaved, one thread."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from augmix_gpu import runtime
+
+    torch.set_num_threads(1)
+    images_u8 = torch.stack(
+        [torch.from_numpy(photo_like(args.size, s)).permute(2, 0, 1) for s in range(args.images)]
+    ).contiguous()
+    batches = images_u8.split(args.batch)
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images_u8]
+    tv = T.AugMix(severity=int(args.severity), mixture_width=3, chain_depth=-1, alpha=1.0)
+    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    aug = AugMixBatch(severity=args.severity)  # the library's defaults (strategy auto: grouped)
+
+    def ours() -> int:
+        for x in batches:
+            aug(x)
+        return len(images_u8)
+
+    def pil_loop() -> int:
+        for im in pil:
+            normalize(im), normalize(tv(im)), normalize(tv(im))
+        return len(pil)
+
+    rows = {"ours": ours, "pil": pil_loop}
+    if args.plain_loader:
+        rows["pil_loader"] = _loader_runner(pil, T.Compose([tv, normalize]), args.batch, 1)
+    for run in rows.values():
+        run()  # warm-up (and the library's first-call CPU setting)
+    times = {k: [] for k in rows}
+    for _ in range(args.repeats):
+        for key, run in rows.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            n = run()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            worker_cpu = getattr(run, "cpu_s", None)
+            times[key].append((wall, cpu + worker_cpu if worker_cpu is not None else cpu, n))
+    tuning = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MALLOC_", "AUGMIX_", "MKL_", "KMP_"))}  # fmt: skip
+    return {"times": times, "env_tuning": tuning, "malloc_reuse_by_library": runtime._tuned,
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def run_plain(args, notes: list[str]) -> list[dict]:
+    """Row f: run ``plain_child`` in a fresh interpreter with a stripped environment."""
+    env = {k: os.environ[k] for k in PLAIN_ENV if k in os.environ}
+    env["PYTHONPATH"] = str(REPO)  # finds augmix_gpu and benchmarks/_common; tunes nothing
+    if args.plain_opt_out:  # the library's own CPU setting off: what a plain script got before
+        env["AUGMIX_GPU_DEFAULT_MALLOC"] = "1"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-child", "--size", str(args.size),
+           "--batch", str(args.batch), "--images", str(args.images), "--repeats", str(args.repeats),
+           "--severity", str(args.severity)] + (["--plain-loader"] if args.plain_loader else [])  # fmt: skip
+    print(f"row f: {' '.join(cmd[1:])} in a fresh process, env = {sorted(env)}", flush=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        notes.append(f"row f failed: {done.stderr.strip().splitlines()[-1:]}")
+        return []
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    labels = {
+        "ours": "plain script, 1 thread: AugMixBatch (library defaults)"
+        + (", AUGMIX_GPU_DEFAULT_MALLOC=1" if args.plain_opt_out else ""),
+        "pil": "plain script, 1 thread: torchvision AugMix, PIL, per image, in process",
+        "pil_loader": "plain script, 1 thread: torchvision AugMix, PIL, DataLoader(num_workers=1)",
+    }
+    results = []
+    for key, t in child["times"].items():
+        res = {"row": "f" if key == "ours" else f"f-{key}", "method": labels[key], "device": "cpu"}
+        res.update({"threads": 1, "batch": args.batch, "size": args.size, "plain": True})
+        res.update(rate_summary([w for w, _, _ in t], t[0][2], [c for _, c, _ in t]))
+        results.append(res)
+    by = {r["row"]: r for r in results}
+    for ref in ("f-pil", "f-pil_loader"):
+        if ref in by:
+            for what, k in (("images_per_s_median", "wall"), ("cpu_ms_per_image_median", "cpu")):
+                a, b = by["f"][what], by[ref][what]
+                by["f"][f"speedup_vs_{ref}_{k}"] = a / b if k == "wall" else b / a
+    by["f"]["env_tuning_seen_by_child"] = child["env_tuning"]
+    by["f"]["malloc_reuse_by_library"] = child["malloc_reuse_by_library"]
+    return results
 
 
 def time_rows(rows: dict[str, dict], repeats: int, warmup: int) -> dict[str, list[tuple]]:
@@ -356,7 +455,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", default="bench_augment.json", help="JSON (bare names: benchmarks/results/)"
     )
+    parser.add_argument(
+        "--plain-loader",
+        action="store_true",
+        help="row f also times PIL through a DataLoader with one worker",
+    )
+    parser.add_argument(
+        "--plain-opt-out",
+        action="store_true",
+        help="row f with AUGMIX_GPU_DEFAULT_MALLOC=1 (the library's CPU malloc setting off)",
+    )
+    parser.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plain_child:  # row f's fresh process: measure, print one JSON line, nothing else
+        print(json.dumps(plain_child(args)))
+        return
     if args.quick:
         args.size, args.batch, args.images, args.repeats = 64, 8, 16, 2
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -374,8 +487,12 @@ def main(argv: list[str] | None = None) -> None:
         ]
     ).contiguous()
     notes: list[str] = []
+    plain = run_plain(args, notes) if "f" in args.rows else []
     rows = build_rows(args, images, notes)
-    results = summarize(args, rows, time_rows(rows, args.repeats, args.warmup))
+    results = summarize(args, rows, time_rows(rows, args.repeats, args.warmup)) if rows else []
+    for r in plain:
+        r["speedup_vs_a"] = r["cpu_speedup_vs_a"] = None  # other threads, other process
+    results += plain
 
     print()
     print(table(results))
@@ -385,6 +502,15 @@ def main(argv: list[str] | None = None) -> None:
             f"\nlearnable forward+backward: {e['cost_vs_fixed_forward']:.2f}x the fixed-severity forward's "
             f"wall time, {e.get('cpu_cost_vs_fixed_forward', float('nan')):.2f}x its CPU time (target <= 1.5x)"
         )
+    f = next((r for r in results if r["row"] == "f"), {})
+    for ref in ("f-pil", "f-pil_loader"):
+        if f"speedup_vs_{ref}_wall" in f:
+            print(
+                f"\nplain script, one thread, fresh process: AugMixBatch is "
+                f"{f[f'speedup_vs_{ref}_wall']:.2f}x ({f[f'speedup_vs_{ref}_cpu']:.2f}x in CPU time) "
+                f"row {ref} (goal >= 2x); library's malloc setting: {f.get('malloc_reuse_by_library')}, "
+                f"tuning variables seen: {f.get('env_tuning_seen_by_child') or 'none'}"
+            )
     for n in notes:
         print(f"note: {n}")
     omp = os.environ.get("OMP_WAIT_POLICY", "unset")

@@ -45,12 +45,15 @@ def _single_op_params(op_index: int, batch: int, seed: int = 0, max_depth: int =
     )
 
 
-_AUG = AugMixBatch(all_ops=True, normalize=False)
+# both forms of a call (AugMixBatch strategy): the gradient must be the same through each
+_AUGS = {k: AugMixBatch(all_ops=True, normalize=False, strategy=k) for k in ("grouped", "static")}
+_AUG = _AUGS["grouped"]
 
 
+@pytest.mark.parametrize("strategy", list(_AUGS))
 @pytest.mark.parametrize("name", [n for n in _AUG.op_names if OPS[n].gradient == "exact"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
-def test_augmix_views_gradcheck_in_s(name: str, per_sample: bool) -> None:
+def test_augmix_views_gradcheck_in_s(name: str, per_sample: bool, strategy: str) -> None:
     x = natural_batch(2, 12, seed=21).double() / 255.0
     # contrast blends with the grey mean rounded to an 8-bit level (PIL), whose gradient is
     # straight-through: exact in s for one application, approximate when the input of contrast
@@ -61,7 +64,7 @@ def test_augmix_views_gradcheck_in_s(name: str, per_sample: bool) -> None:
     s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
 
     def views(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _AUG.apply(x, params, s)[1:]
+        return _AUGS[strategy].apply(x, params, s)[1:]
 
     (g,) = torch.autograd.grad(sum(v.sum() for v in views(s)), s)
     assert (g.abs() > 1e-3).all()  # the views really move with s
@@ -69,12 +72,13 @@ def test_augmix_views_gradcheck_in_s(name: str, per_sample: bool) -> None:
     assert torch.autograd.gradcheck(views, (s,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
+@pytest.mark.parametrize("strategy", list(_AUGS))
 @pytest.mark.parametrize("name", [n for n in _AUG.op_names if OPS[n].gradient == "none"])
-def test_augmix_views_without_magnitude_have_no_gradient(name: str) -> None:
+def test_augmix_views_without_magnitude_have_no_gradient(name: str, strategy: str) -> None:
     x = natural_batch(2, 12, seed=22).double() / 255.0
     params = _single_op_params(_AUG.op_names.index(name), batch=2)
     s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
-    views = _AUG.apply(x, params, s)[1:]
+    views = _AUGS[strategy].apply(x, params, s)[1:]
     grads = torch.autograd.grad(sum(v.sum() for v in views), s, allow_unused=True)
     assert grads[0] is None or grads[0].item() == 0.0
 
@@ -124,12 +128,15 @@ def _step_loss(net, aug, sev, g, beta_reg: float):
     )
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "static"])
 @pytest.mark.parametrize("objective", ["minimize", "adversarial"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
-def test_one_backward_reaches_log_severity_mu(objective: str, per_sample: bool) -> None:
+def test_one_backward_reaches_log_severity_mu(
+    objective: str, per_sample: bool, strategy: str
+) -> None:
     torch.manual_seed(0)
     sev = LearnableSeverity(3.0, per_sample=per_sample, objective=objective)
-    aug = AugMixBatch(severity=sev)
+    aug = AugMixBatch(severity=sev, strategy=strategy)
     # beta_augmenter_reg = 0 and mu at the prior: any gradient on mu comes through the views.
     parts = _step_loss(_small_cnn(), aug, sev, torch.Generator().manual_seed(1), beta_reg=0.0)
     parts.total.backward()
@@ -169,6 +176,7 @@ def _train(objective: str, beta_reg: float, per_sample: bool = False, seed: int 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
 def test_minimize_lowers_severity_without_kl(per_sample: bool) -> None:
+    # one form: the forms give the same gradient (test_augmix.py::test_the_forms_agree_...)
     sev, traj = _train("minimize", beta_reg=0.0, per_sample=per_sample)
     # Adam moves mu by at most ~lr = 0.01 per step: 40 steps -> <= 0.4; require half of it.
     drop = math.log(traj[0]["severity_mean"]) - math.log(traj[-1]["severity_mean"])

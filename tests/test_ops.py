@@ -9,6 +9,7 @@ from conftest import natural_batch, natural_image
 from PIL import Image, ImageEnhance, ImageOps
 
 from augmix_gpu import ops
+from augmix_gpu.augmix import AugMixBatch, AugMixParams
 from augmix_gpu.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS, get_ops, warp_affine
 
 SIZE = 64
@@ -176,6 +177,55 @@ def test_enhance_ops_match_pil(seed, factor, name):
     img = natural_image(SIZE, seed)
     ref = np.asarray(_ENHANCE[name](Image.fromarray(img)).enhance(factor))
     assert psnr_interior(ours(name, img, factor), ref, margin=1) >= 30.0
+
+
+# --- parity through AugMixBatch, in both of its forms -------------------------------------------
+
+# At severity 7.5 (u = 1, so level 7.5) every op's parameter is one PIL takes exactly on a 64 px
+# image: posterize keeps 1 bit, solarize at 64, rotate 22.5 deg, shear 0.225, translate 16 px.
+_PIL_AT_7_5 = {
+    "autocontrast": lambda im: ImageOps.autocontrast(im),
+    "equalize": lambda im: ImageOps.equalize(im),
+    "posterize": lambda im: ImageOps.posterize(im, 1),
+    "solarize": lambda im: ImageOps.solarize(im, 64),
+    "rotate": lambda im: im.rotate(-22.5, resample=Image.BILINEAR),  # sign -1 below
+    "shear_x": lambda im: im.transform(
+        im.size, Image.AFFINE, (1, -0.225, 0, 0, 1, 0), Image.BILINEAR
+    ),
+    "shear_y": lambda im: im.transform(
+        im.size, Image.AFFINE, (1, 0, 0, -0.225, 1, 0), Image.BILINEAR
+    ),
+    "translate_x": lambda im: im.transform(
+        im.size, Image.AFFINE, (1, 0, -16, 0, 1, 0), Image.BILINEAR
+    ),
+    "translate_y": lambda im: im.transform(
+        im.size, Image.AFFINE, (1, 0, 0, 0, 1, -16), Image.BILINEAR
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "static"])
+@pytest.mark.parametrize("name", AUGMENTATIONS)
+def test_an_augmix_view_of_one_op_matches_pil(name, strategy):
+    """A view whose chains are the one op (weight 1, mix 1, no normalisation) is PIL's op."""
+    aug = AugMixBatch(normalize=False, strategy=strategy)
+    op = torch.tensor(AUGMENTATIONS.index(name))
+    params = AugMixParams(
+        ops=op.expand(2, 3, 3, 1).clone(),
+        depth=torch.ones(2, 3, 1, dtype=torch.long),
+        level_u=torch.ones(2, 3, 3, 1),
+        signs=-torch.ones(2, 3, 3, 1),
+        weights=torch.tensor([1.0, 0.0, 0.0]).expand(2, 1, 3).clone(),
+        mix=torch.ones(2, 1),
+    )
+    img = natural_image(SIZE, 1)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    view = aug.apply(x, params, 7.5)[1][0].permute(1, 2, 0).numpy() * 255.0
+    ref = np.asarray(_PIL_AT_7_5[name](Image.fromarray(img)))
+    if OPS[name].affine is not None:
+        assert psnr_interior(view, ref) >= 30.0
+    else:
+        assert frac_within_one_level(view, ref) >= 0.99
 
 
 # --- batching ----------------------------------------------------------------------------------
