@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .augmix import STRATEGIES
 from .checkpoint import parse_debug_fault
 from .data.heldout import check_heldout_corruptions
 from .models import check_arch
@@ -186,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="heldout: held-out images per rank per update (0: the per-rank train batch)",
     )
     a("--all_ops", action="store_true", help="add color/contrast/brightness/sharpness (overlap -C)")
+    a(
+        "--augmix_strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="AugMix's form: grouped (one host sync per call), static (none), auto (grouped on "
+        "the CPU, static on a GPU)",
+    )
     a("--channels_last", action="store_true")
     a("--compile", action="store_true", help="torch.compile the network")
     a("--wandb", choices=("online", "offline", "disabled"), default="offline")

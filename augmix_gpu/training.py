@@ -66,6 +66,7 @@ def build_augmenter(config: dict[str, Any]) -> AugMixBatch | None:
         all_ops=config["all_ops"],
         severity=severity,
         num_views=1 if config["aug_type"] == "augmix" else 2,
+        strategy=config["augmix_strategy"],
     )
 
 

@@ -195,7 +195,7 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
         "data_wait_share": wait / seconds,
         "host_syncs_per_step": syncs / 10,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "augmix_strategy": getattr(net.augmenter, "strategy", "grouped"),
+        "augmix_strategy": net.augmenter.strategy_for(device),
     }
     return out, net, loader.classes, data
 
