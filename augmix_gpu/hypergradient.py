@@ -173,17 +173,16 @@ def severity_hypergradient(
     a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
     v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
     coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
-    u = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
-    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in u))
-    eps = FD_SCALE / norm.clamp_min(1e-30)
+    c = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
+    eps = FD_SCALE / torch.sqrt(sum((t.double() ** 2).sum() for t in c)).clamp_min(1e-30)
 
-    # 3. grad of the training loss to its input at w' +- eps u (BatchNorm in train mode on
+    # 3. grad of the training loss to its input at w' +- eps c (BatchNorm in train mode on
     #    copies of the buffers, so the running statistics are not touched).
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     x = views.detach().requires_grad_(True)
 
     def input_grad(sign: float) -> Tensor:
-        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, u)}
+        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, c)}
         state.update({n: b.clone() for n, b in buffers.items()})
         run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
         with torch.enable_grad():
