@@ -1,4 +1,5 @@
-"""Model construction: any torchvision classifier by name, plus a tiny ResNet for CPU runs.
+"""Model construction: any torchvision classifier by name, a tiny ResNet for CPU runs, and the
+CIFAR networks of the AugMix literature (WRN-d-k, a CIFAR ResNet-18).
 
 Pretrained weights cannot be downloaded at run time on every machine, so ``pretrained`` is a
 local file (a state dict or a checkpoint of this project) or a torchvision weights name that is
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
 
-# Project-local architectures, for CPU demos and tests on small images.
-LOCAL_ARCHS = ("tiny_resnet",)
+# Project-local architectures, for CPU demos and tests on small images, and CIFAR's (32 px).
+# `wrn<depth>_<width>` names any Wide ResNet; wrn40_2 is listed as the AugMix paper's CIFAR net.
+LOCAL_ARCHS = ("tiny_resnet", "resnet18_cifar", "wrn40_2")
+_WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
 class _BasicBlock(nn.Module):
@@ -72,6 +76,106 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class _PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3 twice plus a shortcut: the pre-activation block of Wide ResNets.
+
+    Where the width or the stride changes, the shortcut is a 1x1 conv of the *activated* input
+    (the tensor the first conv reads), as in the Wide ResNet code the AugMix authors ship;
+    elsewhere it is the raw input itself.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.dropout = float(dropout)
+        self.shortcut = (
+            None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(x))
+        out = torch.relu(self.bn2(self.conv1(a)))
+        if self.dropout > 0:
+            out = nn.functional.dropout(out, self.dropout, self.training)
+        out = self.conv2(out)
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width (Zagoruyko & Komodakis 2016): the AugMix paper's CIFAR network (WRN-40-2).
+
+    A 3x3 conv to 16 channels, then three groups of n = (depth - 4) / 6 pre-activation blocks
+    with 16·width, 32·width and 64·width channels at strides 1, 2, 2 (32 -> 16 -> 8 px on
+    CIFAR), BN-ReLU, global average pooling, a linear classifier. Initialisation as in the
+    official AugMix code: Kaiming-normal (fan-out) convs, BN weight 1 / bias 0, zero linear bias.
+    """
+
+    def __init__(self, depth: int, width: int, num_classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 or width < 1:
+            raise ValueError(
+                f"Wide ResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...) and "
+                f"width >= 1, got depth={depth}, width={width}"
+            )
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+        groups: list[nn.Module] = []
+        for g, stride in enumerate((1, 2, 2)):
+            cin, cout = channels[g], channels[g + 1]
+            blocks = [_PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, dropout)
+                      for i in range(n)]  # fmt: skip
+            groups.append(nn.Sequential(*blocks))
+        self.groups = nn.Sequential(*groups)
+        self.bn = nn.BatchNorm2d(channels[3])
+        self.fc = nn.Linear(channels[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.groups(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 for 32 px images: torchvision's, with a 3x3 stride-1 stem and no max-pool.
+
+    The ImageNet stem (7x7 stride 2, then a max-pool) divides 32 px by 4 before the first block,
+    so the last stage sees 1x1 maps; this stem keeps 32 px into the first stage and 4x4 maps at
+    the end. It is the CIFAR ResNet-18 later robustness papers compare with (11.2 M parameters
+    for 10 classes); the rest of the network, its names and its initialisation are torchvision's.
+    """
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _parse_wrn(arch: str) -> tuple[int, int] | None:
+    """(depth, width) for a `wrn<depth>_<width>` name, None for any other name."""
+    match = _WRN_NAME.fullmatch(arch)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _build_local(arch: str, num_classes: int) -> nn.Module:
+    if arch == "tiny_resnet":
+        return TinyResNet(num_classes)
+    if arch == "resnet18_cifar":
+        return cifar_resnet18(num_classes)
+    depth, width = _parse_wrn(arch)  # check_arch has vetted the name
+    return WideResNet(depth, width, num_classes)
+
+
 def available_archs() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models)) + list(LOCAL_ARCHS)
 
@@ -80,11 +184,20 @@ def check_arch(arch: str) -> None:
     """ValueError naming the closest known names when ``arch`` is not a model we can build."""
     if arch in available_archs():
         return
+    wrn = _parse_wrn(arch)
+    if wrn is not None:
+        depth, width = wrn
+        if depth < 10 or (depth - 4) % 6 or width < 1:
+            raise ValueError(
+                f"--arch {arch!r}: a Wide ResNet wrn<depth>_<width> needs depth = 6n + 4 "
+                f"(10, 16, 22, 28, 40, ...) and width >= 1, e.g. wrn40_2 or wrn28_10"
+            )
+        return
     close = difflib.get_close_matches(arch, available_archs(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"--arch {arch!r}: unknown model; expected a torchvision classification model or one of "
-        f"{LOCAL_ARCHS}.{hint}"
+        f"{LOCAL_ARCHS} (or any wrn<depth>_<width>).{hint}"
     )
 
 
@@ -166,12 +279,12 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> n
     When the pretrained head has another number of classes (ImageNet's 1000 vs a smaller task),
     the head is replaced by a fresh one of the right size and the rest of the weights are kept.
     """
-    if arch == "tiny_resnet":
-        model: nn.Module = TinyResNet(num_classes)
+    check_arch(arch)
+    if arch in LOCAL_ARCHS or _parse_wrn(arch) is not None:
+        model: nn.Module = _build_local(arch, num_classes)
         if pretrained:
             model.load_state_dict(load_state_dict_file(_weights_file(arch, pretrained)))
         return model
-    check_arch(arch)
     if not pretrained:
         return torchvision.models.get_model(arch, num_classes=num_classes)
     model = torchvision.models.get_model(arch)
