@@ -17,7 +17,7 @@ import numpy as np
 
 from .folders import DatasetError
 
-_LAYOUT = {
+LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                 "batches.meta", b"labels", b"label_names"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
@@ -44,17 +44,20 @@ class CifarArrays:
 
 
 def _unpickle(path: Path) -> dict:
+    """The pickle's dict with bytes keys: the official files (Python 2 pickles) load with bytes
+    keys, files written by Python 3 (our synthetic set) with str keys; both read alike."""
     if not path.is_file():
         raise DatasetError(f"missing {str(path)!r}")
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        d = pickle.load(f, encoding="bytes")
+    return {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}
 
 
 def load_cifar(root: str | os.PathLike, name: str = "cifar10", train: bool = True) -> CifarArrays:
     """The train or test split from the pickles under `root` (the folder holding `cifar-10-batches-py`)."""
-    if name not in _LAYOUT:
+    if name not in LAYOUT:
         raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
-    folder, train_files, test_files, meta_file, label_key, names_key = _LAYOUT[name]
+    folder, train_files, test_files, meta_file, label_key, names_key = LAYOUT[name]
     base = Path(root) / folder
     if not base.is_dir():
         raise DatasetError(
@@ -106,3 +109,23 @@ def load_cifar_c(
     n_classes = int(labels.max()) + 1
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     return CifarArrays(images, np.asarray(labels[lo:hi], dtype=np.int64), names)
+
+
+def check_cifar_c_labels(root: str | os.PathLike, num_classes: int, name: str = "cifar") -> None:
+    """Fail when `root/labels.npy` cannot belong to a `num_classes` model (cheap: one small file).
+
+    Catches the swap the evaluation could not see: CIFAR-10-C's labels (0-9) are all valid
+    indices of a CIFAR-100 model, so the run would report a meaningless error.
+    """
+    path = Path(root) / "labels.npy"
+    if not path.is_file():
+        raise DatasetError(
+            f"missing {str(path)!r}: pass the extracted CIFAR-10-C / CIFAR-100-C folder "
+            "(it holds <corruption>.npy and labels.npy)"
+        )
+    found = len(np.unique(np.load(path)))
+    if found != num_classes:
+        raise DatasetError(
+            f"{str(path)!r} holds {found} classes but the {name} model has {num_classes}: "
+            "pass the -C set of the same dataset (CIFAR-10-C for cifar10, CIFAR-100-C for cifar100)"
+        )

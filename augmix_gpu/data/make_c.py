@@ -12,6 +12,13 @@ corruption down to the package's 32 px minimum. `glass_blur` runs a Numba loop: 
 compilation per process, then about 1 ms per 64 px image (10 ms at 224 px) on this machine.
 
     python -m augmix_gpu.data.make_c SRC OUT --severities 1 2 3 4 5 [--corruptions ...] [--extra] [--seed S] [--workers N]
+    python -m augmix_gpu.data.make_c CIFAR_ROOT OUT --cifar cifar10 [--corruptions ...] [--workers N]
+
+`--cifar cifar10|cifar100` reads the test split of a CIFAR folder (`load_cifar`) and writes the
+CIFAR-10-C / CIFAR-100-C layout instead: `OUT/<corruption>.npy`, uint8 `[5N, 32, 32, 3]` with
+severity 1 to 5 stacked in that order, and `OUT/labels.npy` uint8 `[5N]`. A format fixture: the
+corruptions run with `imagecorruptions`' ImageNet-C constants at 32 px, not with the constants
+Hendrycks & Dietterich re-tuned for CIFAR-C, so the images are not CIFAR-C's corruptions.
 """
 
 from __future__ import annotations
@@ -155,11 +162,106 @@ def make_corrupted_dataset(
     return out
 
 
+def _corrupt_block(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+    """Every image of `images` `[N, H, W, 3]` at one corruption and severity."""
+    return np.stack(
+        [corrupt_image(im, corruption, severity, image_seed(seed, corruption, severity, i))
+         for i, im in enumerate(images)]
+    )  # fmt: skip
+
+
+_WORKER_IMAGES: list[np.ndarray] = []  # a worker's copy of the test split, sent once (initializer)
+
+
+def _init_worker(images: np.ndarray) -> None:
+    _WORKER_IMAGES[:] = [images]
+
+
+def _worker_block(task: tuple[str, int, int]) -> np.ndarray:
+    return _corrupt_block(_WORKER_IMAGES[0], *task)
+
+
+def make_cifar_c(
+    cifar_root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str = "cifar10",
+    corruptions: Sequence[str] = CORRUPTIONS,
+    seed: int = 0,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Corrupt the test split of the CIFAR folder `cifar_root` into CIFAR-C `.npy` files; return `out`.
+
+    The five severities are always written (the format stacks them); each image's randomness
+    comes from (seed, corruption, severity, index), as in `make_corrupted_dataset`. Written to a
+    temporary folder and renamed into place with a `.complete` marker; reused when finished.
+    """
+    from .cifar import load_cifar
+
+    unknown = [c for c in corruptions if c not in _ALL]
+    if unknown:
+        raise ValueError(f"unknown corruption(s) {unknown}: choose from {', '.join(_ALL)}")
+    test = load_cifar(cifar_root, name, train=False)
+    if int(test.labels.max()) > 255:
+        raise DatasetError(f"labels up to {int(test.labels.max())} do not fit CIFAR-C's uint8")
+    out = Path(out)
+    params = dict(src=str(Path(cifar_root).resolve()), name=name, n=len(test),
+                  corruptions=list(corruptions), seed=int(seed), format="cifar-c", version=1)  # fmt: skip
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return out
+    if out.exists():
+        if not overwrite:
+            raise DatasetError(
+                f"{str(out)!r} exists but is not a finished CIFAR-C set made with these "
+                "parameters: delete it, choose another folder, or pass overwrite=True (--overwrite)"
+            )
+        shutil.rmtree(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tasks = [(c, s, int(seed)) for c in corruptions for s in range(1, 6)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=f"CIFAR-C {out.name}", unit="block", disable=not progress)
+    blocks: list[np.ndarray] = []
+    if workers > 0:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            workers, initializer=_init_worker, initargs=(test.images,)
+        ) as pool:
+            for block in pool.map(_worker_block, tasks):
+                blocks.append(block)
+                bar.update()
+    else:
+        for task in tasks:
+            blocks.append(_corrupt_block(test.images, *task))
+            bar.update()
+    bar.close()
+    for k, corruption in enumerate(corruptions):
+        np.save(tmp / f"{corruption}.npy", np.concatenate(blocks[5 * k : 5 * k + 5]))
+    np.save(tmp / "labels.npy", np.tile(test.labels, 5).astype(np.uint8))
+    (tmp / MARKER).write_text(json.dumps(params))
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="ImageFolder tree to corrupt (root/<class>/<image>)")
+    p.add_argument(
+        "src", help="ImageFolder tree to corrupt (root/<class>/<image>); or a CIFAR root"
+    )
     p.add_argument("out", help="output root: OUT/<corruption>/<severity>/<class>/<file>.JPEG")
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument(
+        "--cifar",
+        choices=("cifar10", "cifar100"),
+        default=None,
+        help="SRC is a CIFAR folder: write CIFAR-C's OUT/<corruption>.npy + labels.npy",
+    )
     p.add_argument("--corruptions", nargs="+", default=None, help="default: the 15 of ImageNet-C")
     p.add_argument(
         "--extra",
@@ -171,6 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     corruptions = list(a.corruptions or CORRUPTIONS) + (list(EXTRA_CORRUPTIONS) if a.extra else [])
+    if a.cifar:
+        if sorted(a.severities) != [1, 2, 3, 4, 5]:
+            p.error("--cifar: CIFAR-C stacks all five severities; drop --severities")
+        out = make_cifar_c(a.src, a.out, name=a.cifar, corruptions=corruptions, seed=a.seed,
+                           workers=a.workers, overwrite=a.overwrite)  # fmt: skip
+        print(out)
+        return
     out = make_corrupted_dataset(
         a.src, a.out, severities=a.severities, corruptions=corruptions, seed=a.seed,
         workers=a.workers, overwrite=a.overwrite,

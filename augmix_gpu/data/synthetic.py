@@ -12,6 +12,10 @@ changes the existing ones. The tree is written to a temporary folder and renamed
 a `.complete` marker holding the parameters, so a cache can tell a finished set from a torn one.
 
     python -m augmix_gpu.data.synthetic OUT --classes 10 --train_per_class 500 --val_per_class 50 --size 64 --seed 0
+    python -m augmix_gpu.data.synthetic OUT --format cifar10 --train_per_class 500 --val_per_class 100
+
+`--format cifar10|cifar100` writes the same task at 32 px as torchvision's CIFAR pickles instead
+(`OUT/cifar-10-batches-py/...`), so the whole CIFAR path runs here with no download.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .cifar import LAYOUT as CIFAR_LAYOUT
 from .folders import DatasetError
 
 MARKER = ".complete"
@@ -148,6 +154,29 @@ def is_complete(out: str | os.PathLike, params: dict | None = None) -> bool:
     return params is None or json.loads(marker.read_text()) == params
 
 
+def _begin(out: Path, params: dict, overwrite: bool) -> Path | None:
+    """None when `out` already holds this finished set; else a fresh temporary folder beside it."""
+    if is_complete(out, params):
+        return None
+    if out.exists():
+        if not overwrite:
+            raise DatasetError(
+                f"{str(out)!r} exists but is not a finished synthetic set with these parameters "
+                f"({params}): delete it, choose another folder, or pass overwrite=True"
+            )
+        shutil.rmtree(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp: Path, out: Path, params: dict) -> Path:
+    (tmp / MARKER).write_text(json.dumps(params))
+    os.replace(tmp, out)  # atomic on one filesystem: readers see nothing or everything
+    return out
+
+
 def make_synthetic_dataset(
     out: str | os.PathLike,
     *,
@@ -176,19 +205,11 @@ def make_synthetic_dataset(
         )
     out = Path(out)
     params = _params(num_classes, train_per_class, val_per_class, size, seed)
-    if is_complete(out, params):
+    tmp = _begin(out, params, overwrite)
+    if tmp is None:
         return out
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(
-                f"{str(out)!r} exists but is not a finished synthetic set with these parameters "
-                f"({params}): delete it, choose another folder, or pass overwrite=True"
-            )
-        shutil.rmtree(out)
     from tqdm import tqdm
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     counts = {"train": train_per_class, "val": val_per_class}
     total = num_classes * (train_per_class + val_per_class)
     with tqdm(total=total, desc=f"synthetic {out.name}", unit="img", disable=not progress) as bar:
@@ -202,9 +223,92 @@ def make_synthetic_dataset(
                         folder / f"{split}_{label:02d}_{i:05d}.JPEG", quality=JPEG_QUALITY
                     )
                     bar.update()
-    (tmp / MARKER).write_text(json.dumps(params))
-    os.replace(tmp, out)  # atomic on one filesystem: readers see nothing or everything
-    return out
+    return _finish(tmp, out, params)
+
+
+def _dump(path: Path, obj: dict) -> None:
+    # Protocol 2, as the official files; str keys (the loaders accept str or bytes keys).
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def make_synthetic_cifar(
+    out: str | os.PathLike,
+    *,
+    name: str = "cifar10",
+    num_classes: int = 10,
+    train_per_class: int = 500,
+    test_per_class: int = 100,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the task at 32 px as torchvision's CIFAR-10 or CIFAR-100 pickles under `out`; return `out`.
+
+    `out` then holds `cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}` (or
+    `cifar-100-python/{train, test, meta}`, the shapes as its fine labels), what
+    `load_cifar(out, name)` and `torchvision.datasets.CIFAR10(out)` read: rows of 3072 uint8 in
+    CHW order, `labels` (`fine_labels` and `coarse_labels`), `filenames`, and the class names in
+    the meta file. Images are `render(label, 32, rng)` for the rng of (seed, split, class, index),
+    the JPEG set's pixels at 32 px, stored raw as CIFAR is, classes interleaved.
+    """
+    if name not in CIFAR_LAYOUT:
+        raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
+    if not 1 <= num_classes <= len(SHAPES):
+        raise ValueError(
+            f"num_classes must be in 1..{len(SHAPES)} (one shape each), got {num_classes}"
+        )
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError(
+            f"need train_per_class >= 1 and test_per_class >= 1, got {train_per_class}, {test_per_class}"
+        )
+    out = Path(out)
+    params = dict(_params(num_classes, train_per_class, test_per_class, 32, seed), format=name)
+    tmp = _begin(out, params, overwrite)
+    if tmp is None:
+        return out
+    from tqdm import tqdm
+
+    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUT[name]
+    label_key, names_key = label_key.decode(), names_key.decode()
+    base = tmp / folder
+    base.mkdir()
+    names = list(SHAPES)[:num_classes]
+    total = num_classes * (train_per_class + test_per_class)
+    with tqdm(
+        total=total, desc=f"synthetic {name} {out.name}", unit="img", disable=not progress
+    ) as bar:
+        for split_id, (per_class, files) in enumerate(
+            ((train_per_class, train_files), (test_per_class, test_files))
+        ):
+            split = SPLITS[split_id]
+            labels = np.tile(np.arange(num_classes), per_class)  # round robin over classes
+            index = np.repeat(np.arange(per_class), num_classes)
+            rows = np.empty((len(labels), 3 * 32 * 32), dtype=np.uint8)
+            for k, (label, i) in enumerate(zip(labels.tolist(), index.tolist())):
+                rng = np.random.default_rng([seed, split_id, label, i])
+                rows[k] = render(label, 32, rng).transpose(2, 0, 1).reshape(-1)
+                bar.update()
+            filenames = [f"{names[lab]}_{split}_{i:05d}.png" for lab, i in zip(labels, index)]
+            chunks = np.array_split(np.arange(len(labels)), len(files))
+            for b, (fname, chunk) in enumerate(zip(files, chunks)):
+                batch = {
+                    "batch_label": f"{'training' if split_id == 0 else 'testing'} batch "
+                    f"{b + 1} of {len(files)}",
+                    label_key: labels[chunk].tolist(),
+                    "data": rows[chunk],
+                    "filenames": [filenames[j] for j in chunk],
+                }
+                if name == "cifar100":  # CIFAR-100 groups 5 fine classes per coarse class
+                    batch["coarse_labels"] = (labels[chunk] // 5).tolist()
+                _dump(base / fname, batch)
+    meta = {names_key: names}
+    if name == "cifar10":
+        meta.update(num_cases_per_batch=len(chunks[0]), num_vis=3 * 32 * 32)
+    else:
+        meta["coarse_label_names"] = [f"group{g}" for g in range(-(-num_classes // 5))]
+    _dump(base / meta_file, meta)
+    return _finish(tmp, out, params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,10 +319,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--train_per_class", type=int, default=500)
     p.add_argument("--val_per_class", type=int, default=50)
-    p.add_argument("--size", type=int, default=64, help="image side in px")
+    p.add_argument(
+        "--size", type=int, default=None, help="image side in px (default 64; CIFAR: 32)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT")
+    p.add_argument(
+        "--format",
+        choices=("folders", *CIFAR_LAYOUT),
+        default="folders",
+        help="folders: OUT/{train,val}/<class>/*.JPEG; cifar10|cifar100: torchvision's pickles",
+    )
     a = p.parse_args(argv)
+    if a.format != "folders":
+        if a.size not in (None, 32):
+            p.error(f"--size {a.size}: the CIFAR formats are 32 px")
+        out = make_synthetic_cifar(
+            a.out, name=a.format, num_classes=a.classes, train_per_class=a.train_per_class,
+            test_per_class=a.val_per_class, seed=a.seed, overwrite=a.overwrite,
+        )  # fmt: skip
+        print(out)
+        return
+    a.size = a.size or 64
     out = make_synthetic_dataset(
         a.out, num_classes=a.classes, train_per_class=a.train_per_class, val_per_class=a.val_per_class,
         size=a.size, seed=a.seed, overwrite=a.overwrite,
