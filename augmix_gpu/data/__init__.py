@@ -1,6 +1,6 @@
 """Data layer: one DALI pipeline builder (train / val / corrupted), sharded seeded epochs,
-ImageFolder-compatible validation, CIFAR arrays, an embedded synthetic task, -C and -P makers, and
-the ImageNet-P sequence reader (`sequences.py`, `video.py`).
+ImageFolder-compatible validation, CIFAR arrays (and a device-resident CIFAR loader), an embedded
+synthetic task, -C and -P makers, and the ImageNet-P sequence reader (`sequences.py`, `video.py`).
 
 Importing this package does not import DALI, imagecorruptions or touch CUDA: pipelines are built
 inside `DaliLoader.epoch()`, corruptions are imported when a -C set is written.
@@ -11,6 +11,7 @@ from .folders import IMG_EXTENSIONS, DatasetError, find_classes, list_images, sc
 from .loader import DaliLoader, build_loader
 from .make_c import CORRUPTIONS, EXTRA_CORRUPTIONS, make_corrupted_dataset
 from .make_p import make_perturbed_dataset
+from .resident import ResidentLoader, pad_crop_flip
 from .synthetic import make_synthetic_dataset
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "CifarArrays",
     "DaliLoader",
     "DatasetError",
+    "ResidentLoader",
     "build_loader",
     "find_classes",
     "list_images",
@@ -28,5 +30,6 @@ __all__ = [
     "make_corrupted_dataset",
     "make_perturbed_dataset",
     "make_synthetic_dataset",
+    "pad_crop_flip",
     "scan_folder",
 ]
