@@ -46,6 +46,9 @@ def eval_only_argv(config: dict, env) -> list[str]:
         ["--imagenet_c", str(spec.corrupted)] if spec.corrupted else []
     )
     data += ["--imagenet_p", str(spec.perturbed)] if spec.perturbed else []
+    if config["dataset"] in ("cifar10", "cifar100"):  # the test split from the pickles, -C .npy
+        data = ["--cifar", config["data"], "--cifar_name", config["dataset"]]
+        data += ["--cifar_c", str(spec.cifar_c)] if spec.cifar_c else []
     run = [
         "--batch",
         str(config["batch"] // env.world_size),

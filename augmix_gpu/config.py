@@ -21,6 +21,7 @@ from .severity import OBJECTIVES
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
+CIFAR_LOADERS = ("resident", "dali")
 PRECISIONS = {
     "32": "32",
     "32-true": "32",
@@ -40,8 +41,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "imagenet": {"arch": "resnet50", "crop_size": 224, "val_resize": 256, "crop_area_min": 0.08},
     # The synthetic task's label is one shape: an 8% crop often misses it entirely.
     "synthetic": {"arch": "tiny_resnet", "crop_size": 56, "val_resize": 64, "crop_area_min": 0.35},
-    "cifar10": {"arch": "resnet18", "crop_size": 32, "val_resize": 32, "crop_area_min": 0.08},
-    "cifar100": {"arch": "resnet18", "crop_size": 32, "val_resize": 32, "crop_area_min": 0.08},
+    # CIFAR: the AugMix paper's WRN-40-2 (32 px, pad-4 crop + flip; the crop keys are unused).
+    "cifar10": {"arch": "wrn40_2", "crop_size": 32, "val_resize": 32, "crop_area_min": 0.08},
+    "cifar100": {"arch": "wrn40_2", "crop_size": 32, "val_resize": 32, "crop_area_min": 0.08},
 }
 
 
@@ -290,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="threads per rank reading files ahead of DALI (hide filesystem latency)",
     )
+    # --- CIFAR (--dataset cifar10|cifar100) ---
+    a(
+        "--cifar_c",
+        default=None,
+        help="CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy) to evaluate after training",
+    )
+    a(
+        "--cifar_loader",
+        choices=CIFAR_LOADERS,
+        default="resident",
+        help="resident: the set on the device, crop+flip there; dali: the DALI pipeline",
+    )
     # Test hooks, hidden from --help: stop as if SIGTERM arrived at this global step; force a NaN
     # loss at these global steps.
     a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
@@ -426,6 +440,20 @@ def validate_config(config: dict[str, Any], world_size: int) -> None:
             None,
             f"--dataset {config['dataset']} needs --data pointing at torchvision's CIFAR folder",
         )
+    if config["dataset"] in ("cifar10", "cifar100"):
+        if config["imagenet_c"]:
+            bad("imagenet_c", config["imagenet_c"], "a CIFAR run is evaluated with --cifar_c DIR")
+        if config["imagenet_p"]:
+            bad("imagenet_p", config["imagenet_p"], "a CIFAR run has no -P evaluation here")
+    if config["cifar_c"] is not None:
+        if config["dataset"] not in ("cifar10", "cifar100"):
+            bad("cifar_c", config["cifar_c"], "needs --dataset cifar10 or cifar100 (and --data)")
+        if not (Path(config["cifar_c"]) / "labels.npy").is_file():
+            bad(
+                "cifar_c",
+                config["cifar_c"],
+                "expected a folder holding labels.npy and <corruption>.npy",
+            )
     if config["eval_only"] and not (config["ckpt_path"] or config["pretrained"]):
         bad("eval_only", True, "needs --ckpt_path (or --pretrained) to know what to evaluate")
     if config["resume"] and config["resume"] != "auto" and not Path(config["resume"]).is_file():

@@ -30,6 +30,7 @@ class DataSpec:
     corrupted: Path | None  # ImageNet-C layout root (corruption/severity/class/file), if any
     description: str
     perturbed: Path | None = None  # ImageNet-P layout root (perturbation/class/name.mp4), if any
+    cifar_c: Path | None = None  # CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy), if any
 
 
 def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
@@ -94,11 +95,14 @@ def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
         return _with_p(spec, config)
     corrupted = Path(config["imagenet_c"]) if config["imagenet_c"] else None
     if dataset in ("cifar10", "cifar100"):
-        from .data import load_cifar
+        from .data.cifar import check_cifar_c_labels, load_cifar
 
         train = load_cifar(config["data"], name=dataset, train=True)
         val = load_cifar(config["data"], name=dataset, train=False)
-        return _with_p(DataSpec(train, val, corrupted, f"{dataset} ({config['data']})"), config)
+        cifar_c = Path(config["cifar_c"]) if config.get("cifar_c") else None
+        if cifar_c is not None:  # before training: a CIFAR-10-C given to a CIFAR-100 run, etc.
+            check_cifar_c_labels(cifar_c, len(train.classes), dataset)
+        return DataSpec(train, val, corrupted, f"{dataset} ({config['data']})", cifar_c=cifar_c)
     root = Path(config["data"])
     spec = DataSpec(root / "train", root / "val", corrupted, f"ImageNet layout ({root})")
     return _with_p(spec, config)

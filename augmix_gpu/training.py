@@ -72,8 +72,17 @@ def build_augmenter(config: dict[str, Any]) -> AugMixBatch | None:
 
 def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=None):
     """Train and val loaders; with a held-out set, also its loader (train minus its files)."""
-    from .data import build_loader
+    from .data import ResidentLoader, build_loader
 
+    if config["dataset"] in ("cifar10", "cifar100") and config["cifar_loader"] == "resident":
+        kw = dict(batch_size=config["batch"] // env.world_size, device=env.device, rank=env.rank,
+                  world_size=env.world_size, seed=config["seed"])  # fmt: skip
+        # CIFAR held on the device (no held-out set on CIFAR: validate_config refuses it).
+        return (
+            ResidentLoader(spec.train, "train", **kw),
+            ResidentLoader(spec.val, "val", **kw),
+            None,
+        )
     common = {
         "batch_size": config["batch"] // env.world_size,
         "device": "gpu" if env.device.type == "cuda" else "cpu",
@@ -409,6 +418,8 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     }
     if (spec.corrupted is not None and not config["no_c_eval"]) or spec.perturbed is not None:
         results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)
+    if spec.cifar_c is not None and not config["no_c_eval"]:
+        results["robustness"] = evaluate_cifar_c(net, spec, classes, config, env, out)
     if env.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         log(env, f"results: {out / 'results.json'}")
@@ -453,4 +464,36 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
             env,
             f"robustness evaluation took {time.perf_counter() - start:.0f} s; reports in {out / 'eval'}",
         )
+    return results
+
+
+def evaluate_cifar_c(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
+    """CIFAR-10-C/100-C after a CIFAR run: the unnormalised mean corruption error (what the
+    official cifar.py and the PyTorch port report), per-corruption table and heatmap in ``out/eval``."""
+    from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
+
+    net.model.eval()
+    results = evaluate_robustness(
+        net.model,
+        env,
+        classes=classes,
+        cifar_c=spec.cifar_c,
+        cifar_dir=config["data"],
+        cifar_name=config["dataset"],
+        severities=config["c_severities"],
+        batch_size=config["batch"] // env.world_size,
+        num_threads=config["workers"],
+        crop_size=32,
+        resize_size=32,
+        progress=env.is_main and not config["no_progress"],
+        amp_dtype=AMP_DTYPES[config["precision"]],
+        channels_last=config["channels_last"],
+        extra_info={"model": describe_model(config, None, name=config["arch"]), "args": config},
+    )
+    if env.is_main:
+        write_reports(results, out / "eval")
+        log(env, markdown_table(results))
+        block = results["cifar_c"]
+        error = block.get("mean_corruption_error", block.get("mean_corruption_error_partial"))
+        log(env, f"{block['dataset']} mean corruption error: {error:.2f} % ({out / 'eval'})")
     return results

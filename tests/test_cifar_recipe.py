@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from augmix_gpu.engine import lr_factor
 
@@ -46,3 +48,103 @@ def test_cosine_with_floor_is_the_official_per_step_get_lr():
     assert all(a > b for a, b in zip(curve, curve[1:]))
     # The floor is a ratio: lr 0.2 ends at 2e-6 (cifar.py would end at 1e-6 for any lr).
     assert preset_lr(total, spe, epochs, lr=0.2) == pytest.approx(2e-6, rel=1e-9)
+
+
+# The official cifar.py defaults (its argparse and its optimizer call), in our keys: the
+# hand-written expectation.
+OFFICIAL = {
+    "arch": "wrn40_2",  # --model wrn --layers 40 --widen-factor 2 --droprate 0
+    "epochs": 100,
+    "batch": 128,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "beta_net": 5e-4,  # --decay, on net.parameters(): every parameter
+    "no_decay_norm_bias": False,
+    "lr_scale_batch": 0,
+    "schedule": "cosine",  # get_lr(step, epochs * len(loader), 1, 1e-6 / lr), per step
+    "lr_min_factor": 1e-5,
+    "lr_interval": "step",
+    "warmup_epochs": 0,
+    "precision": "32",
+    "aug_type": "augmix_jsd",  # JSD on (--no-jsd off)
+    "augmix_mixture_width": 3,
+    "augmix_mixture_depth": -1,
+    "initial_aug_severity": 3.0,  # --aug-severity 3
+    "beta_jsd": 12.0,
+    "all_ops": False,
+}
+PAPER_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
+             "shear_x", "shear_y", "translate_x", "translate_y")  # fmt: skip
+
+
+def _preset(*flags: str) -> dict:
+    from augmix_gpu.config import resolve_config, validate_config
+
+    c = resolve_config(["--config", "augmix_cifar.toml", "--data", "/data/cifar", *flags])
+    validate_config({**c, "data": None, "dataset": "synthetic"}, world_size=1)  # all but the path
+    return c
+
+
+def _official_net_and_optimizer(c: dict):
+    from augmix_gpu.engine import AugmentedClassifier, build_optimizer
+    from augmix_gpu.models import build_model
+    from augmix_gpu.training import build_augmenter
+
+    model = build_model(c["arch"], 100)
+    net = AugmentedClassifier(model, c["aug_type"], build_augmenter(c))
+    return net, build_optimizer(net, c, c["batch"])
+
+
+def test_preset_resolves_to_the_official_recipe():
+    c = _preset()
+    assert {k: c[k] for k in OFFICIAL} == OFFICIAL
+    assert c["dataset"] == "cifar100" and c["cifar_loader"] == "resident"
+    assert _preset("--dataset", "cifar10")["dataset"] == "cifar10"
+    assert _preset("--epochs", "3")["epochs"] == 3  # flags still override the preset
+
+
+def test_preset_builds_the_official_optimizer_and_augmenter():
+    from augmix_gpu.models import WideResNet
+
+    c = _preset()
+    net, opt = _official_net_and_optimizer(c)
+    assert isinstance(net.model, WideResNet) and len(net.model.groups[0]) == 6  # (40 - 4) / 6
+    # torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=5e-4, nesterov=True):
+    # one group, every parameter (BatchNorm weights and biases too); no severity parameters.
+    assert type(opt) is torch.optim.SGD
+    (group,) = opt.param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in net.model.parameters()}
+    assert (group["lr"], group["momentum"], group["nesterov"], group["dampening"]) == (
+        0.1, 0.9, True, 0,
+    )  # fmt: skip
+    assert group["weight_decay"] == 5e-4
+    aug = net.augmenter
+    assert (aug.width, aug.depth, aug.severity, aug.alpha, aug.num_views) == (3, -1, 3.0, 1.0, 2)
+    assert aug.op_names == PAPER_OPS
+
+
+def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
+    """The trainer's own _set_lr with the resolved preset, against cifar.py's scheduler rebuilt
+    from its parts: torch's LambdaLR around the hand-written get_lr, stepped after every batch."""
+    from augmix_gpu.data.sharding import train_steps
+    from augmix_gpu.engine import _set_lr
+
+    c = _preset()
+    spe = train_steps(50_000, c["batch"], 1)
+    assert spe == 390  # the ragged 80 images are dropped (cifar.py: 391 steps, the last of 80)
+    total = spe * c["epochs"]
+    _, opt = _official_net_and_optimizer(c)
+    ctx = SimpleNamespace(config=c, steps_per_epoch=spe, optimizer=opt)
+    param = torch.zeros(1, requires_grad=True)
+    theirs = torch.optim.SGD([param], 0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        theirs, lr_lambda=lambda step: official_get_lr(step, total, 1, 1e-6 / 0.1)
+    )
+    for step in range(total):
+        if step % 97 == 0 or step in (1, 389, 390, total - 1):
+            assert _set_lr(ctx, step) == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9), step
+        theirs.step()
+        sched.step()
+    assert _set_lr(ctx, total - 1) == pytest.approx(1e-6, rel=1e-3)

@@ -120,6 +120,7 @@ class ResidentLoader:
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.classes = list(arrays.classes)
         self.device = _device(device)
+        self.skipped: list[str] = []  # DaliLoader's list of undecodable files: none in arrays
         self._n = len(arrays)
         if self.is_train:
             train_indices(self._n, self.batch_size, self.rank, self.world_size, 0, 0)  # validates
