@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from augmix_gpu.data import CifarArrays, ResidentLoader, build_loader, pad_crop_flip
+from augmix_gpu.data.resident import pad_images
 
 DALI_CPU = dict(device="cpu", num_threads=1, prefetch=1)
 
@@ -28,7 +29,7 @@ def test_pad_crop_flip_equals_a_hand_loop():
     offsets[:3] = [[-4, -4], [4, 4], [0, 0]]  # the extremes and the identity
     flips = rng.integers(0, 2, 12).astype(bool)
     out = pad_crop_flip(
-        torch.from_numpy(images),
+        pad_images(torch.from_numpy(images)),
         torch.from_numpy(index),
         torch.from_numpy(offsets),
         torch.from_numpy(flips),
@@ -41,12 +42,15 @@ def test_pad_crop_flip_equals_a_hand_loop():
         assert np.array_equal(out[k].numpy(), expected), k
     assert out.dtype == torch.uint8 and out.shape == (12, 3, 7, 9)
     floats = pad_crop_flip(
-        torch.from_numpy(images).float(),
+        pad_images(torch.from_numpy(images).float()),
         torch.from_numpy(index),
         torch.from_numpy(offsets),
         torch.from_numpy(flips),
     )
     assert torch.equal(floats, out.float())
+    strided = pad_images(torch.from_numpy(images)).transpose(2, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        pad_crop_flip(strided, *(torch.from_numpy(a) for a in (index, offsets, flips)))
 
 
 def test_train_batches_equal_the_dali_loaders():
