@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Idle OpenMP threads must sleep, not spin: on a shared 2-core CPU spinning costs 10x (runtime.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench study severity-study gpu-check clean
+.PHONY: install demo demo-cifar test lint bench study severity-study gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python train.py
+
+# The CIFAR command (configs/augmix_cifar.toml, WRN-40-2) on a generated CIFAR-100-format set and
+# its CIFAR-C, on the CPU: only the budget is cut (2 epochs of 1000 images, batch 32).
+CIFAR_DEMO ?= $(or $(AUGMIX_GPU_CACHE),$(HOME)/.cache/augmix_gpu)/demo-cifar
+demo-cifar: $(STAMP)
+	$(BIN)/python -m augmix_gpu.data.synthetic $(CIFAR_DEMO)/cifar --format cifar100 --train_per_class 100 --val_per_class 20
+	$(BIN)/python -m augmix_gpu.data.make_c $(CIFAR_DEMO)/cifar $(CIFAR_DEMO)/CIFAR-100-C --cifar cifar100 --workers 2
+	$(BIN)/python train.py --config augmix_cifar.toml --data $(CIFAR_DEMO)/cifar --cifar_c $(CIFAR_DEMO)/CIFAR-100-C --epochs 2 --batch 32 --workers 2 --ckpt_dir_base runs/demo-cifar
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
