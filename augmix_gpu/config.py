@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="-C tree to evaluate after training (synthetic: generated)",
     )
-    a("--arch", default=None, help="torchvision classification model or tiny_resnet")
+    a(
+        "--arch",
+        default=None,
+        help="torchvision classifier, tiny_resnet, or for CIFAR wrn<depth>_<width> / resnet18_cifar",
+    )
     a("--pretrained", default=None, help="local weights file or a cached torchvision weights name")
     a("--optimizer", choices=("sgd", "adamw"), default="adamw")
     a("--momentum", type=float, default=0.9)
