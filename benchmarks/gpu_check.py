@@ -3,7 +3,8 @@
 1. `pytest -m cuda`: the mixed decoder against the CPU decoder on every recipe, AugMix on CUDA
    against the CPU with the same draws, AMP (bf16/fp16) and channels_last with the learnable
    severity, host reads per step, NCCL with 2 ranks where 2 GPUs exist.
-2. The GPU rows of the three benchmarks (AugMix, loader, training step), each writing its JSON.
+2. The GPU rows of the three benchmarks (AugMix, loader, training step; the CIFAR step and epoch
+   per CIFAR loader), each writing its JSON.
 3. A 200-step ResNet-50 `learnable_augmix_jsd` run at 224 px (bf16, channels_last) from generated
    224-px JPEGs through DALI's mixed decoder: images/s, AugMix's share of the step, the share of
    the step spent waiting for data, host syncs per step (`torch.cuda.set_sync_debug_mode`), peak
@@ -105,6 +106,18 @@ def run_benchmarks(batch: int) -> list[dict]:
                 str(RESULTS_DIR / "gpu_check_train_step.json"),
             ],
             900,
+        ),  # fmt: skip
+        _subprocess(
+            "bench_train_step --cifar (WRN-40-2, batch 128, JSD, fp32; one epoch per loader)",
+            [
+                py,
+                str(HERE / "bench_train_step.py"),
+                "--cifar",
+                "--cifar_epoch",
+                "--out",
+                str(RESULTS_DIR / "gpu_check_train_step_cifar.json"),
+            ],
+            600,
         ),  # fmt: skip
     ]
 
