@@ -324,6 +324,16 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         )
         ckpts.save(ckpt, name, state.global_step)
 
+    wandb_logged = [len(state.severity_trajectory)]  # trajectory entries already sent to W&B
+
+    def log_trajectory(s: TrainState) -> None:
+        """Send W&B the per-step values read since the last call (every --log_every steps and at
+        the epoch's end: DeviceLog), each at its own step."""
+        if wandb_run is not None:
+            for record in s.severity_trajectory[wandb_logged[0] :]:
+                wandb_run.log(record, step=record["step"])
+            wandb_logged[0] = len(s.severity_trajectory)
+
     def on_step(s: TrainState) -> None:
         if s.global_step == config["debug_stop_at_step"]:
             stop.requested, stop.signal_name = True, "debug stop"
@@ -331,12 +341,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         # The epoch's last step is saved after validation, below.
         if ckpts.due(s.global_step) and s.step_in_epoch < steps:
             save(LAST)
-        if (
-            wandb_run is not None
-            and s.severity_trajectory
-            and s.severity_trajectory[-1]["step"] == s.global_step
-        ):
-            wandb_run.log(s.severity_trajectory[-1], step=s.global_step)
+        log_trajectory(s)
 
     best_top1 = max((h["val_top1"] for h in history), default=-1.0)
     while state.epoch < config["epochs"]:
@@ -355,6 +360,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
             progress=bar,
         )
         bar.close()
+        log_trajectory(state)  # the steps read at the epoch's end
         if stop.requested:
             save(LAST)
             log(
