@@ -195,3 +195,24 @@ def test_make_c_cli_and_errors(small_src, tmp_path):
         and CORRUPTIONS[-1] == "jpeg_compression"
         and len(CORRUPTIONS) == 15
     )
+
+
+def _make_same_set(args) -> str:
+    out, barrier = args
+    barrier.wait()  # both processes write their temporary sets at the same time
+    kw = dict(num_classes=2, train_per_class=3, val_per_class=1, size=32, progress=False)
+    return str(make_synthetic_dataset(out, **kw))
+
+
+def test_two_processes_making_the_same_set_both_succeed(tmp_path):
+    """Two trainings sharing a cache: the second rename finds the first one's finished set."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Manager().Barrier(2)
+    with ctx.Pool(2) as pool:
+        outs = pool.map(_make_same_set, [(tmp_path / "s", barrier)] * 2)
+    assert outs == [str(tmp_path / "s")] * 2
+    assert synthetic.is_complete(tmp_path / "s")
+    assert len(scan_folder(tmp_path / "s" / "train")) == 6
+    assert not list(tmp_path.glob(".s.tmp-*"))  # the loser's temporary set is gone

@@ -115,7 +115,7 @@ def test_heldout_set_is_cached_and_keyed_by_its_parameters(train_dir: Path, tmp_
     assert other.source_files != held.source_files  # new parameters: made again
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(Exception, match="exists but is not a held-out set"):
+    with pytest.raises(Exception, match="exists but is not a finished held-out set"):
         make_heldout_set(train_dir, tmp_path / "mine", **kw)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(ValueError, match="evaluation corruption"):

@@ -13,8 +13,9 @@ Why these choices:
   then corrupt) and gets one (corruption, severity), assigned round-robin over the corruptions and
   severities 1-5, so every pair is equally represented; randomness is seeded per image exactly as
   the -C maker seeds it (:func:`augmix_gpu.data.make_c.image_seed`).
-- Written to a temporary folder and renamed into place with a marker holding the parameters, so
-  an interrupted preparation is redone and a finished one is reused.
+- Written to a temporary folder and renamed into place with a marker holding the parameters
+  (:mod:`augmix_gpu.data.publish`), so an interrupted preparation is redone and a finished one is
+  reused; ``heldout.json`` lists the files held out and each one's corruption.
 
     python -m augmix_gpu.data.heldout TRAIN_DIR OUT --images 10000 [--seed 0] [--workers 8]
 """
@@ -25,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .folders import DatasetError, scan_folder
 from .make_c import JPEG_QUALITY, corrupt_image, image_seed
+from .publish import begin, finish
 
 MANIFEST = "heldout.json"
 MAX_FRACTION = 0.5  # more than half the training set held out would starve the network
@@ -150,19 +151,11 @@ def make_heldout_set(
     params = dict(train_dir=str(train_dir.resolve()), num_train=len(samples), count=count,
                   seed=int(seed), corruptions=corruptions, crop_size=int(crop_size),
                   resize_size=int(resize_size), version=VERSION)  # fmt: skip
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file() and json.loads(manifest_path.read_text())["params"] == params:
+    # Only a held-out set (its manifest there) is replaced when its parameters changed.
+    tmp = begin(out, params, (out / MANIFEST).is_file(), "held-out set")
+    if tmp is None:
         return HeldoutSet.read(out)
-
-    if out.exists() and not manifest_path.is_file():
-        raise DatasetError(
-            f"{str(out)!r} exists but is not a held-out set (no {MANIFEST}): choose another folder"
-        )
     severities = (1, 2, 3, 4, 5)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)  # class folders appear with their first image: a small split may miss
-    # some classes, which the loader accepts given the training class list
     files, tasks = [], []
     for j, index in enumerate(chosen):
         path = Path(samples[index][0])
@@ -190,10 +183,7 @@ def make_heldout_set(
             bar.update()
     bar.close()
     (tmp / MANIFEST).write_text(json.dumps({"params": params, "files": files}, indent=1))
-    if out.exists():  # a held-out set made with other parameters (checked below, before writing)
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return HeldoutSet.read(out)
+    return HeldoutSet.read(finish(tmp, out, params))
 
 
 def main(argv: list[str] | None = None) -> None:

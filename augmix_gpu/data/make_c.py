@@ -24,9 +24,7 @@ Hendrycks & Dietterich re-tuned for CIFAR-C, so the images are not CIFAR-C's cor
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,11 +33,11 @@ import numpy as np
 # One list for the whole project (robustness.py holds it beside the AlexNet reference errors).
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .folders import DatasetError, find_classes, scan_folder
+from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
 _ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
 _SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")  # they take `seed=`; the rest use np.random
 JPEG_QUALITY = 85  # ImageNet-C's save quality
-MARKER = ".complete"
 
 
 def image_seed(seed: int, corruption: str, severity: int, index: int) -> int:
@@ -111,19 +109,9 @@ def make_corrupted_dataset(
         )
     params = dict(src=str(src_root.resolve()), n=len(samples), severities=[int(s) for s in severities],
                   corruptions=list(corruptions), seed=int(seed), version=1)  # fmt: skip
-    marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    tmp = begin(out, params, overwrite, "-C set")
+    if tmp is None:
         return out
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(
-                f"{str(out)!r} exists but is not a finished -C set made with these parameters: "
-                "delete it, choose another folder, or pass overwrite=True (--overwrite)"
-            )
-        shutil.rmtree(out)
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tasks = []
     for corruption in corruptions:
         for severity in severities:
@@ -157,9 +145,7 @@ def make_corrupted_dataset(
             _work(task)
             bar.update()
     bar.close()
-    (tmp / MARKER).write_text(json.dumps(params))
-    os.replace(tmp, out)
-    return out
+    return finish(tmp, out, params)
 
 
 def _corrupt_block(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
@@ -209,19 +195,9 @@ def make_cifar_c(
     out = Path(out)
     params = dict(src=str(Path(cifar_root).resolve()), name=name, n=len(test),
                   corruptions=list(corruptions), seed=int(seed), format="cifar-c", version=1)  # fmt: skip
-    marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    tmp = begin(out, params, overwrite, "CIFAR-C set")
+    if tmp is None:
         return out
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(
-                f"{str(out)!r} exists but is not a finished CIFAR-C set made with these "
-                "parameters: delete it, choose another folder, or pass overwrite=True (--overwrite)"
-            )
-        shutil.rmtree(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tasks = [(c, s, int(seed)) for c in corruptions for s in range(1, 6)]
     from tqdm import tqdm
 
@@ -244,9 +220,7 @@ def make_cifar_c(
     for k, corruption in enumerate(corruptions):
         np.save(tmp / f"{corruption}.npy", np.concatenate(blocks[5 * k : 5 * k + 5]))
     np.save(tmp / "labels.npy", np.tile(test.labels, 5).astype(np.uint8))
-    (tmp / MARKER).write_text(json.dumps(params))
-    os.replace(tmp, out)
-    return out
+    return finish(tmp, out, params)
 
 
 def main(argv: list[str] | None = None) -> None:

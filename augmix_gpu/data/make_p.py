@@ -32,7 +32,6 @@ ImageMagick's motion blur (used by motion_blur and snow) is `imagecorruptions`' 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -43,9 +42,9 @@ import numpy as np
 
 from ..robustness import EXTRA_PERTURBATIONS, PERTURBATIONS, is_noise, perturbation_folder
 from .folders import DatasetError, find_classes, scan_folder
+from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
 _ALL = PERTURBATIONS + EXTRA_PERTURBATIONS
-MARKER = ".complete"
 FPS = 1  # make_imagenet_p.py: ffmpeg -r 1 -framerate 1
 # Per difficulty 1, 2, 3 (make_imagenet_p.py, the commented _2/_3 blocks).
 GAUSSIAN_SIGMA = (0.03, 0.05, 0.08)
@@ -355,19 +354,9 @@ def make_perturbed_dataset(
     params = dict(src=str(src_root.resolve()), n=len(samples), perturbations=list(perturbations),
                   difficulties=sorted({int(d) for d in difficulties}), per_class=per_class,
                   size=size, seed=int(seed), preset=preset, version=1)  # fmt: skip
-    marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    tmp = begin(out, params, overwrite, "-P set")
+    if tmp is None:
         return out
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(
-                f"{str(out)!r} exists but is not a finished -P set made with these parameters: "
-                "delete it, choose another folder, or pass overwrite=True (--overwrite)"
-            )
-        shutil.rmtree(out)
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tasks = []
     for p in perturbations:
         for folder in sorted({perturbation_folder(p, int(d)) for d in difficulties}):
@@ -400,9 +389,7 @@ def make_perturbed_dataset(
         raise
     finally:
         bar.close()
-    (tmp / MARKER).write_text(json.dumps(params))
-    os.replace(tmp, out)
-    return out
+    return finish(tmp, out, params)
 
 
 def main(argv: list[str] | None = None) -> None:

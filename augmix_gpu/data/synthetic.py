@@ -21,10 +21,8 @@ a `.complete` marker holding the parameters, so a cache can tell a finished set 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,9 +30,8 @@ import numpy as np
 from PIL import Image
 
 from .cifar import LAYOUT as CIFAR_LAYOUT
-from .folders import DatasetError
+from .publish import MARKER, begin, finish, is_complete  # noqa: F401  (is_complete: public)
 
-MARKER = ".complete"
 SPLITS = ("train", "val")
 JPEG_QUALITY = 90
 _SQRT_HALF = np.float32(np.sqrt(0.5))
@@ -146,37 +143,6 @@ def _params(
     )  # fmt: skip
 
 
-def is_complete(out: str | os.PathLike, params: dict | None = None) -> bool:
-    """True when `out` holds a finished set (marker present and, if given, the same parameters)."""
-    marker = Path(out) / MARKER
-    if not marker.is_file():
-        return False
-    return params is None or json.loads(marker.read_text()) == params
-
-
-def _begin(out: Path, params: dict, overwrite: bool) -> Path | None:
-    """None when `out` already holds this finished set; else a fresh temporary folder beside it."""
-    if is_complete(out, params):
-        return None
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(
-                f"{str(out)!r} exists but is not a finished synthetic set with these parameters "
-                f"({params}): delete it, choose another folder, or pass overwrite=True"
-            )
-        shutil.rmtree(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish(tmp: Path, out: Path, params: dict) -> Path:
-    (tmp / MARKER).write_text(json.dumps(params))
-    os.replace(tmp, out)  # atomic on one filesystem: readers see nothing or everything
-    return out
-
-
 def make_synthetic_dataset(
     out: str | os.PathLike,
     *,
@@ -205,7 +171,7 @@ def make_synthetic_dataset(
         )
     out = Path(out)
     params = _params(num_classes, train_per_class, val_per_class, size, seed)
-    tmp = _begin(out, params, overwrite)
+    tmp = begin(out, params, overwrite, "synthetic set")
     if tmp is None:
         return out
     from tqdm import tqdm
@@ -223,7 +189,7 @@ def make_synthetic_dataset(
                         folder / f"{split}_{label:02d}_{i:05d}.JPEG", quality=JPEG_QUALITY
                     )
                     bar.update()
-    return _finish(tmp, out, params)
+    return finish(tmp, out, params)
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -264,7 +230,7 @@ def make_synthetic_cifar(
         )
     out = Path(out)
     params = dict(_params(num_classes, train_per_class, test_per_class, 32, seed), format=name)
-    tmp = _begin(out, params, overwrite)
+    tmp = begin(out, params, overwrite, "synthetic set")
     if tmp is None:
         return out
     from tqdm import tqdm
@@ -308,7 +274,7 @@ def make_synthetic_cifar(
     else:
         meta["coarse_label_names"] = [f"group{g}" for g in range(-(-num_classes // 5))]
     _dump(base / meta_file, meta)
-    return _finish(tmp, out, params)
+    return finish(tmp, out, params)
 
 
 def main(argv: list[str] | None = None) -> None:
