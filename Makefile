@@ -33,8 +33,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers, one file each at a time (module fixtures stay in one process), one intra-op thread
+# per process: the suite is mostly single-threaded subprocesses, so two cores halve its time.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_augment.py
