@@ -422,10 +422,9 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
             "skipped_nonfinite_updates": updater.skipped_nonfinite,
         },
     }
-    if (spec.corrupted is not None and not config["no_c_eval"]) or spec.perturbed is not None:
+    wants_c = (spec.corrupted is not None or spec.cifar_c is not None) and not config["no_c_eval"]
+    if wants_c or spec.perturbed is not None:
         results["robustness"] = evaluate_corruptions(net, spec, classes, config, env, out)
-    if spec.cifar_c is not None and not config["no_c_eval"]:
-        results["robustness"] = evaluate_cifar_c(net, spec, classes, config, env, out)
     if env.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         log(env, f"results: {out / 'results.json'}")
@@ -438,26 +437,40 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
 
 
 def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
-    """Clean vs corrupted (-C) and perturbed (-P) evaluation of the final model, reports written
-    under ``out/eval``."""
+    """Clean vs corrupted (ImageNet-C, or CIFAR-10-C/100-C after a CIFAR run) and perturbed (-P)
+    evaluation of the final model, reports and heatmap written under ``out/eval``. For CIFAR the
+    headline is the unnormalised mean corruption error (what the official cifar.py and the
+    PyTorch port report)."""
     from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
     from .layouts import present_perturbations
 
+    if spec.cifar_c is not None:
+        data = dict(
+            cifar_c=spec.cifar_c,
+            cifar_dir=config["data"],
+            cifar_name=config["dataset"],
+            crop_size=32,
+            resize_size=32,
+        )
+    else:
+        data = dict(
+            val_dir=spec.val,
+            imagenet_c_dir=None if config["no_c_eval"] else spec.corrupted,
+            imagenet_p_dir=spec.perturbed,
+            perturbations=present_perturbations(spec.perturbed) if spec.perturbed else None,
+            crop_size=config["crop_size"],
+            resize_size=config["val_resize"],
+        )
     net.model.eval()
     start = time.perf_counter()
     results = evaluate_robustness(
         net.model,
         env,
         classes=classes,
-        val_dir=spec.val,
-        imagenet_c_dir=None if config["no_c_eval"] else spec.corrupted,
-        imagenet_p_dir=spec.perturbed,
-        perturbations=present_perturbations(spec.perturbed) if spec.perturbed else None,
+        **data,
         severities=config["c_severities"],
         batch_size=config["batch"] // env.world_size,
         num_threads=config["workers"],
-        crop_size=config["crop_size"],
-        resize_size=config["val_resize"],
         progress=env.is_main and not config["no_progress"],
         amp_dtype=AMP_DTYPES[config["precision"]],
         channels_last=config["channels_last"],
@@ -466,40 +479,10 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
     if env.is_main:
         write_reports(results, out / "eval")
         log(env, markdown_table(results))
-        log(
-            env,
-            f"robustness evaluation took {time.perf_counter() - start:.0f} s; reports in {out / 'eval'}",
-        )
-    return results
-
-
-def evaluate_cifar_c(net, spec: DataSpec, classes, config, env, out: Path) -> dict[str, Any]:
-    """CIFAR-10-C/100-C after a CIFAR run: the unnormalised mean corruption error (what the
-    official cifar.py and the PyTorch port report), per-corruption table and heatmap in ``out/eval``."""
-    from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
-
-    net.model.eval()
-    results = evaluate_robustness(
-        net.model,
-        env,
-        classes=classes,
-        cifar_c=spec.cifar_c,
-        cifar_dir=config["data"],
-        cifar_name=config["dataset"],
-        severities=config["c_severities"],
-        batch_size=config["batch"] // env.world_size,
-        num_threads=config["workers"],
-        crop_size=32,
-        resize_size=32,
-        progress=env.is_main and not config["no_progress"],
-        amp_dtype=AMP_DTYPES[config["precision"]],
-        channels_last=config["channels_last"],
-        extra_info={"model": describe_model(config, None, name=config["arch"]), "args": config},
-    )
-    if env.is_main:
-        write_reports(results, out / "eval")
-        log(env, markdown_table(results))
-        block = results["cifar_c"]
-        error = block.get("mean_corruption_error", block.get("mean_corruption_error_partial"))
-        log(env, f"{block['dataset']} mean corruption error: {error:.2f} % ({out / 'eval'})")
+        if spec.cifar_c is not None:
+            block = results["cifar_c"]
+            error = block.get("mean_corruption_error", block.get("mean_corruption_error_partial"))
+            log(env, f"{block['dataset']} mean corruption error: {error:.2f} %")
+        took = time.perf_counter() - start
+        log(env, f"robustness evaluation took {took:.0f} s; reports in {out / 'eval'}")
     return results
