@@ -22,9 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from augmix_gpu.runtime import prefer_passive_openmp
 
-from augmix_gpu.engine import AMP_DTYPES as PRECISION  # one table: precision flag -> autocast dtype
+prefer_passive_openmp()  # before torch loads OpenMP (idle threads must not spin on a shared CPU)
+import torch  # noqa: E402
+
+from augmix_gpu.engine import AMP_DTYPES as PRECISION  # noqa: E402 (precision flag -> autocast dtype)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
