@@ -193,9 +193,12 @@ def evaluate_robustness(
         )
         if imagenet_c_dir
         else ("as stored (32x32 arrays)" if cifar_c else None),
-        "crop_size": crop_size,
-        "resize_size": resize_size,
-        "c_resize": c_resize,
+        # CIFAR arrays are read as stored: no crop or resize to report for them
+        **(
+            {"crop_size": crop_size, "resize_size": resize_size, "c_resize": c_resize}
+            if (val_dir or imagenet_c_dir or imagenet_p_dir)
+            else {}
+        ),
         "normalization": "ImageNet mean/std on [0,1] RGB",
     }
     if imagenet_p_dir:
