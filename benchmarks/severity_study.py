@@ -190,6 +190,63 @@ def _budget_plot(runs: list[Run], args, out: Path) -> None:
     plt.close(fig)
 
 
+def goal_check(summary: dict) -> dict:
+    """The issue's goal, measured: each ``learned_heldout_*`` variant's mean corruption error
+    against the best fixed severity's (within its std) and against ``fixed_s3``'s (below it by
+    more than the seed spread, the larger of the two stds, or within that spread if ``fixed_s3``
+    is the best), and whether the held-out runs' final severities agree within a factor of 1.5."""
+    mce, sev = "mean corruption error", "final severity median"
+    fixed = [v for v in summary if v.startswith("fixed")]
+    heldout = [v for v in summary if v.startswith("learned_heldout")]
+    if not fixed or not heldout or "fixed_s3" not in summary:
+        return {}
+    best = min(fixed, key=lambda v: summary[v][mce]["mean"])
+    b, d = summary[best][mce], summary["fixed_s3"][mce]
+    rows = {}
+    for v in heldout:
+        m = summary[v][mce]
+        spread = max(m["std"], d["std"])
+        vs_default = d["mean"] - m["mean"]  # > 0: better than the default severity
+        rows[v] = {
+            "mean corruption error": m["mean"],
+            "above best fixed": m["mean"] - b["mean"],
+            "within best fixed std": m["mean"] - b["mean"] <= b["std"],
+            "below fixed_s3": vs_default,
+            "seed spread": spread,
+            "beats fixed_s3": (abs(vs_default) <= spread)
+            if best == "fixed_s3"
+            else vs_default > spread,
+            "final severity": summary[v][sev]["mean"],
+        }
+    finals = [r["final severity"] for r in rows.values()]
+    ratio = max(finals) / min(finals)
+    met = all(r["within best fixed std"] and r["beats fixed_s3"] for r in rows.values())
+    return {"best fixed": best, "best fixed mean": b["mean"], "best fixed std": b["std"],
+            "fixed_s3 mean": d["mean"], "fixed_s3 std": d["std"], "heldout": rows,
+            "final severity ratio": ratio, "severities agree": ratio <= 1.5,
+            "met": met and ratio <= 1.5}  # fmt: skip
+
+
+def goal_lines(goal: dict) -> list[str]:
+    """The goal check as sentences for the console and table.md."""
+    if not goal:
+        return []
+    lines = [f"Goal check: best fixed {goal['best fixed']} {goal['best fixed mean']:.1f} ± "
+             f"{goal['best fixed std']:.1f}; fixed_s3 {goal['fixed_s3 mean']:.1f} ± "
+             f"{goal['fixed_s3 std']:.1f}."]  # fmt: skip
+    for v, r in goal["heldout"].items():
+        lines.append(
+            f"- {v}: {r['mean corruption error']:.1f} ({r['above best fixed']:+.1f} vs best fixed: "
+            f"{'within' if r['within best fixed std'] else 'outside'} its std; "
+            f"{r['below fixed_s3']:+.1f} below fixed_s3 with a seed spread of {r['seed spread']:.1f}: "
+            f"{'met' if r['beats fixed_s3'] else 'not met'}); final severity {r['final severity']:.2f}"
+        )
+    lines.append(f"- final severities agree within x{goal['final severity ratio']:.2f} "
+                 f"({'met' if goal['severities agree'] else 'not met'}: goal x1.5). "
+                 f"Goal {'met' if goal['met'] else 'not met'}.")  # fmt: skip
+    return lines
+
+
 def plots(runs: list[Run], summary: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -321,10 +378,13 @@ def main() -> None:
             "(the default severity) by more than 2 standard errors of the difference. Errors in %; "
             "final severity: what the ops received (fixed: the value; learned: the bounded median "
             f"at the end); wall time with {args.jobs} runs at a time on a shared 2-core machine.")  # fmt: skip
+    goal = goal_check(summary)
+    goal_text = "\n".join(goal_lines(goal))
     print(table)
     print(note)
+    print(goal_text)
     pngs = plots(runs, summary, out)
-    (out / "table.md").write_text(table + "\n\n" + note + "\n")
+    (out / "table.md").write_text(table + "\n\n" + note + "\n\n" + goal_text + "\n")
     first = runs[0].result["config"]
     write_json(out / "study.json", {
         "benchmark": "severity_study", "args": vars(args), "environment": environment_info(),
@@ -333,7 +393,7 @@ def main() -> None:
                                          "beta_jsd", "beta_augmenter_reg", "severity_update_every",
                                          "severity_hyper_lr", "heldout_images", "heldout_seed",
                                          "max_severity")},
-        "summary": summary, "seconds": time.perf_counter() - start,
+        "summary": summary, "goal": goal, "seconds": time.perf_counter() - start,
         "per_run": {v: [{"seed": r.seed, "robustness": r.result.get("robustness"),
                          "history": r.result["history"], "heldout": r.result.get("heldout"),
                          "severity_trajectory": r.result["severity_trajectory"],
