@@ -238,7 +238,7 @@ def goal_lines(goal: dict) -> list[str]:
         lines.append(
             f"- {v}: {r['mean corruption error']:.1f} ({r['above best fixed']:+.1f} vs best fixed: "
             f"{'within' if r['within best fixed std'] else 'outside'} its std; "
-            f"{r['below fixed_s3']:+.1f} below fixed_s3 with a seed spread of {r['seed spread']:.1f}: "
+            f"{-r['below fixed_s3']:+.1f} vs fixed_s3, seed spread {r['seed spread']:.1f}: "
             f"{'met' if r['beats fixed_s3'] else 'not met'}); final severity {r['final severity']:.2f}"
         )
     lines.append(f"- final severities agree within x{goal['final severity ratio']:.2f} "
@@ -309,7 +309,9 @@ def plots(runs: list[Run], summary: dict, out: Path) -> list[Path]:
     ax.set_xlabel("severity received by the ops (learned: final median)")
     ax.set_ylabel("error (%), mean over seeds")
     ax.set_title(
-        "Corruption error against severity (diamonds: learned, squares: their clean error)"
+        "Error against severity (circles: fixed sweep; diamonds: learned, -C;\n"
+        "squares: learned, clean)",
+        fontsize=10,
     )
     ax.legend(fontsize=6.5)
     fig.tight_layout()
