@@ -102,6 +102,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def step_parts(model, config: dict, args: argparse.Namespace, device: torch.device):
+    """The network with its augmenter (channels_last), its optimizer and its loss scaler: what
+    every benchmarked step is made of."""
+    net = AugmentedClassifier(
+        model.to(memory_format=torch.channels_last),
+        config["aug_type"],
+        build_augmenter(config),
+        amp_dtype=AMP_DTYPES[args.precision],
+        channels_last=True,
+    ).to(device)
+    opt = build_optimizer(net, config, args.batch)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16")
+    return net, opt, scaler
+
+
 def timed_steps(net, ctx, state, batches, args, device) -> tuple[list[float], list[float]]:
     """Warm-up, then ``repeats`` x ``steps`` train steps: (img/s, AugMix share) per repeat."""
     rates, shares = [], []
@@ -149,17 +164,7 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
         crop_size=args.size,
         num_threads=args.threads,
     )
-    model = build_model(args.arch, len(loader.classes))
-    net = AugmentedClassifier(
-        model,
-        config["aug_type"],
-        build_augmenter(config),
-        amp_dtype=AMP_DTYPES[args.precision],
-        channels_last=True,
-    ).to(device)
-    net.model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(net, config, args.batch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16")
+    net, opt, scaler = step_parts(build_model(args.arch, len(loader.classes)), config, args, device)
     gen = torch.Generator(device).manual_seed(0)
     updater, steps = None, args.steps
     if heldout:
@@ -255,16 +260,8 @@ def bench_cifar(kind: str, args: argparse.Namespace, arrays, device: torch.devic
         return loader_row
     env = DistEnv(0, 0, 1, device, None)
     config = resolve_config(["--config", "augmix_cifar.toml", "--precision", args.precision])
-    model = build_model(config["arch"], len(arrays.classes)).to(memory_format=torch.channels_last)
-    net = AugmentedClassifier(
-        model,
-        config["aug_type"],
-        build_augmenter(config),
-        amp_dtype=AMP_DTYPES[args.precision],
-        channels_last=True,
-    ).to(device)
-    opt = build_optimizer(net, config, args.batch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16")
+    model = build_model(config["arch"], len(arrays.classes))
+    net, opt, scaler = step_parts(model, config, args, device)
     gen = torch.Generator(device).manual_seed(0)
     ctx = StepContext(net, net, opt, scaler, config, env, gen, len(loader), StopFlag())
     state = TrainState()
