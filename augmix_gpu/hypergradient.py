@@ -177,13 +177,12 @@ def severity_hypergradient(
     eps = FD_SCALE / torch.sqrt(sum((t.double() ** 2).sum() for t in c)).clamp_min(1e-30)
 
     # 3. grad of the training loss to its input at w' +- eps c (BatchNorm in train mode on
-    #    copies of the buffers, so the running statistics are not touched).
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    #    fresh copies of the buffers per pass, so the running statistics are not touched).
     x = views.detach().requires_grad_(True)
 
     def input_grad(sign: float) -> Tensor:
         state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, c)}
-        state.update({n: b.clone() for n, b in buffers.items()})
+        state.update({n: b.detach().clone() for n, b in model.named_buffers()})
         run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
         with torch.enable_grad():
             logits = net.classify(x, model=run)
