@@ -27,7 +27,7 @@ from augmix_gpu.runtime import prefer_passive_openmp
 prefer_passive_openmp()  # before torch loads OpenMP (idle threads must not spin on a shared CPU)
 import torch  # noqa: E402
 
-from augmix_gpu.engine import AMP_DTYPES as PRECISION  # noqa: E402 (precision flag -> autocast dtype)
+from augmix_gpu.runtime import PRECISIONS, amp_dtype  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--batch", type=int, default=128, help="images per rank per step")
     run.add_argument("--workers", type=int, default=4, help="DALI threads per rank")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    run.add_argument("--precision", default="32", choices=tuple(PRECISION))
+    run.add_argument("--precision", default="32", choices=PRECISIONS)
     run.add_argument("--channels_last", action="store_true")
     run.add_argument(
         "--out", default="eval_results", help="folder for the JSON, markdown and heatmap"
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def compare(paths: list[str]) -> str:
-    from augmix_gpu.evaluation import compare_table
+    from augmix_gpu.eval.run import compare_table
 
     loaded = []
     for path in paths:
@@ -124,7 +124,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
     """(model, classes, config, model info) from --ckpt_path or --pretrained."""
     from augmix_gpu.checkpoint import load_model_for_eval
     from augmix_gpu.data import find_classes
-    from augmix_gpu.evaluation import describe_model
+    from augmix_gpu.eval.run import describe_model
     from augmix_gpu.models import build_model
 
     if args.ckpt_path:
@@ -160,7 +160,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
 
 def _first_c_folder(args: argparse.Namespace) -> str:
-    from augmix_gpu.robustness import CORRUPTIONS, PERTURBATIONS
+    from augmix_gpu.protocols import CORRUPTIONS, PERTURBATIONS
 
     if not args.imagenet_c and args.imagenet_p:
         return str(Path(args.imagenet_p) / (args.perturbations or PERTURBATIONS)[0])
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from augmix_gpu.distributed import cleanup, init_distributed
-    from augmix_gpu.evaluation import evaluate_robustness, markdown_table, write_reports
+    from augmix_gpu.eval.run import evaluate_robustness, markdown_table, write_reports
 
     env = init_distributed(args.device)
     try:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.workers,
             crop_size=crop,
             resize_size=resize,
-            amp_dtype=PRECISION[args.precision],
+            amp_dtype=amp_dtype(args.precision),
             channels_last=args.channels_last,
             progress=not args.no_progress,
             extra_info={"args": vars(args), "model": info},

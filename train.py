@@ -27,14 +27,14 @@ prefer_passive_openmp()  # before torch loads OpenMP (idle threads must not spin
 import torch  # noqa: E402
 
 from augmix_gpu.checkpoint import CheckpointWriteError  # noqa: E402
-from augmix_gpu.config import resolve_config, validate_config  # noqa: E402
 from augmix_gpu.distributed import cleanup, init_distributed  # noqa: E402
+from augmix_gpu.train.config import resolve_config, validate_config  # noqa: E402
 
 
 def eval_only_argv(config: dict, env) -> list[str]:
     """--eval_only runs evaluate.py (the same code) on this run's data and checkpoint."""
-    from augmix_gpu.datasets import prepare_data
-    from augmix_gpu.training import run_dir
+    from augmix_gpu.train.data import prepare_data
+    from augmix_gpu.train.run import run_dir
 
     spec = prepare_data(config, env)
     model = (
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             import evaluate
 
             return evaluate.main(eval_only_argv(config, env))
-        from augmix_gpu.training import fit
+        from augmix_gpu.train.run import fit
 
         return fit(config, env)
     # Bad arguments or data, or a checkpoint that cannot be written: one line, no traceback.

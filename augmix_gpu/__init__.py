@@ -14,14 +14,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AugMixBatch": ".augmix",
-    "AugMixParams": ".augmix",
-    "normalize_images": ".augmix",
-    "OPS": ".ops",
-    "get_ops": ".ops",
-    "LearnableSeverity": ".severity",
-    "jsd_loss": ".losses",
-    "augmix_objective": ".losses",
+    "AugMixBatch": ".augment.augmix",
+    "AugMixParams": ".augment.augmix",
+    "normalize_images": ".augment.augmix",
+    "OPS": ".augment.ops",
+    "get_ops": ".augment.ops",
+    "LearnableSeverity": ".augment.severity",
+    "jsd_loss": ".augment.losses",
+    "augmix_objective": ".augment.losses",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
+
+# The training precisions (flag values) and the autocast dtype of each (None: fp32, no autocast).
+PRECISIONS = ("32", "16", "bf16")
 
 # AugMixBatch's first CPU call applies reuse_freed_memory() unless this is False or the
 # environment has AUGMIX_GPU_DEFAULT_MALLOC=1.
@@ -60,3 +64,16 @@ def tune_for_cpu_augmentation() -> bool:
         opted_out = os.environ.get("AUGMIX_GPU_DEFAULT_MALLOC", "") not in ("", "0")
         _tuned = False if opted_out or not AUTO_REUSE_FREED_MEMORY else reuse_freed_memory()
     return _tuned
+
+
+def amp_dtype(precision: str) -> Any:
+    """``"32"`` -> None, ``"16"`` -> ``torch.float16``, ``"bf16"`` -> ``torch.bfloat16``.
+
+    torch is imported here, not at module level: this module must be importable before torch
+    (``prefer_passive_openmp``)."""
+    import torch
+
+    table = {"32": None, "16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return table[precision]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .augmix import AugMixBatch, AugMixParams
+from .augment.augmix import AugMixBatch, AugMixParams
 
 __all__ = ["describe_chain", "load_image", "main", "make_grid"]
 

@@ -72,9 +72,9 @@ def prepare_caches(runs: Sequence[Run]) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from augmix_gpu.config import resolve_config
-    from augmix_gpu.datasets import prepare_data, prepare_heldout
     from augmix_gpu.distributed import DistEnv
+    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.data import prepare_data, prepare_heldout
 
     env = DistEnv(0, 0, 1, torch.device("cpu"), None)
     done = set()

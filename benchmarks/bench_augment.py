@@ -60,7 +60,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch  # noqa: E402
+from augmix_gpu.augment.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch  # noqa: E402
 
 ROWS = ("a", "a2", "b", "c", "d", "e", "f")
 REPO = Path(__file__).resolve().parent.parent
@@ -255,7 +255,7 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
             notes.append("row d (CUDA, strategy auto = static, and grouped) skipped: no GPU here")
     if "e" in args.rows:
         try:
-            from augmix_gpu.severity import LearnableSeverity
+            from augmix_gpu.augment.severity import LearnableSeverity
         except ImportError as err:
             notes.append(
                 f"row e (learnable) skipped: augmix_gpu.severity.LearnableSeverity not importable ({err})"

@@ -40,21 +40,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_info, markdown_table, write_json  # noqa: E402
 
-from augmix_gpu.config import resolve_config  # noqa: E402
 from augmix_gpu.data import ResidentLoader, build_loader, make_synthetic_dataset  # noqa: E402
 from augmix_gpu.distributed import DistEnv  # noqa: E402
-from augmix_gpu.engine import (  # noqa: E402
-    AMP_DTYPES,
-    AugmentedClassifier,
-    StepContext,
-    StopFlag,
-    TrainState,
-    build_optimizer,
-    train_step,
-)
-from augmix_gpu.hypergradient import HeldoutSeverityUpdater  # noqa: E402
 from augmix_gpu.models import build_model  # noqa: E402
-from augmix_gpu.training import build_augmenter  # noqa: E402
+from augmix_gpu.runtime import amp_dtype  # noqa: E402
+from augmix_gpu.train.config import resolve_config  # noqa: E402
+from augmix_gpu.train.heldout_severity import HeldoutSeverityUpdater  # noqa: E402
+from augmix_gpu.train.run import build_augmenter  # noqa: E402
+from augmix_gpu.train.schedule import build_optimizer  # noqa: E402
+from augmix_gpu.train.step import AugmentedClassifier, StepContext, StopFlag, TrainState, train_step  # noqa: E402
 
 MODES = ("none", "augmix_jsd", "learnable_augmix_jsd", "learnable_heldout")
 CIFAR_LOADERS = ("resident", "dali")
@@ -109,7 +103,7 @@ def step_parts(model, config: dict, args: argparse.Namespace, device: torch.devi
         model.to(memory_format=torch.channels_last),
         config["aug_type"],
         build_augmenter(config),
-        amp_dtype=AMP_DTYPES[args.precision],
+        amp_dtype=amp_dtype(args.precision),
         channels_last=True,
     ).to(device)
     opt = build_optimizer(net, config, args.batch)

@@ -137,20 +137,20 @@ def _count_syncs(fn) -> int:
 
 def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
     """The 200-step run, measured in phases: throughput and data wait, AugMix share, syncs."""
-    from augmix_gpu.config import resolve_config
     from augmix_gpu.data import build_loader, make_synthetic_dataset
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.engine import (
-        AMP_DTYPES,
+    from augmix_gpu.models import build_model
+    from augmix_gpu.runtime import amp_dtype
+    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.run import build_augmenter
+    from augmix_gpu.train.schedule import build_optimizer
+    from augmix_gpu.train.step import (
         AugmentedClassifier,
         StepContext,
         StopFlag,
         TrainState,
-        build_optimizer,
         train_step,
     )
-    from augmix_gpu.models import build_model
-    from augmix_gpu.training import build_augmenter
 
     data = make_synthetic_dataset(tmp / "syn224", num_classes=10, train_per_class=args.per_class,
                                   val_per_class=100, size=224, seed=0, progress=False)  # fmt: skip
@@ -163,7 +163,7 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
     loader = build_loader(data / "train", "train", batch_size=args.batch, device="gpu",
                           num_threads=args.threads, seed=0)  # fmt: skip
     net = AugmentedClassifier(build_model("resnet50", len(loader.classes)), config["aug_type"],
-                              build_augmenter(config), amp_dtype=AMP_DTYPES["bf16"],
+                              build_augmenter(config), amp_dtype=amp_dtype("bf16"),
                               channels_last=True).to(device)  # fmt: skip
     net.model.to(memory_format=torch.channels_last)
     opt = build_optimizer(net, config, args.batch)
@@ -216,7 +216,7 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
 def c_evaluation(net, classes, data: Path, tmp: Path, args) -> dict:
     from augmix_gpu.data import make_corrupted_dataset
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.evaluation import evaluate_robustness
+    from augmix_gpu.eval.run import evaluate_robustness
 
     c_root = make_corrupted_dataset(data / "val", tmp / "c", severities=(3,),
                                     workers=os.cpu_count() or 4, progress=False)  # fmt: skip

@@ -88,7 +88,7 @@ def plots(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from augmix_gpu.robustness import CORRUPTIONS
+    from augmix_gpu.protocols import CORRUPTIONS
 
     paths = []
     fig, ax = plt.subplots(figsize=(12, 4.5))

@@ -331,7 +331,7 @@ def prep_cost(args, out: Path) -> None:
 
     from augmix_gpu.data.heldout import _prepare_one
     from augmix_gpu.data.make_c import image_seed
-    from augmix_gpu.robustness import EXTRA_CORRUPTIONS
+    from augmix_gpu.protocols import EXTRA_CORRUPTIONS
 
     rows, per = [], {}
     with tempfile.TemporaryDirectory() as tmp:

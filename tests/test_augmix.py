@@ -9,9 +9,15 @@ from scipy import stats
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, STRATEGIES, AugMixBatch, AugMixParams
-from augmix_gpu.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.augment.augmix import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STRATEGIES,
+    AugMixBatch,
+    AugMixParams,
+)
+from augmix_gpu.augment.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS
+from augmix_gpu.augment.severity import LearnableSeverity
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

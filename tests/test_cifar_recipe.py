@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from augmix_gpu.engine import lr_factor
+from augmix_gpu.train.schedule import lr_factor
 
 
 def official_get_lr(step: int, total_steps: int, lr_max: float, lr_min: float) -> float:
@@ -80,7 +80,7 @@ PAPER_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
 
 
 def _preset(*flags: str) -> dict:
-    from augmix_gpu.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_config, validate_config
 
     c = resolve_config(["--config", "augmix_cifar.toml", "--data", "/data/cifar", *flags])
     validate_config({**c, "data": None, "dataset": "synthetic"}, world_size=1)  # all but the path
@@ -88,9 +88,10 @@ def _preset(*flags: str) -> dict:
 
 
 def _official_net_and_optimizer(c: dict):
-    from augmix_gpu.engine import AugmentedClassifier, build_optimizer
     from augmix_gpu.models import build_model
-    from augmix_gpu.training import build_augmenter
+    from augmix_gpu.train.run import build_augmenter
+    from augmix_gpu.train.schedule import build_optimizer
+    from augmix_gpu.train.step import AugmentedClassifier
 
     model = build_model(c["arch"], 100)
     net = AugmentedClassifier(model, c["aug_type"], build_augmenter(c))
@@ -129,7 +130,7 @@ def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
     """The trainer's own _set_lr with the resolved preset, against cifar.py's scheduler rebuilt
     from its parts: torch's LambdaLR around the hand-written get_lr, stepped after every batch."""
     from augmix_gpu.data.sharding import train_steps
-    from augmix_gpu.engine import _set_lr
+    from augmix_gpu.train.step import _set_lr
 
     c = _preset()
     spe = train_steps(50_000, c["batch"], 1)

@@ -54,7 +54,7 @@ def test_mixed_decoder_matches_the_cpu_decoder(jpegs: Path, recipe: str) -> None
 
 @pytest.mark.parametrize("strategy", ["grouped", "static"])
 def test_augmix_on_cuda_matches_the_cpu_with_the_same_draws(strategy) -> None:
-    from augmix_gpu.augmix import AugMixBatch
+    from augmix_gpu.augment.augmix import AugMixBatch
 
     aug = AugMixBatch(severity=3.0, strategy=strategy)
     x = natural_batch(16, 64)
@@ -67,18 +67,14 @@ def test_augmix_on_cuda_matches_the_cpu_with_the_same_draws(strategy) -> None:
 
 
 def _step_context(precision: str, channels_last: bool, objective: str = "minimize"):
-    from augmix_gpu.augmix import AugMixBatch
-    from augmix_gpu.config import resolve_config
+    from augmix_gpu.augment.augmix import AugMixBatch
+    from augmix_gpu.augment.severity import LearnableSeverity
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.engine import (
-        AMP_DTYPES,
-        AugmentedClassifier,
-        StepContext,
-        StopFlag,
-        build_optimizer,
-    )
     from augmix_gpu.models import build_model
-    from augmix_gpu.severity import LearnableSeverity
+    from augmix_gpu.runtime import amp_dtype
+    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.schedule import build_optimizer
+    from augmix_gpu.train.step import AugmentedClassifier, StepContext, StopFlag
 
     torch.manual_seed(0)
     config = resolve_config(["--precision", precision])
@@ -86,7 +82,7 @@ def _step_context(precision: str, channels_last: bool, objective: str = "minimiz
     aug = AugMixBatch(severity=LearnableSeverity(3.0, objective=objective))
     net = AugmentedClassifier(
         build_model("resnet18", 10), "learnable_augmix_jsd", aug,
-        amp_dtype=AMP_DTYPES[config["precision"]], channels_last=channels_last,
+        amp_dtype=amp_dtype(config["precision"]), channels_last=channels_last,
     ).to(CUDA)  # fmt: skip
     if channels_last:
         net.model.to(memory_format=torch.channels_last)
@@ -101,7 +97,7 @@ def _step_context(precision: str, channels_last: bool, objective: str = "minimiz
     ("precision", "channels_last"), [("bf16", False), ("16", False), ("bf16", True), ("32", True)]
 )
 def test_learnable_severity_trains_under_amp_and_channels_last(precision, channels_last) -> None:
-    from augmix_gpu.engine import TrainState, train_step
+    from augmix_gpu.train.step import TrainState, train_step
 
     ctx = _step_context(precision, channels_last)
     state = TrainState()
@@ -120,7 +116,7 @@ def test_learnable_severity_trains_under_amp_and_channels_last(precision, channe
 
 def test_a_step_waits_on_the_host_at_most_once() -> None:
     """set_sync_debug_mode counts every synchronising call; the static AugMix form reads nothing."""
-    from augmix_gpu.engine import TrainState, train_step
+    from augmix_gpu.train.step import TrainState, train_step
 
     ctx = _step_context("bf16", True)
     state = TrainState()

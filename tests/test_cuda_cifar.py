@@ -65,19 +65,19 @@ def test_a_resident_epoch_makes_no_host_sync_per_step() -> None:
 
 def test_cifar_preset_step_on_cuda(tmp_path) -> None:
     """One step of the preset (WRN-40-2, batch 128, JSD) from the resident loader: finite loss."""
-    from augmix_gpu.config import resolve_config
     from augmix_gpu.data import ResidentLoader
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.engine import (
+    from augmix_gpu.models import build_model
+    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.run import build_augmenter
+    from augmix_gpu.train.schedule import build_optimizer
+    from augmix_gpu.train.step import (
         AugmentedClassifier,
         StepContext,
         StopFlag,
         TrainState,
-        build_optimizer,
         train_step,
     )
-    from augmix_gpu.models import build_model
-    from augmix_gpu.training import build_augmenter
 
     device = torch.device("cuda")
     c = resolve_config(["--config", "augmix_cifar.toml", "--data", str(tmp_path)])

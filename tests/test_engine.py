@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from augmix_gpu.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch
-from augmix_gpu.config import resolve_config
-from augmix_gpu.engine import AugmentedClassifier, build_optimizer, lr_factor
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.augment.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch
+from augmix_gpu.augment.severity import LearnableSeverity
+from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.schedule import build_optimizer, lr_factor
+from augmix_gpu.train.step import AugmentedClassifier
 
 
 class Recorder(nn.Module):

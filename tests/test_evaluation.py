@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from augmix_gpu import robustness as rb
+from augmix_gpu import protocols
 from augmix_gpu.data import DatasetError
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.evaluation import (
+from augmix_gpu.eval import metrics as rb
+from augmix_gpu.eval.run import (
     check_c_layout,
     compare_table,
     evaluate_loader,
@@ -174,15 +175,15 @@ def test_layout_root_missing(tmp_path):
 def _results(mce_scale: float = 0.5, partial: bool = False) -> dict:
     counts = {
         c: {
-            s: (round(rb.ALEXNET_ERRORS[c] * mce_scale * 1_000_000), 1_000_000)
-            for s in rb.SEVERITIES
+            s: (round(protocols.ALEXNET_ERRORS[c] * mce_scale * 1_000_000), 1_000_000)
+            for s in protocols.SEVERITIES
         }
-        for c in rb.CORRUPTIONS
+        for c in protocols.CORRUPTIONS
     }
     if partial:
         del counts["fog"]
     block = rb.summarize_corruptions(counts, clean_error=25.0)
-    block.update(severities=list(rb.SEVERITIES), dataset="ImageNet-C")
+    block.update(severities=list(protocols.SEVERITIES), dataset="ImageNet-C")
     block["calibration"] = {"mean_rms_calibration_error": 5.0, "mean_ece": 4.0}
     return {
         "model": {
@@ -243,7 +244,7 @@ def test_write_reports_json_markdown_and_valid_png(tmp_path):
 
 def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
     """CIFAR-C .npy layout (5 severities stacked) through DALI equals a plain loop over the arrays."""
-    from augmix_gpu.evaluation import evaluate_robustness
+    from augmix_gpu.eval.run import evaluate_robustness
 
     rng = np.random.default_rng(0)
     n, classes = 7, ["a", "b", "c"]  # 7 images per severity: ragged batches of 3
@@ -286,7 +287,7 @@ def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
 
 
 def test_cifar_c_layout_errors(tmp_path):
-    from augmix_gpu.evaluation import check_cifar_c_layout
+    from augmix_gpu.eval.run import check_cifar_c_layout
 
     with pytest.raises(DatasetError, match="labels.npy"):
         check_cifar_c_layout(tmp_path, ["fog"])

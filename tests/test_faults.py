@@ -24,17 +24,15 @@ import torch
 from cli_runner import REPO, ok
 
 from augmix_gpu.checkpoint import (
-    JOB_KEY,
     CheckpointWriteError,
     CorruptCheckpointError,
-    Resume,
-    RunCheckpoints,
     load_checkpoint,
     load_latest,
     previous_path,
     save_atomic,
 )
 from augmix_gpu.distributed import DistEnv
+from augmix_gpu.train.resume import JOB_KEY, Resume, RunCheckpoints
 
 # 10 classes x 12 train images, batch 20 over 2 ranks: 6 steps per epoch, 12 in all; last.ckpt
 # every 2 steps (steps 2, 4, 8, 10; 6 and 12 are saved at the epoch ends, after validation).

@@ -22,7 +22,7 @@ from augmix_gpu.data.heldout import (
     make_heldout_set,
 )
 from augmix_gpu.data.make_c import corrupt_image, image_seed
-from augmix_gpu.robustness import CORRUPTIONS, EXTRA_CORRUPTIONS
+from augmix_gpu.protocols import CORRUPTIONS, EXTRA_CORRUPTIONS
 
 
 def test_heldout_corruptions_are_disjoint_from_the_evaluation_ones() -> None:

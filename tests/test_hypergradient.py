@@ -12,12 +12,12 @@ import torch.multiprocessing as mp
 from conftest import natural_batch
 from torch import nn
 
-from augmix_gpu.augmix import AugMixBatch
+from augmix_gpu.augment.augmix import AugMixBatch
+from augmix_gpu.augment.losses import augmix_objective
+from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.engine import AugmentedClassifier
-from augmix_gpu.hypergradient import severity_hypergradient, update_jacobian
-from augmix_gpu.losses import augmix_objective
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.train.heldout_severity import severity_hypergradient, update_jacobian
+from augmix_gpu.train.step import AugmentedClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SINGLE = DistEnv(0, 0, 1, torch.device("cpu"), None)

@@ -17,10 +17,10 @@ import torch
 from conftest import natural_batch
 from torch import nn
 
-from augmix_gpu.augmix import AugMixBatch, AugMixParams
-from augmix_gpu.losses import augmix_objective
-from augmix_gpu.ops import OPS
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.augment.augmix import AugMixBatch, AugMixParams
+from augmix_gpu.augment.losses import augmix_objective
+from augmix_gpu.augment.ops import OPS
+from augmix_gpu.augment.severity import LearnableSeverity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from augmix_gpu.losses import augmix_objective, jsd_loss
+from augmix_gpu.augment.losses import augmix_objective, jsd_loss
 
 
 def _textbook_js(z0: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> float:

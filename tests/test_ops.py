@@ -8,9 +8,9 @@ import torch
 from conftest import natural_batch, natural_image
 from PIL import Image, ImageEnhance, ImageOps
 
-from augmix_gpu import ops
-from augmix_gpu.augmix import AugMixBatch, AugMixParams
-from augmix_gpu.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS, get_ops, warp_affine
+from augmix_gpu.augment import ops
+from augmix_gpu.augment.augmix import AugMixBatch, AugMixParams
+from augmix_gpu.augment.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS, get_ops, warp_affine
 
 SIZE = 64
 SEEDS = (0, 1)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from augmix_gpu.augmix import AugMixBatch
-from augmix_gpu.config import resolve_config, validate_config
-from augmix_gpu.engine import AugmentedClassifier, _set_lr, build_optimizer
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.augment.augmix import AugMixBatch
+from augmix_gpu.augment.severity import LearnableSeverity
+from augmix_gpu.train.config import resolve_config, validate_config
+from augmix_gpu.train.schedule import build_optimizer
+from augmix_gpu.train.step import AugmentedClassifier, _set_lr
 
 
 def _net(config: dict) -> AugmentedClassifier:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from augmix_gpu import robustness as rb
+from augmix_gpu import protocols
+from augmix_gpu.eval import metrics as rb
 
 # Written out from google-research/augmix imagenet.py (ALEXNET_ERR, citing hendrycks/robustness).
 PUBLISHED_ALEXNET = [
@@ -28,18 +29,20 @@ PUBLISHED_ALEXNET = [
 
 
 def test_constants_equal_the_published_lists():
-    assert list(rb.ALEXNET_ERRORS.items()) == PUBLISHED_ALEXNET  # values *and* order
-    assert rb.CORRUPTIONS == tuple(c for c, _ in PUBLISHED_ALEXNET)
-    assert rb.EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-    assert rb.ALEXNET_CLEAN_ERROR == 0.4345  # torchvision model zoo: AlexNet top-1 error 43.45 %
-    assert rb.SEVERITIES == (1, 2, 3, 4, 5)
+    assert list(protocols.ALEXNET_ERRORS.items()) == PUBLISHED_ALEXNET  # values *and* order
+    assert protocols.CORRUPTIONS == tuple(c for c, _ in PUBLISHED_ALEXNET)
+    assert protocols.EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert (
+        protocols.ALEXNET_CLEAN_ERROR == 0.4345
+    )  # torchvision model zoo: AlexNet top-1 error 43.45 %
+    assert protocols.SEVERITIES == (1, 2, 3, 4, 5)
 
 
 def test_data_layer_uses_the_same_corruption_lists():
     from augmix_gpu import data
 
-    assert tuple(data.CORRUPTIONS) == rb.CORRUPTIONS
-    assert tuple(data.EXTRA_CORRUPTIONS) == rb.EXTRA_CORRUPTIONS
+    assert tuple(data.CORRUPTIONS) == protocols.CORRUPTIONS
+    assert tuple(data.EXTRA_CORRUPTIONS) == protocols.EXTRA_CORRUPTIONS
 
 
 def _half_alexnet_table() -> dict[str, dict[int, tuple[int, int]]]:
@@ -62,8 +65,8 @@ def _half_alexnet_table() -> dict[str, dict[int, tuple[int, int]]]:
 def test_ce_mce_and_relative_mce_hand_computed():
     counts = _half_alexnet_table()
     ce = rb.corruption_error_ce(counts)
-    assert set(ce) == set(rb.CORRUPTIONS)
-    for c in rb.CORRUPTIONS:
+    assert set(ce) == set(protocols.CORRUPTIONS)
+    for c in protocols.CORRUPTIONS:
         assert ce[c] == pytest.approx(50.0, abs=1e-9)
     out = rb.summarize_corruptions(counts, clean_error=20.0)
     assert out["partial"] is False and out["partial_reason"] is None
@@ -117,7 +120,7 @@ def test_extras_are_reported_apart():
 
 
 def test_cifar_mode_has_no_alexnet_columns():
-    counts = {c: {s: (s, 10) for s in range(1, 6)} for c in rb.CORRUPTIONS}
+    counts = {c: {s: (s, 10) for s in range(1, 6)} for c in protocols.CORRUPTIONS}
     out = rb.summarize_corruptions(counts, normalise=False)
     assert "ce" not in out and "mce" not in out
     assert out["mean_corruption_error"] == pytest.approx(30.0)  # mean of 10..50 %

@@ -10,8 +10,8 @@ from conftest import natural_batch
 from scipy import stats
 from torch.distributions import LogNormal, Normal, kl_divergence
 
-from augmix_gpu.ops import OPS
-from augmix_gpu.severity import LearnableSeverity
+from augmix_gpu.augment.ops import OPS
+from augmix_gpu.augment.severity import LearnableSeverity
 
 # Two-sided tail probability for the statistical tests: with fixed seeds they are deterministic,
 # this only says how unlikely a false failure would be for an arbitrary seed.
@@ -111,7 +111,7 @@ def test_bound_holds_in_value_and_its_gradient_never_pushes_outwards() -> None:
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
 def test_views_give_no_gradient_beyond_the_bound(objective: str, per_sample: bool) -> None:
     """mu = log 20: every draw is 10, so no view-dependent loss may move mu (it used to: +-2.26)."""
-    from augmix_gpu.augmix import AugMixBatch
+    from augmix_gpu.augment.augmix import AugMixBatch
 
     sev = LearnableSeverity(3.0, objective=objective, per_sample=per_sample)
     _set(sev, math.log(20.0), 0.1)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from augmix_gpu import robustness as rb
+from augmix_gpu import protocols
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.stability import (
+from augmix_gpu.eval import metrics as rb
+from augmix_gpu.eval.imagenet_p import (
     local_sequence_counts,
     rank_positions,
     reduce_sequence_counts,
@@ -29,26 +30,30 @@ def onehot_logits(preds: list[int]) -> torch.Tensor:
 
 
 def stats(preds: list[int], perturbation: str, difficulty: int):
-    pairs = torch.tensor(rb.comparison_pairs(len(preds), perturbation, difficulty))
+    pairs = torch.tensor(protocols.comparison_pairs(len(preds), perturbation, difficulty))
     flips, top5, zipf, top1 = sequence_statistics(onehot_logits(preds), pairs)
     assert top1.tolist() == preds
     return int(flips), len(pairs)
 
 
 def test_comparison_pairs_follow_test_py():
-    assert rb.comparison_pairs(4, "shot_noise", 1) == [(0, 1), (0, 2), (0, 3)]
-    assert rb.comparison_pairs(4, "shot_noise", 3) == [(0, 1), (0, 2), (0, 3)]  # folder, not step
-    assert rb.comparison_pairs(4, "rotate", 1) == [(0, 1), (1, 2), (2, 3)]
+    assert protocols.comparison_pairs(4, "shot_noise", 1) == [(0, 1), (0, 2), (0, 3)]
+    assert protocols.comparison_pairs(4, "shot_noise", 3) == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+    ]  # folder, not step
+    assert protocols.comparison_pairs(4, "rotate", 1) == [(0, 1), (1, 2), (2, 3)]
     # step 2: chains 0,2,4 and 1,3,5
-    assert rb.comparison_pairs(6, "tilt", 2) == [(0, 2), (2, 4), (1, 3), (3, 5)]
-    assert rb.comparison_pairs(7, "scale", 3) == [(0, 3), (3, 6), (1, 4), (2, 5)]
+    assert protocols.comparison_pairs(6, "tilt", 2) == [(0, 2), (2, 4), (1, 3), (3, 5)]
+    assert protocols.comparison_pairs(7, "scale", 3) == [(0, 3), (3, 6), (1, 4), (2, 5)]
     with pytest.raises(ValueError, match="needs at least 4"):
-        rb.comparison_pairs(3, "rotate", 3)
+        protocols.comparison_pairs(3, "rotate", 3)
     with pytest.raises(ValueError, match="needs at least 2"):
-        rb.comparison_pairs(1, "gaussian_noise", 1)
-    assert rb.perturbation_folder("gaussian_noise", 2) == "gaussian_noise_2"
-    assert rb.perturbation_folder("rotate", 2) == "rotate"
-    assert rb.perturbation_folder("speckle_noise", 1) == "speckle_noise"
+        protocols.comparison_pairs(1, "gaussian_noise", 1)
+    assert protocols.perturbation_folder("gaussian_noise", 2) == "gaussian_noise_2"
+    assert protocols.perturbation_folder("rotate", 2) == "rotate"
+    assert protocols.perturbation_folder("speckle_noise", 1) == "speckle_noise"
 
 
 def test_flips_by_hand_both_rules_and_steps():
@@ -110,9 +115,9 @@ def test_summary_is_a_mean_of_sequence_means_and_partial():
 
 
 def test_summary_with_a_reference_gives_fr_and_mfr():
-    counts = {p: {1: _counts([(1, 4, 4, 0.0), (1, 4, 8, 0.0)])} for p in rb.PERTURBATIONS}
+    counts = {p: {1: _counts([(1, 4, 4, 0.0), (1, 4, 8, 0.0)])} for p in protocols.PERTURBATIONS}
     counts["shear"] = {1: _counts([(4, 4, 0, 0.0)])}  # a validation perturbation: reported apart
-    ref = {p: {"flip_probability": 50.0, "top5_distance": 3.0} for p in rb.PERTURBATIONS}
+    ref = {p: {"flip_probability": 50.0, "top5_distance": 3.0} for p in protocols.PERTURBATIONS}
     s = rb.summarize_perturbations(counts, ref, "alexnet.json")
     assert not s["partial"]
     assert s["mean_flip_probability"] == pytest.approx(25.0)

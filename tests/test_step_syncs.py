@@ -17,20 +17,20 @@ from conftest import natural_batch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from augmix_gpu.augmix import AugMixBatch
-from augmix_gpu.config import resolve_config
+from augmix_gpu.augment.augmix import AugMixBatch
+from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.engine import (
+from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.heldout_severity import HeldoutSeverityUpdater
+from augmix_gpu.train.schedule import build_optimizer
+from augmix_gpu.train.step import (
     AugmentedClassifier,
     StepContext,
     StopFlag,
     TrainState,
-    build_optimizer,
     train_one_epoch,
     train_step,
 )
-from augmix_gpu.hypergradient import HeldoutSeverityUpdater
-from augmix_gpu.severity import LearnableSeverity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = DistEnv(0, 0, 1, torch.device("cpu"), None)

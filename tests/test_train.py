@@ -230,14 +230,14 @@ def test_run_of_nonfinite_losses_stops_with_message(cache, tmp_path):
     ],
 )
 def test_bad_arguments_fail_before_work(args, message, tmp_path):
-    from augmix_gpu.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_config, validate_config
 
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         validate_config(resolve_config(args), world_size=1)
 
 
 def test_batch_smaller_than_world_size():
-    from augmix_gpu.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_config, validate_config
 
     with pytest.raises(ValueError, match="must be >= the world size"):
         validate_config(resolve_config(["--batch", "1"]), world_size=2)
@@ -253,7 +253,7 @@ def test_cli_error_is_a_message_not_a_traceback(tmp_path):
 
 def test_config_file_and_flags_compose(tmp_path):
     """Defaults < --config file < typed flags; dataset defaults fill what is left."""
-    from augmix_gpu.config import resolve_config
+    from augmix_gpu.train.config import resolve_config
 
     preset = tmp_path / "p.toml"
     preset.write_text('epochs = 7\nlr = 0.5\noptimizer = "sgd"\ndataset = "imagenet"\n')
@@ -310,11 +310,16 @@ def test_compile_trains_and_checkpoints_plain_weights(cache, tmp_path):
     compiled = _weights(tmp_path / "c" / "learnable_augmix_jsd" / "last.ckpt")
     assert eager.keys() == compiled.keys()
     # Same draws, same steps. Inductor reorders float sums, and Adam's normalised step turns a
-    # last-bit difference of a near-zero gradient into up to ~lr/10: a bound per element at a
-    # tenth of the 2 steps' travel (2 x lr 3e-3), and the whole change the same to 0.1 %.
+    # last-bit difference of a near-zero gradient into a different step: up to 2 x lr per step
+    # where the gradient's sign flips (seen here: 1 element of 0.3 M). So: at most 1 in 10,000
+    # elements beyond a tenth of the 2 steps' travel (2 x lr 3e-3), none beyond 2 steps x 2 lr,
+    # and the whole change the same to 0.1 %.
+    total = sum(v.numel() for v in eager.values())
+    far = sum(int(((compiled[k] - eager[k]).abs() > 6e-4).sum()) for k in eager)
+    assert far <= total // 10_000, (far, total)
     for k in eager:
         torch.testing.assert_close(
-            compiled[k], eager[k], rtol=0, atol=6e-4, msg=lambda m, k=k: f"{k}: {m}"
+            compiled[k], eager[k], rtol=0, atol=2 * 2 * 3e-3, msg=lambda m, k=k: f"{k}: {m}"
         )
     diff = sum(float((compiled[k].double() - eager[k].double()).norm() ** 2) for k in eager) ** 0.5
     norm = sum(float(eager[k].double().norm() ** 2) for k in eager) ** 0.5

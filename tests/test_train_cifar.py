@@ -106,10 +106,10 @@ def test_eval_only_reproduces_the_end_of_run_report(cifar, straight, tmp_path):
 
 
 def test_cifar_arguments_fail_before_any_work(cifar, tmp_path):
-    from augmix_gpu.config import resolve_config, validate_config
     from augmix_gpu.data import DatasetError
-    from augmix_gpu.datasets import prepare_data
     from augmix_gpu.distributed import DistEnv
+    from augmix_gpu.train.config import resolve_config, validate_config
+    from augmix_gpu.train.data import prepare_data
 
     data, c = cifar
     base = ["--config", "augmix_cifar.toml", "--data", str(data)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from cli_runner import REPO, ok, run_script
 
-from augmix_gpu.config import resolve_config
-from augmix_gpu.datasets import prepare_data
 from augmix_gpu.distributed import DistEnv
+from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.data import prepare_data
 
 pytest.importorskip("av")
 pytest.importorskip("imagecorruptions")

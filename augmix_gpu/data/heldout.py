@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS
+from ..protocols import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .folders import DatasetError, scan_folder
 from .make_c import JPEG_QUALITY, corrupt_image, image_seed
 from .publish import begin, finish

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..robustness import EXTRA_PERTURBATIONS, PERTURBATIONS, is_noise, perturbation_folder
+from ..protocols import EXTRA_PERTURBATIONS, PERTURBATIONS, is_noise, perturbation_folder
 from .folders import DatasetError, find_classes, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from .distributed import DistEnv, all_reduce_sum
-from .losses import augmix_objective
+from ..augment.losses import augmix_objective
+from ..distributed import DistEnv, all_reduce_sum
 
 FD_SCALE = 0.01  # DARTS: eps = 0.01 / |vector| for the finite-difference Hessian-vector product
 
@@ -272,7 +272,7 @@ class HeldoutSeverityUpdater:
     ) -> dict[str, Tensor]:
         """One severity update after the network's step ``global_step``; what to log, as 0-d
         device tensors. ``step_skipped`` (the network's step was skipped): skip this one too."""
-        from .augmix import normalize_images
+        from ..augment.augmix import normalize_images
 
         images, h_labels, valid = self._heldout_batch((global_step + 1) // self.every - 1)
         result = severity_hypergradient(

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import robustness as rb
-from .distributed import DistEnv
-from .eval_loop import EvalResult, evaluate_loader, model_outputs, normalize_uint8
+from .. import protocols
+from ..distributed import DistEnv
+from . import metrics as rb
 from .layouts import (
     check_c_layout,
     check_cifar_c_layout,
@@ -37,6 +37,7 @@ from .layouts import (
     default_corruptions,
     default_perturbations,
 )
+from .loop import EvalResult, evaluate_loader, model_outputs, normalize_uint8
 from .reports import compare_table, headline, markdown_table, write_reports
 
 __all__ = [
@@ -138,7 +139,7 @@ def evaluate_robustness(
     """
     from tqdm.auto import tqdm
 
-    from .data import build_loader, load_cifar, load_cifar_c
+    from ..data import build_loader, load_cifar, load_cifar_c
 
     if not (val_dir or imagenet_c_dir or cifar_c or cifar_dir or imagenet_p_dir):
         raise ValueError(
@@ -147,25 +148,27 @@ def evaluate_robustness(
     if imagenet_c_dir and cifar_c:
         raise ValueError("evaluate ImageNet-C and CIFAR-C in separate runs (different models)")
     classes = list(classes)
-    sevs = [int(s) for s in (severities or rb.SEVERITIES)]
-    check_names([str(s) for s in sevs], [str(s) for s in rb.SEVERITIES], "severity")
+    sevs = [int(s) for s in (severities or protocols.SEVERITIES)]
+    check_names([str(s) for s in sevs], [str(s) for s in protocols.SEVERITIES], "severity")
     c_root = imagenet_c_dir or cifar_c
     corrs: list[str] = []
     if c_root:
         corrs = list(corruptions) if corruptions else default_corruptions(c_root)
-        check_names(corrs, [*rb.CORRUPTIONS, *rb.EXTRA_CORRUPTIONS], "corruption")
+        check_names(corrs, [*protocols.CORRUPTIONS, *protocols.EXTRA_CORRUPTIONS], "corruption")
         # Layout first, on every rank (cheap), so all ranks fail alike and before any compute.
         if imagenet_c_dir:
             check_c_layout(imagenet_c_dir, corrs, sevs, classes)
         else:
             check_cifar_c_layout(cifar_c, corrs)
     perts: list[str] = []
-    diffs = [int(d) for d in (p_difficulties or (rb.HEADLINE_DIFFICULTY,))]
+    diffs = [int(d) for d in (p_difficulties or (protocols.HEADLINE_DIFFICULTY,))]
     reference = None
     if imagenet_p_dir:
         perts = list(perturbations) if perturbations else default_perturbations(imagenet_p_dir)
-        check_names(perts, [*rb.PERTURBATIONS, *rb.EXTRA_PERTURBATIONS], "perturbation")
-        check_names([str(d) for d in diffs], [str(d) for d in rb.DIFFICULTIES], "difficulty")
+        check_names(
+            perts, [*protocols.PERTURBATIONS, *protocols.EXTRA_PERTURBATIONS], "perturbation"
+        )
+        check_names([str(d) for d in diffs], [str(d) for d in protocols.DIFFICULTIES], "difficulty")
         check_p_layout(imagenet_p_dir, perts, diffs, classes)
         if p_reference:
             reference = _load_p_reference(p_reference)
@@ -271,7 +274,7 @@ def evaluate_robustness(
                 bar.close()
         key = "imagenet_c" if imagenet_c_dir else "cifar_c"
         summary = rb.summarize_corruptions(counts, clean_error, normalise=bool(imagenet_c_dir))
-        main = [c for c in corrs if c in rb.CORRUPTIONS]
+        main = [c for c in corrs if c in protocols.CORRUPTIONS]
         for name, table in calib.items():
             summary.setdefault("calibration", {})[name] = table
             if main:
@@ -285,7 +288,7 @@ def evaluate_robustness(
         results[key] = summary
 
     if imagenet_p_dir:
-        from .stability import evaluate_perturbations
+        from .imagenet_p import evaluate_perturbations
 
         # ImageNet-P sequences hold 31 frames (41 for translate): default to ~batch_size frames.
         seqs = p_batch_size or max(1, batch_size // 31)

@@ -97,9 +97,9 @@ def plot_sequence_flips(results: dict, path: str | os.PathLike, crop_size: int =
     import numpy as np
     import torch
 
-    from .data.sequences import centre_crop
-    from .data.video import read_video_cpu
-    from .robustness import is_noise
+    from ..data.sequences import centre_crop
+    from ..data.video import read_video_cpu
+    from ..protocols import is_noise
 
     shown = 8
     fig = plt.figure(figsize=(1.3 * shown, 1.95 * len(examples)), dpi=110)

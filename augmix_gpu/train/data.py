@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .distributed import DistEnv, barrier, broadcast_object
+from ..distributed import DistEnv, barrier, broadcast_object
 
 CACHE_ENV = "AUGMIX_GPU_CACHE"
 
@@ -34,7 +34,7 @@ class DataSpec:
 
 
 def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
-    from .data import make_corrupted_dataset, make_synthetic_dataset
+    from ..data import make_corrupted_dataset, make_synthetic_dataset
 
     ntr, nva = config["synthetic_train_per_class"], config["synthetic_val_per_class"]
     seed = config["synthetic_seed"]  # the data stay fixed while --seed varies the training
@@ -76,7 +76,7 @@ def _synthetic_p(root: Path, config: dict[str, Any], make: bool) -> Path | None:
     n, seed = config["synthetic_p_per_class"], config["synthetic_seed"]
     out = root / f"p-{n}pc-seed{seed}"
     if make:
-        from .data.make_p import make_perturbed_dataset
+        from ..data.make_p import make_perturbed_dataset
 
         make_perturbed_dataset(root / "val", out, per_class=n, seed=seed, workers=config["workers"],
                                preset="medium", overwrite=True)  # fmt: skip
@@ -95,7 +95,7 @@ def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
         return _with_p(spec, config)
     corrupted = Path(config["imagenet_c"]) if config["imagenet_c"] else None
     if dataset in ("cifar10", "cifar100"):
-        from .data.cifar import check_cifar_c_labels, load_cifar
+        from ..data.cifar import check_cifar_c_labels, load_cifar
 
         train = load_cifar(config["data"], name=dataset, train=True)
         val = load_cifar(config["data"], name=dataset, train=False)
@@ -126,7 +126,7 @@ def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):
     """
     if config["aug_type"] != "learnable_augmix_jsd" or config["severity_objective"] != "heldout":
         return None
-    from .data.heldout import HeldoutSet, default_root, make_heldout_set
+    from ..data.heldout import HeldoutSet, default_root, make_heldout_set
 
     params = dict(
         images=config["heldout_images"],
@@ -152,3 +152,49 @@ def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):
     if error is not None:
         raise ValueError(error)
     return HeldoutSet.read(root)
+
+
+def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=None):
+    """Train and val loaders; with a held-out set, also its loader (train minus its files)."""
+    from ..data import ResidentLoader, build_loader
+
+    if config["dataset"] in ("cifar10", "cifar100") and config["cifar_loader"] == "resident":
+        kw = dict(batch_size=config["batch"] // env.world_size, device=env.device, rank=env.rank,
+                  world_size=env.world_size, seed=config["seed"])  # fmt: skip
+        # CIFAR held on the device (no held-out set on CIFAR: validate_config refuses it).
+        return (
+            ResidentLoader(spec.train, "train", **kw),
+            ResidentLoader(spec.val, "val", **kw),
+            None,
+        )
+    common = {
+        "batch_size": config["batch"] // env.world_size,
+        "device": "gpu" if env.device.type == "cuda" else "cpu",
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "seed": config["seed"],
+        "crop_size": config["crop_size"],
+        "resize_size": config["val_resize"],
+        "num_threads": config["workers"],
+        "on_corrupt": config["on_corrupt"],
+        "read_threads": config["read_threads"],
+    }
+    train = build_loader(
+        spec.train,
+        "train",
+        random_area=(config["crop_area_min"], 1.0),
+        antialias=not config["no_train_antialias"],
+        exclude=heldout.source_files if heldout is not None else (),
+        **common,
+    )
+    val = build_loader(spec.val, "val", classes=train.classes, **common)
+    if heldout is None:
+        return train, val, None
+    # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
+    held = build_loader(
+        heldout.root,
+        "corrupted",
+        classes=train.classes,
+        **{**common, "batch_size": config["heldout_batch"] or common["batch_size"]},
+    )
+    return train, val, held

@@ -12,12 +12,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .augmix import STRATEGIES
-from .checkpoint import parse_debug_fault
-from .data.heldout import check_heldout_corruptions
-from .models import check_arch
-from .robustness import EXTRA_CORRUPTIONS
-from .severity import OBJECTIVES
+from ..augment.augmix import STRATEGIES
+from ..augment.severity import OBJECTIVES
+from ..data.heldout import check_heldout_corruptions
+from ..models import check_arch
+from ..protocols import EXTRA_CORRUPTIONS
+from .resume import parse_debug_fault
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
@@ -32,7 +32,7 @@ PRECISIONS = {
 }
 # The held-out objective's cadence and step size (chosen by measurement: README, severity study).
 HELDOUT_DEFAULTS = {"severity_update_every": 10, "severity_hyper_lr": 0.05}
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIG = "demo.toml"
 
 # Per-dataset defaults for the values left at None: the embedded synthetic task must train on two

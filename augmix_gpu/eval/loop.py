@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import robustness as rb
-from .distributed import DistEnv, all_gather_cat, all_reduce_sum
+from ..distributed import DistEnv, all_gather_cat, all_reduce_sum
+from . import metrics as rb
 
 
 @dataclass
@@ -84,7 +84,7 @@ class EvalResult:
 
 def normalize_uint8(images: Tensor) -> Tensor:
     """uint8 [B,3,H,W] -> float, ImageNet mean/std: the trainer's own function (one definition)."""
-    from .augmix import normalize_images
+    from ..augment.augmix import normalize_images
 
     return normalize_images(images)
 

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_image_batch, check_in_range, check_int_at_least, check_positive
+from ..runtime import tune_for_cpu_augmentation
 from .ops import AFFINE_TERMS, Op, get_ops, grid_terms, pil_affine, warp_grid_terms
-from .runtime import tune_for_cpu_augmentation
-from .validation import check_image_batch, check_in_range, check_int_at_least, check_positive
 
 __all__ = [
     "STRATEGIES",

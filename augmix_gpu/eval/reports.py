@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import robustness as rb
+from .. import protocols
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -83,7 +83,7 @@ def p_table(p: dict) -> list[str]:
     ]
     head = str(p.get("difficulty", 1))
     for name in p["perturbations"]:
-        label = name + ("" if name in rb.PERTURBATIONS else " (validation)")
+        label = name + ("" if name in protocols.PERTURBATIONS else " (validation)")
         for d, fp in p["flip_probability"][name].items():
             fr = p.get("fr", {}).get(name) if d == head else None
             t5r = p.get("t5d_rate", {}).get(name) if d == head else None
@@ -125,7 +125,7 @@ def markdown_table(results: dict) -> str:
         ]
         lines += ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
         for corr in c["corruptions"]:
-            row = [corr + ("" if corr in rb.CORRUPTIONS else " (extra)")]
+            row = [corr + ("" if corr in protocols.CORRUPTIONS else " (extra)")]
             row += [_fmt(c["error"][corr].get(str(s))) for s in sevs]
             row.append(_fmt(c["corruption_error"][corr]))
             if has_ce:
@@ -178,7 +178,7 @@ def compare_table(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> str:
             lines.append("| (partial: not an mCE) | | | |")
     pa, pb = a.get("imagenet_p"), b.get("imagenet_p")
     if pa and pb:
-        d = str(rb.HEADLINE_DIFFICULTY)
+        d = str(protocols.HEADLINE_DIFFICULTY)
         both_fr = all(x.get("fr") for x in (pa, pb))
         for name in [p for p in pa["perturbations"] if p in pb["perturbations"]]:
             if both_fr and name in pa["fr"] and name in pb["fr"]:

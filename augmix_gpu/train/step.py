@@ -7,7 +7,6 @@ weights *and* severity without a second communication path.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -17,15 +16,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .augmix import AugMixBatch
-from .distributed import DistEnv, all_reduce_sum, any_rank
-from .evaluation import normalize_uint8 as normalize_images
-from .hypergradient import HeldoutSeverityUpdater
-from .losses import augmix_objective
-from .severity import LearnableSeverity
+from ..augment.augmix import AugMixBatch, normalize_images
+from ..augment.losses import augmix_objective
+from ..augment.severity import LearnableSeverity
+from ..distributed import DistEnv, all_reduce_sum, any_rank
+from .heldout_severity import HeldoutSeverityUpdater
+from .schedule import lr_factor
 
 JSD_MODES = ("augmix_jsd", "learnable_augmix_jsd")
-AMP_DTYPES = {"32": None, "16": torch.float16, "bf16": torch.bfloat16}
 # Per-step values kept in the severity trajectory (results.json, plots).
 TRAJECTORY_KEYS = ("severity_", "heldout_", "hypergrad_")
 
@@ -130,111 +128,6 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def lr_factor(
-    step: int,
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    schedule: str,
-    warmup_epochs: float,
-    step_epochs: int = 30,
-    restart_epochs: int = 10,
-    restart_mult: int = 1,
-    min_factor: float = 0.0,
-    per_epoch: bool = False,
-) -> float:
-    """The learning-rate multiplier as a pure function of the global step (exact on resume).
-
-    ``steps_per_epoch`` is the number of steps the run actually takes per epoch (capped by
-    ``--max_steps_per_epoch``), so epoch boundaries, decays and the cosine's end fall where the
-    run's do. After a linear warm-up (per step):
-
-    - ``step``: x0.1 every ``step_epochs`` epochs;
-    - ``step_thirds``: x1, x0.1, x0.01 with boundaries at k and 2k epochs, k = epochs // 3: the
-      official AugMix ``imagenet.py`` (its ``adjust_learning_rate``; at 180 epochs: 60 and 120);
-    - ``cosine``: half a cosine from 1 to ``min_factor`` over the epochs after warm-up;
-    - ``cosine_restarts``: torch's ``CosineAnnealingWarmRestarts(T_0=restart_epochs,
-      T_mult=restart_mult, eta_min=min_factor x lr)``, periods in epochs;
-    - ``constant``.
-
-    Step schedules change at epoch boundaries (the official code sets the lr once per epoch);
-    ``per_epoch`` holds the cosines constant within an epoch too (Lightning's
-    ``interval="epoch"``, the reference learnable-severity script), instead of every step.
-    """
-    epoch_f = step / max(steps_per_epoch, 1)
-    if warmup_epochs > 0 and epoch_f < warmup_epochs:
-        return (step + 1) / (warmup_epochs * steps_per_epoch)
-    epoch = math.floor(epoch_f)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return 0.1 ** (epoch // step_epochs)
-    if schedule == "step_thirds":
-        k = epochs // 3
-        return 1.0 if epoch < k else 0.1 if epoch < 2 * k else 0.01
-    t = (epoch if per_epoch else epoch_f) - warmup_epochs  # epochs into the cosine
-    if schedule == "cosine":
-        progress = min(t / max(epochs - warmup_epochs, 1e-8), 1.0)
-    elif schedule == "cosine_restarts":
-        period = restart_epochs  # subtract whole periods: exact where a log-formula rounds
-        while t >= period:
-            t -= period
-            period *= restart_mult
-        progress = t / period
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(
-    net: AugmentedClassifier, config: dict[str, Any], global_batch: int
-) -> torch.optim.Optimizer:
-    """Network params with weight decay ``beta_net``; severity at lr x mult, no decay.
-
-    The network's decay covers every parameter, as in both official recipes (AugMix's
-    ``imagenet.py``: ``SGD(net.parameters(), momentum=0.9, weight_decay=1e-4)``; the reference
-    script: ``AdamW`` with ``beta_net`` on all network params). ``no_decay_norm_bias`` exempts
-    norm weights and biases (1-D params; a common later refinement), ``nesterov`` switches SGD to
-    Nesterov momentum: both off by default.
-    """
-    lr = config["lr"] * (
-        global_batch / config["lr_scale_batch"] if config["lr_scale_batch"] else 1.0
-    )
-    exempt = config.get("no_decay_norm_bias", False)
-    decay, no_decay = [], []
-    for p in net.model.parameters():
-        if p.requires_grad:
-            (no_decay if exempt and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config["beta_net"], "base_lr": lr, "name": "net"}]
-    if no_decay:
-        groups.append(
-            {"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "name": "net_no_decay"}
-        )
-    if net.severity is not None and not net.severity_follows_heldout:  # heldout: its own Adam
-        groups.append(
-            {
-                "params": list(net.severity.parameters()),
-                "weight_decay": 0.0,
-                "base_lr": lr * config["severity_lr_mult"],
-                "name": "severity",
-            }
-        )
-    for g in groups:
-        g["lr"] = g["base_lr"]
-    # fused: one kernel per step, and a skipped step (found_inf) is skipped on the device
-    if config["optimizer"] == "sgd":
-        opt = torch.optim.SGD(
-            groups, lr=lr, momentum=config["momentum"], nesterov=config["nesterov"], fused=True
-        )
-        # The fused kernel allocates the momentum buffer uninitialised when the very first step
-        # is skipped; zeros give the same first step (buf = 0 * momentum + grad) and no garbage.
-        for g in opt.param_groups:
-            for p in g["params"]:
-                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return opt
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 class StopFlag:
@@ -482,7 +375,6 @@ def train_one_epoch(
 
 
 __all__ = [
-    "AMP_DTYPES",
     "JSD_MODES",
     "AugmentedClassifier",
     "NonFiniteLossError",
@@ -490,8 +382,6 @@ __all__ = [
     "StopFlag",
     "TrainState",
     "DeviceLog",
-    "build_optimizer",
-    "lr_factor",
     "train_one_epoch",
     "train_step",
 ]

@@ -8,31 +8,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .augmix import AugMixBatch
-from .checkpoint import LAST, RunCheckpoints, capture_rng_state, restore_rng_state
-from .datasets import DataSpec, prepare_data, prepare_heldout
-from .distributed import DistEnv, barrier
-from .engine import (
-    AMP_DTYPES,
-    AugmentedClassifier,
-    StepContext,
-    StopFlag,
-    TrainState,
-    build_optimizer,
-    train_one_epoch,
+from ..augment.augmix import AugMixBatch
+from ..augment.severity import LearnableSeverity
+from ..distributed import DistEnv, barrier
+from ..models import build_model
+from ..runtime import amp_dtype
+from .data import DataSpec, build_loaders, prepare_data, prepare_heldout
+from .heldout_severity import HeldoutSeverityUpdater
+from .resume import (
+    LAST,
+    RunCheckpoints,
+    _gather,
+    make_checkpoint,
+    resume_from,
 )
-from .hypergradient import HeldoutSeverityUpdater
-from .models import build_model
-from .severity import LearnableSeverity
+from .schedule import build_optimizer
+from .step import AugmentedClassifier, StepContext, StopFlag, TrainState, train_one_epoch
 
 
 def log(env: DistEnv, message: str) -> None:
@@ -70,108 +68,6 @@ def build_augmenter(config: dict[str, Any]) -> AugMixBatch | None:
     )
 
 
-def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=None):
-    """Train and val loaders; with a held-out set, also its loader (train minus its files)."""
-    from .data import ResidentLoader, build_loader
-
-    if config["dataset"] in ("cifar10", "cifar100") and config["cifar_loader"] == "resident":
-        kw = dict(batch_size=config["batch"] // env.world_size, device=env.device, rank=env.rank,
-                  world_size=env.world_size, seed=config["seed"])  # fmt: skip
-        # CIFAR held on the device (no held-out set on CIFAR: validate_config refuses it).
-        return (
-            ResidentLoader(spec.train, "train", **kw),
-            ResidentLoader(spec.val, "val", **kw),
-            None,
-        )
-    common = {
-        "batch_size": config["batch"] // env.world_size,
-        "device": "gpu" if env.device.type == "cuda" else "cpu",
-        "rank": env.rank,
-        "world_size": env.world_size,
-        "seed": config["seed"],
-        "crop_size": config["crop_size"],
-        "resize_size": config["val_resize"],
-        "num_threads": config["workers"],
-        "on_corrupt": config["on_corrupt"],
-        "read_threads": config["read_threads"],
-    }
-    train = build_loader(
-        spec.train,
-        "train",
-        random_area=(config["crop_area_min"], 1.0),
-        antialias=not config["no_train_antialias"],
-        exclude=heldout.source_files if heldout is not None else (),
-        **common,
-    )
-    val = build_loader(spec.val, "val", classes=train.classes, **common)
-    if heldout is None:
-        return train, val, None
-    # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
-    held = build_loader(
-        heldout.root,
-        "corrupted",
-        classes=train.classes,
-        **{**common, "batch_size": config["heldout_batch"] or common["batch_size"]},
-    )
-    return train, val, held
-
-
-def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    """One object per rank, in rank order (rank-local RNG states for an exact resume)."""
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def make_checkpoint(
-    net, optimizer, scaler, state, generator, config, classes, history, env, updater=None
-) -> dict:
-    generators = _gather(generator.get_state(), env)
-    rngs = _gather(capture_rng_state(), env)
-    return {
-        "model": net.model.state_dict(),
-        "severity_updater": updater.state_dict() if updater is not None else None,
-        "augmenter": net.augmenter.state_dict() if net.augmenter is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "schedule": {"name": config["schedule"], "global_step": state.global_step},
-        "train_state": asdict(state),
-        "generators": generators,
-        "rng": rngs,
-        "classes": classes,
-        "config": config,
-        "history": history,
-        "world_size": env.world_size,
-    }
-
-
-def resume_from(
-    path: Path, ckpt: dict, net, optimizer, scaler, generator, config, env, updater=None
-) -> tuple[TrainState, list]:
-    saved = ckpt["config"]
-    for key in ("aug_type", "arch", "dataset", "all_ops", "batch", "severity_objective"):
-        if saved.get(key) != config.get(key):
-            raise ValueError(
-                f"--resume {path}: it was trained with {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
-            )
-    if ckpt.get("world_size") != env.world_size:
-        raise ValueError(
-            f"--resume {path}: saved with world size {ckpt.get('world_size')}, now {env.world_size}"
-        )
-    net.model.load_state_dict(ckpt["model"])
-    if net.augmenter is not None:
-        net.augmenter.load_state_dict(ckpt["augmenter"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if updater is not None:
-        updater.load_state_dict(ckpt["severity_updater"])
-    scaler.load_state_dict(ckpt["scaler"])
-    generator.set_state(ckpt["generators"][env.rank])
-    restore_rng_state(ckpt["rng"][env.rank])
-    return TrainState(**ckpt["train_state"]), ckpt.get("history", [])
-
-
 def init_wandb(config: dict[str, Any], out: Path, env: DistEnv):
     if config["wandb"] == "disabled" or not env.is_main:
         return None
@@ -184,14 +80,14 @@ def init_wandb(config: dict[str, Any], out: Path, env: DistEnv):
 
 
 def evaluate_clean(net: AugmentedClassifier, loader, env: DistEnv, config: dict[str, Any]):
-    from .evaluation import evaluate_loader
+    from ..eval.run import evaluate_loader
 
     net.model.eval()
     result = evaluate_loader(
         net.model,
         loader,
         env,
-        amp_dtype=AMP_DTYPES[config["precision"]],
+        amp_dtype=amp_dtype(config["precision"]),
         desc="val",
         progress=env.is_main and not config["no_progress"],
         channels_last=config["channels_last"],
@@ -216,7 +112,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
     train_loader, val_loader, heldout_loader = build_loaders(config, env, spec, heldout)
     classes = train_loader.classes
     if spec.perturbed is not None:  # a bad -P tree fails now, not after the training
-        from .layouts import check_p_layout, present_perturbations
+        from ..eval.layouts import check_p_layout, present_perturbations
 
         check_p_layout(spec.perturbed, present_perturbations(spec.perturbed), [1], classes)
     log(
@@ -237,7 +133,7 @@ def fit(config: dict[str, Any], env: DistEnv) -> int:
         model,
         config["aug_type"],
         build_augmenter(config),
-        amp_dtype=AMP_DTYPES[config["precision"]],
+        amp_dtype=amp_dtype(config["precision"]),
         channels_last=config["channels_last"],
     )
     net = net.to(env.device)
@@ -441,8 +337,8 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
     evaluation of the final model, reports and heatmap written under ``out/eval``. For CIFAR the
     headline is the unnormalised mean corruption error (what the official cifar.py and the
     PyTorch port report)."""
-    from .evaluation import describe_model, evaluate_robustness, markdown_table, write_reports
-    from .layouts import present_perturbations
+    from ..eval.layouts import present_perturbations
+    from ..eval.run import describe_model, evaluate_robustness, markdown_table, write_reports
 
     if spec.cifar_c is not None:
         data = dict(
@@ -472,7 +368,7 @@ def evaluate_corruptions(net, spec: DataSpec, classes, config, env, out: Path) -
         batch_size=config["batch"] // env.world_size,
         num_threads=config["workers"],
         progress=env.is_main and not config["no_progress"],
-        amp_dtype=AMP_DTYPES[config["precision"]],
+        amp_dtype=amp_dtype(config["precision"]),
         channels_last=config["channels_last"],
         extra_info={"model": describe_model(config, None, name=config["arch"]), "args": config},
     )

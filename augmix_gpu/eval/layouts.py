@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import robustness as rb
+from .. import protocols
 
 
 def dataset_error(message: str) -> Exception:
-    from .data import DatasetError
+    from ..data import DatasetError
 
     return DatasetError(message)
 
@@ -35,15 +35,20 @@ def default_corruptions(root: str | os.PathLike) -> list[str]:
     """The 15 corruptions, plus each of the 4 extras whose folder (or .npy) is present."""
     root = Path(root)
     extras = [
-        c for c in rb.EXTRA_CORRUPTIONS if (root / c).is_dir() or (root / f"{c}.npy").is_file()
+        c
+        for c in protocols.EXTRA_CORRUPTIONS
+        if (root / c).is_dir() or (root / f"{c}.npy").is_file()
     ]
-    return [*rb.CORRUPTIONS, *extras]
+    return [*protocols.CORRUPTIONS, *extras]
 
 
 def default_perturbations(root: str | os.PathLike) -> list[str]:
     """The 10 perturbations, plus each of the 4 validation ones whose folder is present."""
     root = Path(root)
-    return [*rb.PERTURBATIONS, *[p for p in rb.EXTRA_PERTURBATIONS if (root / p).is_dir()]]
+    return [
+        *protocols.PERTURBATIONS,
+        *[p for p in protocols.EXTRA_PERTURBATIONS if (root / p).is_dir()],
+    ]
 
 
 def present_perturbations(root: str | os.PathLike) -> list[str]:
@@ -52,12 +57,14 @@ def present_perturbations(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise dataset_error(f"ImageNet-P root {str(root)!r} is not a folder (--imagenet_p)")
-    found = [p for p in (*rb.PERTURBATIONS, *rb.EXTRA_PERTURBATIONS) if (root / p).is_dir()]
+    found = [
+        p for p in (*protocols.PERTURBATIONS, *protocols.EXTRA_PERTURBATIONS) if (root / p).is_dir()
+    ]
     if not found:
         present = sorted(x.name for x in root.iterdir() if x.is_dir())
         raise dataset_error(
             f"{str(root)!r} holds no perturbation folder (found {present[:20]}): expected some of "
-            f"{list(rb.PERTURBATIONS)}"
+            f"{list(protocols.PERTURBATIONS)}"
         )
     return found
 
@@ -146,7 +153,7 @@ def check_p_layout(
     the others are read from the one folder at every difficulty, which sets the comparison step
     (hendrycks/robustness ImageNet-P/test.py).
     """
-    from .data.video import VIDEO_EXTENSIONS
+    from ..data.video import VIDEO_EXTENSIONS
 
     root = Path(root)
     if not root.is_dir():
@@ -158,7 +165,7 @@ def check_p_layout(
     folders = {}
     for p in perturbations:
         for d in difficulties:
-            folder = root / rb.perturbation_folder(p, int(d))
+            folder = root / protocols.perturbation_folder(p, int(d))
             if not folder.is_dir():
                 present = sorted(x.name for x in root.iterdir() if x.is_dir())
                 raise dataset_error(

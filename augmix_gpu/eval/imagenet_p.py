@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import robustness as rb
-from .distributed import DistEnv, all_reduce_sum
-from .eval_loop import max_over_ranks, model_outputs, progress_bar
+from .. import protocols
+from ..distributed import DistEnv, all_reduce_sum
+from . import metrics as rb
+from .loop import max_over_ranks, model_outputs, progress_bar
 
 
 def rank_positions(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,7 +117,7 @@ def local_sequence_counts(
                     f"{loader.paths([i])[0]!r} has {length} frames, more than max_frames={max_frames}"
                 )
             if length not in pair_cache:
-                pairs = rb.comparison_pairs(length, perturbation, difficulty)
+                pairs = protocols.comparison_pairs(length, perturbation, difficulty)
                 pair_cache[length] = torch.tensor(pairs, dtype=torch.long, device=dev)
             pairs = pair_cache[length]
             flips, top5, zipf, top1 = sequence_statistics(logits[start : start + length], pairs)
@@ -227,7 +228,7 @@ def evaluate_perturbations(
     Layout first (``layouts.check_p_layout``, on every rank), then one ``SequenceLoader`` per
     (perturbation, difficulty) folder; each folder's bar counts batches of sequences.
     """
-    from .data.sequences import SequenceLoader
+    from ..data.sequences import SequenceLoader
     from .layouts import check_p_layout
 
     folders = check_p_layout(root, perturbations, difficulties, classes)
