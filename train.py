@@ -28,65 +28,50 @@ import torch  # noqa: E402
 
 from augmix_gpu.checkpoint import CheckpointWriteError  # noqa: E402
 from augmix_gpu.distributed import cleanup, init_distributed  # noqa: E402
-from augmix_gpu.train.config import resolve_config, validate_config  # noqa: E402
+from augmix_gpu.train.config import Settings, resolve_settings, validate_settings  # noqa: E402
 
 
-def eval_only_argv(config: dict, env) -> list[str]:
+def eval_only_argv(settings: Settings, env) -> list[str]:
     """--eval_only runs evaluate.py (the same code) on this run's data and checkpoint."""
     from augmix_gpu.train.data import prepare_data
-    from augmix_gpu.train.run import run_dir
 
-    spec = prepare_data(config, env)
+    s, spec = settings, prepare_data(settings, env)
+    run = s.run
     model = (
-        ["--ckpt_path", config["ckpt_path"]]
-        if config["ckpt_path"]
-        else ["--pretrained", config["pretrained"], "--arch", config["arch"]]
+        ["--ckpt_path", run.ckpt_path]
+        if run.ckpt_path
+        else ["--pretrained", s.model.pretrained, "--arch", s.model.arch]
     )
-    data = ["--val", str(spec.val)] + (
-        ["--imagenet_c", str(spec.corrupted)] if spec.corrupted else []
-    )
-    data += ["--imagenet_p", str(spec.perturbed)] if spec.perturbed else []
-    if config["dataset"] in ("cifar10", "cifar100"):  # the test split from the pickles, -C .npy
-        data = ["--cifar", config["data"], "--cifar_name", config["dataset"]]
-        data += ["--cifar_c", str(spec.cifar_c)] if spec.cifar_c else []
-    run = [
-        "--batch",
-        str(config["batch"] // env.world_size),
-        "--workers",
-        str(config["workers"]),
-        "--device",
-        config["device"],
-        "--precision",
-        config["precision"],
-        "--out",
-        str(run_dir(config) / "eval"),
-        "--crop_size",
-        str(config["crop_size"]),
-        "--resize_size",
-        str(config["val_resize"]),
-    ]
-    return model + data + run + (["--no_progress"] if config["no_progress"] else [])
+    roots = [arg for name, root in spec.roots.items() for arg in (f"--{name}", str(root))]
+    data = ["--val", str(spec.val), *roots]
+    if s.data.is_cifar:  # the test split from the pickles, -C .npy
+        data = ["--cifar", s.data.data, "--cifar_name", s.data.dataset, *roots]
+    opts = ["--batch", str(s.per_rank_batch(env.world_size)), "--workers", str(s.data.workers),
+            "--device", run.device, "--precision", s.model.precision, "--out", str(s.run_dir / "eval"),
+            "--crop_size", str(s.data.crop_size), "--resize_size", str(s.data.val_resize)]  # fmt: skip
+    return model + data + opts + (["--no_progress"] if run.no_progress else [])
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = resolve_config(argv)
-    try:  # a device that cannot serve this launch is a one-line error too
-        env = init_distributed("cpu" if config["gpus"] == 0 else config["device"])
-    except ValueError as e:
+    try:
+        settings = resolve_settings(argv)
+        # a device that cannot serve this launch is a one-line error too
+        env = init_distributed("cpu" if settings.run.gpus == 0 else settings.run.device)
+    except (ValueError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        validate_config(config, env.world_size)
-        torch.set_float32_matmul_precision(config["matmul_precision"])
+        validate_settings(settings, env.world_size)
+        torch.set_float32_matmul_precision(settings.run.matmul_precision)
         if env.device.type == "cpu":
             reuse_freed_memory()  # batched CPU AugMix: keep freed pages (2-3x, runtime.py)
-        if config["eval_only"]:
+        if settings.run.eval_only:
             import evaluate
 
-            return evaluate.main(eval_only_argv(config, env))
+            return evaluate.main(eval_only_argv(settings, env))
         from augmix_gpu.train.run import fit
 
-        return fit(config, env)
+        return fit(settings, env)
     # Bad arguments or data, or a checkpoint that cannot be written: one line, no traceback.
     except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -104,7 +104,8 @@ def check_int_at_least(value: int, name: str, minimum: int) -> int:
 class Flag:
     """What the command line needs to know of one setting, beside its name, type and default.
 
-    ``check(value)`` returns what is wrong (``"must be >= 1"``) or None; ``convert`` maps an
+    ``check(value)`` returns what is wrong (``"must be >= 1"``; for a list, of the whole list) or
+    None; ``convert`` maps an
     accepted spelling to the canonical value (``"bf16-mixed"`` -> ``"bf16"``); ``nargs``/``const``
     as in argparse (``"?"`` with a ``const`` for a flag that may be given alone).
     """
@@ -192,7 +193,12 @@ def check_flag_value(name: str, value: Any, hint: Any, meta: Flag) -> Any:
             raise ValueError(f"--{name} {item!r}: expected {base.__name__}")
         if meta.choices and item not in meta.choices:
             raise ValueError(f"--{name} {item!r}: expected one of {list(meta.choices)}")
-        problem = meta.check(item) if meta.check is not None else None
-        if problem:
-            raise ValueError(f"--{name} {item!r}: {problem}")
-    return [float(i) for i in value] if base is float and isinstance(value, list) else value
+    problem = meta.check(value) if meta.check is not None else None  # a list: the whole list
+    if problem:
+        # a check may say it all, naming the flag itself
+        raise ValueError(
+            problem if problem.startswith(f"--{name} ") else f"--{name} {value!r}: {problem}"
+        )
+    if base is float:  # a TOML or JSON integer for a float setting (`warmup_epochs = 0`)
+        return [float(i) for i in value] if isinstance(value, list) else float(value)
+    return value

@@ -192,6 +192,15 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """One picklable object per rank, in rank order (rank-local RNG states, skipped files)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank if ``flag`` is True on any rank; host to host (gloo), no device sync."""
     if not env.distributed:

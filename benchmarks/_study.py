@@ -73,18 +73,19 @@ def prepare_caches(runs: Sequence[Run]) -> None:
     import torch
 
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.config import resolve_settings
     from augmix_gpu.train.data import prepare_data, prepare_heldout
 
     env = DistEnv(0, 0, 1, torch.device("cpu"), None)
     done = set()
     for run in runs:
-        config = resolve_config(run.command()[2:])
-        key = json.dumps([config[k] for k in sorted(config) if "synthetic" in k or "heldout" in k
-                          or k in ("c_severities", "severity_objective", "aug_type")])  # fmt: skip
+        settings = resolve_settings(run.command()[2:])
+        # the data a run makes: the synthetic task's and the held-out set's settings
+        key = json.dumps([settings.data, settings.robustness, settings.severity,
+                          settings.augment.aug_type], default=repr)  # fmt: skip
         if key not in done:
             done.add(key)
-            prepare_heldout(config, env, prepare_data(config, env))
+            prepare_heldout(settings, env, prepare_data(settings, env))
 
 
 def _load(run: Run, wall: float, cpu: float) -> dict:

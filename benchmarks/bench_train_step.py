@@ -44,7 +44,7 @@ from augmix_gpu.data import ResidentLoader, build_loader, make_synthetic_dataset
 from augmix_gpu.distributed import DistEnv  # noqa: E402
 from augmix_gpu.models import build_model  # noqa: E402
 from augmix_gpu.runtime import amp_dtype  # noqa: E402
-from augmix_gpu.train.config import resolve_config  # noqa: E402
+from augmix_gpu.train.config import Settings, resolve_settings  # noqa: E402
 from augmix_gpu.train.heldout_severity import HeldoutSeverityUpdater  # noqa: E402
 from augmix_gpu.train.run import build_augmenter  # noqa: E402
 from augmix_gpu.train.schedule import build_optimizer  # noqa: E402
@@ -96,17 +96,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_parts(model, config: dict, args: argparse.Namespace, device: torch.device):
+def step_parts(model, config: Settings, args: argparse.Namespace, device: torch.device):
     """The network with its augmenter (channels_last), its optimizer and its loss scaler: what
     every benchmarked step is made of."""
     net = AugmentedClassifier(
         model.to(memory_format=torch.channels_last),
-        config["aug_type"],
-        build_augmenter(config),
+        config.augment.aug_type,
+        build_augmenter(config.augment, config.severity),
         amp_dtype=amp_dtype(args.precision),
         channels_last=True,
     ).to(device)
-    opt = build_optimizer(net, config, args.batch)
+    opt = build_optimizer(net, config.optim, args.batch, config.severity.severity_lr_mult)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16")
     return net, opt, scaler
 
@@ -134,22 +134,11 @@ def timed_steps(net, ctx, state, batches, args, device) -> tuple[list[float], li
 def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.device) -> dict:
     env = DistEnv(0, 0, 1, device, None)
     heldout = mode == "learnable_heldout"
-    config = resolve_config(
-        [
-            *(["--severity_objective", "heldout"] if heldout else []),
-            "--dataset",
-            "imagenet",
-            "--aug_type",
-            "learnable_augmix_jsd" if heldout else mode,
-            "--batch",
-            str(args.batch),
-            "--precision",
-            args.precision,
-            "--arch",
-            args.arch,
-            "--channels_last",
-        ]
-    )
+    config = resolve_settings(
+        [*(["--severity_objective", "heldout"] if heldout else []), "--dataset", "imagenet",
+         "--aug_type", "learnable_augmix_jsd" if heldout else mode, "--batch", str(args.batch),
+         "--precision", args.precision, "--arch", args.arch, "--channels_last"]
+    )  # fmt: skip
     loader = build_loader(
         data / "train",
         "train",
@@ -162,46 +151,15 @@ def bench_mode(mode: str, args: argparse.Namespace, data: Path, device: torch.de
     gen = torch.Generator(device).manual_seed(0)
     updater, steps = None, args.steps
     if heldout:
-        every = config["severity_update_every"]
+        every = config.severity.severity_update_every
         held = build_loader(data / "val", "corrupted", classes=loader.classes, batch_size=args.batch,
                             device="gpu" if device.type == "cuda" else "cpu", crop_size=args.size,
                             num_threads=args.threads)  # fmt: skip
         updater = HeldoutSeverityUpdater(net, held, env, every=every, lr=0.05, beta_jsd=12.0)
         steps = -(-args.steps // every) * every  # whole update cycles per timed window
-    ctx = StepContext(
-        net, net, opt, scaler, config, env, gen, len(loader), StopFlag(), frozenset(), updater
-    )
-    state = TrainState()
-    need = args.warmup + steps * args.repeats
-    batches, epoch = [], 0
-    rates, shares = [], []
-
-    def next_batch():
-        nonlocal batches, epoch
-        if not batches:
-            batches = iter(loader.epoch(epoch))
-            epoch += 1
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = []
-            return next_batch()
-
-    for i in range(need):
-        if i >= args.warmup and (i - args.warmup) % steps == 0:
-            net.time_augment, net.augment_seconds = True, 0.0
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        images, labels, _ = next_batch()
-        train_step(ctx, state, images, labels)
-        state.global_step += 1
-        if i >= args.warmup and (i - args.warmup) % steps == steps - 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            rates.append(steps * args.batch / elapsed)
-            shares.append(net.augment_seconds / elapsed)
+    ctx = StepContext(net, net, opt, scaler, config, env, gen, len(loader), StopFlag(), updater)
+    timing = argparse.Namespace(**{**vars(args), "steps": steps})
+    rates, shares = timed_steps(net, ctx, TrainState(), _forever(loader), timing, device)
     return {
         "mode": mode,
         "device": str(device),
@@ -253,8 +211,8 @@ def bench_cifar(kind: str, args: argparse.Namespace, arrays, device: torch.devic
     if args.loader_only:
         return loader_row
     env = DistEnv(0, 0, 1, device, None)
-    config = resolve_config(["--config", "augmix_cifar.toml", "--precision", args.precision])
-    model = build_model(config["arch"], len(arrays.classes))
+    config = resolve_settings(["--config", "augmix_cifar.toml", "--precision", args.precision])
+    model = build_model(config.model.arch, len(arrays.classes))
     net, opt, scaler = step_parts(model, config, args, device)
     gen = torch.Generator(device).manual_seed(0)
     ctx = StepContext(net, net, opt, scaler, config, env, gen, len(loader), StopFlag())
@@ -272,9 +230,9 @@ def bench_cifar(kind: str, args: argparse.Namespace, arrays, device: torch.devic
     step_rate = statistics.median(rates)
     return {
         **loader_row,
-        "arch": config["arch"],
+        "arch": config.model.arch,
         "precision": args.precision,
-        "mode": config["aug_type"],
+        "mode": config.augment.aug_type,
         "images_per_s_median": step_rate,
         "images_per_s_min": min(rates),
         "images_per_s_max": max(rates),

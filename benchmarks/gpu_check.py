@@ -141,7 +141,7 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
     from augmix_gpu.distributed import DistEnv
     from augmix_gpu.models import build_model
     from augmix_gpu.runtime import amp_dtype
-    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.config import resolve_settings
     from augmix_gpu.train.run import build_augmenter
     from augmix_gpu.train.schedule import build_optimizer
     from augmix_gpu.train.step import (
@@ -156,17 +156,17 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
                                   val_per_class=100, size=224, seed=0, progress=False)  # fmt: skip
     device = torch.device("cuda")
     env = DistEnv(0, 0, 1, device, None)
-    config = resolve_config(["--data", str(data), "--precision", "bf16", "--channels_last",
+    config = resolve_settings(["--data", str(data), "--precision", "bf16", "--channels_last",
                              "--batch", str(args.batch), "--aug_type", "learnable_augmix_jsd",
                              "--optimizer", "sgd", "--lr", "0.1"])  # fmt: skip
     torch.backends.cudnn.benchmark = True
     loader = build_loader(data / "train", "train", batch_size=args.batch, device="gpu",
                           num_threads=args.threads, seed=0)  # fmt: skip
-    net = AugmentedClassifier(build_model("resnet50", len(loader.classes)), config["aug_type"],
-                              build_augmenter(config), amp_dtype=amp_dtype("bf16"),
+    net = AugmentedClassifier(build_model("resnet50", len(loader.classes)), config.augment.aug_type,
+                              build_augmenter(config.augment, config.severity), amp_dtype=amp_dtype("bf16"),
                               channels_last=True).to(device)  # fmt: skip
     net.model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(net, config, args.batch)
+    opt = build_optimizer(net, config.optim, args.batch, config.severity.severity_lr_mult)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     ctx = StepContext(net, net, opt, scaler, config, env, torch.Generator(device).manual_seed(0),
                       len(loader), StopFlag())  # fmt: skip

@@ -54,7 +54,7 @@ METRICS = {  # label -> value from a run's results.json (all % and lower is bett
     "clean RMS calib.": lambda r: dig(r, "robustness.clean.rms_calibration_error"),
     "-C RMS calib.": lambda r: dig(r, "robustness.imagenet_c.calibration.mean_rms_calibration_error"),
     # ImageNet-P stability (the demo's generated -P set): mean flip probability (%) and top-5
-    # distance over the 10 perturbations; mFR / mT5D only where a normaliser exists (robustness.py)
+    # distance over the 10 perturbations; mFR / mT5D only where a normaliser exists (eval/metrics.py)
     "-P flip prob.": lambda r: dig(r, "robustness.imagenet_p.mean_flip_probability"),
     "-P top-5 dist.": lambda r: dig(r, "robustness.imagenet_p.mean_top5_distance"),
     "mFR": lambda r: dig(r, "robustness.imagenet_p.mfr"),
@@ -172,7 +172,7 @@ def main() -> None:
     )
     note = (f"mean ± std over seeds {args.seeds}; * = differs from `{baseline}` by more than 2 standard "
             "errors of the difference (a coarse screen with this few seeds). Errors and flip probabilities "
-            "in %; mFR / mT5D: – while no AlexNet normaliser is available (robustness.py).")  # fmt: skip
+            "in %; mFR / mT5D: – while no AlexNet normaliser is available (eval/metrics.py).")  # fmt: skip
     print(table)
     print(note)
     by_variant = {v: [r.result for r in runs if r.variant == v] for v in args.variants}

@@ -79,31 +79,32 @@ PAPER_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
              "shear_x", "shear_y", "translate_x", "translate_y")  # fmt: skip
 
 
-def _preset(*flags: str) -> dict:
-    from augmix_gpu.train.config import resolve_config, validate_config
+def _preset(*flags: str):
+    from augmix_gpu.train.config import resolve_settings, validate_settings
 
-    c = resolve_config(["--config", "augmix_cifar.toml", "--data", "/data/cifar", *flags])
-    validate_config({**c, "data": None, "dataset": "synthetic"}, world_size=1)  # all but the path
+    c = resolve_settings(["--config", "augmix_cifar.toml", "--data", "/data/cifar", *flags])
+    validate_settings(c.replace(data=None, dataset="synthetic"), world_size=1)  # all but the path
     return c
 
 
-def _official_net_and_optimizer(c: dict):
+def _official_net_and_optimizer(c):
     from augmix_gpu.models import build_model
     from augmix_gpu.train.run import build_augmenter
     from augmix_gpu.train.schedule import build_optimizer
     from augmix_gpu.train.step import AugmentedClassifier
 
-    model = build_model(c["arch"], 100)
-    net = AugmentedClassifier(model, c["aug_type"], build_augmenter(c))
-    return net, build_optimizer(net, c, c["batch"])
+    model = build_model(c.model.arch, 100)
+    net = AugmentedClassifier(model, c.augment.aug_type, build_augmenter(c.augment, c.severity))
+    return net, build_optimizer(net, c.optim, c.run.batch, c.severity.severity_lr_mult)
 
 
 def test_preset_resolves_to_the_official_recipe():
     c = _preset()
-    assert {k: c[k] for k in OFFICIAL} == OFFICIAL
-    assert c["dataset"] == "cifar100" and c["cifar_loader"] == "resident"
-    assert _preset("--dataset", "cifar10")["dataset"] == "cifar10"
-    assert _preset("--epochs", "3")["epochs"] == 3  # flags still override the preset
+    flat = c.to_dict()
+    assert {k: flat[k] for k in OFFICIAL} == OFFICIAL
+    assert c.data.dataset == "cifar100" and c.data.cifar_loader == "resident"
+    assert _preset("--dataset", "cifar10").data.dataset == "cifar10"
+    assert _preset("--epochs", "3").run.epochs == 3  # flags still override the preset
 
 
 def test_preset_builds_the_official_optimizer_and_augmenter():
@@ -133,11 +134,11 @@ def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
     from augmix_gpu.train.step import _set_lr
 
     c = _preset()
-    spe = train_steps(50_000, c["batch"], 1)
+    spe = train_steps(50_000, c.run.batch, 1)
     assert spe == 390  # the ragged 80 images are dropped (cifar.py: 391 steps, the last of 80)
-    total = spe * c["epochs"]
+    total = spe * c.run.epochs
     _, opt = _official_net_and_optimizer(c)
-    ctx = SimpleNamespace(config=c, steps_per_epoch=spe, optimizer=opt)
+    ctx = SimpleNamespace(settings=c, steps_per_epoch=spe, optimizer=opt)
     param = torch.zeros(1, requires_grad=True)
     theirs = torch.optim.SGD([param], 0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -72,22 +72,21 @@ def _step_context(precision: str, channels_last: bool, objective: str = "minimiz
     from augmix_gpu.distributed import DistEnv
     from augmix_gpu.models import build_model
     from augmix_gpu.runtime import amp_dtype
-    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.config import resolve_settings
     from augmix_gpu.train.schedule import build_optimizer
     from augmix_gpu.train.step import AugmentedClassifier, StepContext, StopFlag
 
     torch.manual_seed(0)
-    config = resolve_config(["--precision", precision])
-    config.update(batch=16, epochs=1)
+    config = resolve_settings(["--precision", precision]).replace(batch=16, epochs=1)
     aug = AugMixBatch(severity=LearnableSeverity(3.0, objective=objective))
     net = AugmentedClassifier(
         build_model("resnet18", 10), "learnable_augmix_jsd", aug,
-        amp_dtype=amp_dtype(config["precision"]), channels_last=channels_last,
+        amp_dtype=amp_dtype(config.model.precision), channels_last=channels_last,
     ).to(CUDA)  # fmt: skip
     if channels_last:
         net.model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(net, config, 16)
-    scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "16")
+    opt = build_optimizer(net, config.optim, 16, config.severity.severity_lr_mult)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.model.precision == "16")
     env = DistEnv(0, 0, 1, CUDA, None)
     gen = torch.Generator(CUDA).manual_seed(0)
     return StepContext(net, net, opt, scaler, config, env, gen, 10, StopFlag())

@@ -68,7 +68,7 @@ def test_cifar_preset_step_on_cuda(tmp_path) -> None:
     from augmix_gpu.data import ResidentLoader
     from augmix_gpu.distributed import DistEnv
     from augmix_gpu.models import build_model
-    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.config import resolve_settings
     from augmix_gpu.train.run import build_augmenter
     from augmix_gpu.train.schedule import build_optimizer
     from augmix_gpu.train.step import (
@@ -80,12 +80,12 @@ def test_cifar_preset_step_on_cuda(tmp_path) -> None:
     )
 
     device = torch.device("cuda")
-    c = resolve_config(["--config", "augmix_cifar.toml", "--data", str(tmp_path)])
-    loader = ResidentLoader(_arrays(256), "train", batch_size=c["batch"], device=device)
-    model = build_model(c["arch"], 10).to(memory_format=torch.channels_last)
-    net = AugmentedClassifier(model, c["aug_type"], build_augmenter(c), channels_last=True)
-    net = net.to(device)
-    opt = build_optimizer(net, c, c["batch"])
+    c = resolve_settings(["--config", "augmix_cifar.toml", "--data", str(tmp_path)])
+    loader = ResidentLoader(_arrays(256), "train", batch_size=c.run.batch, device=device)
+    model = build_model(c.model.arch, 10).to(memory_format=torch.channels_last)
+    aug = build_augmenter(c.augment, c.severity)
+    net = AugmentedClassifier(model, c.augment.aug_type, aug, channels_last=True).to(device)
+    opt = build_optimizer(net, c.optim, c.run.batch, c.severity.severity_lr_mult)
     ctx = StepContext(
         net, net, opt, torch.amp.GradScaler("cuda", enabled=False), c,
         DistEnv(0, 0, 1, device, None), torch.Generator(device).manual_seed(0), len(loader),

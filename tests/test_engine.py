@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from augmix_gpu.augment.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch
 from augmix_gpu.augment.severity import LearnableSeverity
-from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.config import resolve_settings
 from augmix_gpu.train.schedule import build_optimizer, lr_factor
 from augmix_gpu.train.step import AugmentedClassifier
 
@@ -96,13 +96,13 @@ def test_lr_schedules_are_pure_functions_of_the_step():
 
 
 def test_optimizer_groups_severity_at_lr_multiplier_without_decay():
-    config = resolve_config(
+    config = resolve_settings(
         ["--dataset", "imagenet", "--lr", "0.01", "--beta_net", "0.05", "--no_decay_norm_bias"]
     )
     net = AugmentedClassifier(
         Recorder(), "learnable_augmix_jsd", AugMixBatch(severity=LearnableSeverity())
     )
-    opt = build_optimizer(net, config, global_batch=128)
+    opt = build_optimizer(net, config.optim, 128, config.severity.severity_lr_mult)
     groups = {g["name"]: g for g in opt.param_groups}
     assert (
         groups["severity"]["lr"] == pytest.approx(0.1) and groups["severity"]["weight_decay"] == 0.0

@@ -41,10 +41,10 @@ def run_train(args: list[str], cache: Path, *, torchrun: int = 0, timeout: float
     ],
 )
 def test_bad_heldout_arguments_fail_before_work(args, message) -> None:
-    from augmix_gpu.train.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_settings, validate_settings
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        validate_config(resolve_config(args), world_size=1)
+        validate_settings(resolve_settings(args), world_size=1)
 
 
 def test_too_many_heldout_images_is_one_line(cache, tmp_path) -> None:

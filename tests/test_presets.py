@@ -14,27 +14,30 @@ from torchvision.models import resnet18
 
 from augmix_gpu.augment.augmix import AugMixBatch
 from augmix_gpu.augment.severity import LearnableSeverity
-from augmix_gpu.train.config import resolve_config, validate_config
+from augmix_gpu.train.config import Settings, resolve_settings, validate_settings
 from augmix_gpu.train.schedule import build_optimizer
 from augmix_gpu.train.step import AugmentedClassifier, _set_lr
 
 
-def _net(config: dict) -> AugmentedClassifier:
+def _net(config: Settings) -> AugmentedClassifier:
     """A small torchvision ResNet (BatchNorm weights and biases, an fc bias) in the preset's mode.
 
     The parameter groups do not depend on the depth; resnet18 builds in a fraction of resnet50's
     time."""
     model = resnet18(num_classes=10)
-    if config["aug_type"] == "learnable_augmix_jsd":
-        return AugmentedClassifier(
-            model, config["aug_type"], AugMixBatch(severity=LearnableSeverity())
-        )
-    return AugmentedClassifier(model, config["aug_type"], AugMixBatch())
+    aug_type = config.augment.aug_type
+    if aug_type == "learnable_augmix_jsd":
+        return AugmentedClassifier(model, aug_type, AugMixBatch(severity=LearnableSeverity()))
+    return AugmentedClassifier(model, aug_type, AugMixBatch())
 
 
-def _curve(config: dict, optimizer, steps_per_epoch: int, epochs: list[int], at: float = 0.0):
+def _optimizer(net: AugmentedClassifier, c: Settings, global_batch: int):
+    return build_optimizer(net, c.optim, global_batch, c.severity.severity_lr_mult)
+
+
+def _curve(config: Settings, optimizer, steps_per_epoch: int, epochs: list[int], at: float = 0.0):
     """{group name: [lr at epoch e (+ `at` of an epoch)]} through the trainer's own `_set_lr`."""
-    ctx = SimpleNamespace(config=config, steps_per_epoch=steps_per_epoch, optimizer=optimizer)
+    ctx = SimpleNamespace(settings=config, steps_per_epoch=steps_per_epoch, optimizer=optimizer)
     out = {g["name"]: [] for g in optimizer.param_groups}
     for e in epochs:
         _set_lr(ctx, int((e + at) * steps_per_epoch))
@@ -44,18 +47,17 @@ def _curve(config: dict, optimizer, steps_per_epoch: int, epochs: list[int], at:
 
 
 def test_augmix_paper_preset_is_the_official_imagenet_recipe():
-    c = resolve_config(["--config", "augmix_paper.toml"])
-    validate_config(c, world_size=8)
-    assert (c["arch"], c["aug_type"], c["epochs"], c["precision"]) == (
+    c = resolve_settings(["--config", "augmix_paper.toml"])
+    validate_settings(c, world_size=8)
+    a = c.augment
+    assert (c.model.arch, a.aug_type, c.run.epochs, c.model.precision) == (
         "resnet50", "augmix_jsd", 180, "32",
     )  # fmt: skip
-    assert (c["initial_aug_severity"], c["augmix_mixture_width"], c["augmix_mixture_depth"]) == (
-        1.0, 3, -1,
-    )  # fmt: skip
-    assert (c["all_ops"], c["beta_jsd"], c["warmup_epochs"]) == (False, 12.0, 0)
+    assert (a.initial_aug_severity, a.augmix_mixture_width, a.augmix_mixture_depth) == (1.0, 3, -1)
+    assert (a.all_ops, a.beta_jsd, c.optim.warmup_epochs) == (False, 12.0, 0)
     net = _net(c)
     for batch in (256, 1024):
-        opt = build_optimizer(net, c, global_batch=batch)
+        opt = _optimizer(net, c, batch)
         # torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=1e-4): one group,
         # every parameter decayed (BatchNorm weights and biases too), plain momentum.
         assert type(opt) is torch.optim.SGD
@@ -83,25 +85,26 @@ def test_step_thirds_is_imagenet_py_adjust_learning_rate(epochs):
         k = epochs // 3
         return 1.0 if epoch < k else 0.1 if epoch < 2 * k else 0.01
 
-    c = resolve_config(["--config", "augmix_paper.toml", "--epochs", str(epochs)])
-    opt = build_optimizer(_net(c), c, global_batch=256)
+    c = resolve_settings(["--config", "augmix_paper.toml", "--epochs", str(epochs)])
+    opt = _optimizer(_net(c), c, 256)
     ours = _curve(c, opt, 3, list(range(epochs)), at=2 / 3)["net"]
     assert ours == pytest.approx([0.1 * official(e) for e in range(epochs)], rel=1e-12)
 
 
 def test_reference_preset_is_the_reference_scripts_recipe():
-    c = resolve_config(["--config", "reference.toml"])
-    assert (c["arch"], c["pretrained"], c["aug_type"], c["all_ops"]) == (
+    c = resolve_settings(["--config", "reference.toml"])
+    assert (c.model.arch, c.model.pretrained, c.augment.aug_type, c.augment.all_ops) == (
         "resnet50", "IMAGENET1K_V2", "learnable_augmix_jsd", True,
     )  # fmt: skip
-    assert (c["precision"], c["matmul_precision"], c["grad_clip_val"], c["batch"]) == (
+    assert (c.model.precision, c.run.matmul_precision, c.optim.grad_clip_val, c.run.batch) == (
         "16", "medium", 1.0, 1024,
     )  # fmt: skip
-    assert (c["initial_aug_severity"], c["initial_severity_sigma"], c["beta_augmenter_reg"]) == (
+    sev = c.severity
+    assert (c.augment.initial_aug_severity, sev.initial_severity_sigma, sev.beta_augmenter_reg) == (
         3.0, 0.1, 1.0,
     )  # fmt: skip
     net = _net(c)
-    opt = build_optimizer(net, c, global_batch=c["batch"])
+    opt = _optimizer(net, c, c.run.batch)
     # AdamW([{net params, lr, weight_decay=beta_net}, {severity params, lr x 10, wd 0}]).
     assert type(opt) is torch.optim.AdamW
     groups = {g["name"]: g for g in opt.param_groups}
@@ -128,10 +131,10 @@ def test_reference_preset_is_the_reference_scripts_recipe():
 
 
 def test_departures_from_the_recipes_are_opt_in():
-    c = resolve_config(["--config", "augmix_paper.toml", "--nesterov", "--no_decay_norm_bias"])
-    validate_config(c, world_size=1)
+    c = resolve_settings(["--config", "augmix_paper.toml", "--nesterov", "--no_decay_norm_bias"])
+    validate_settings(c, world_size=1)
     net = _net(c)
-    opt = build_optimizer(net, c, global_batch=256)
+    opt = _optimizer(net, c, 256)
     groups = {g["name"]: g for g in opt.param_groups}
     assert opt.defaults["nesterov"] is True
     assert all(p.ndim > 1 for p in groups["net"]["params"])
@@ -140,18 +143,18 @@ def test_departures_from_the_recipes_are_opt_in():
     n = len(groups["net"]["params"]) + len(groups["net_no_decay"]["params"])
     assert n == len(list(net.model.parameters()))
     with pytest.raises(ValueError, match=re.escape("--nesterov True: needs --optimizer sgd")):
-        validate_config(resolve_config(["--nesterov", "--optimizer", "adamw"]), world_size=1)
+        validate_settings(resolve_settings(["--nesterov", "--optimizer", "adamw"]), world_size=1)
 
 
 def test_cosine_ends_at_the_floor_over_the_steps_actually_taken():
     """With --max_steps_per_epoch the trainer passes the capped count: the cosine reaches its
     end at the run's last step (it stopped at 0.976 of the lr when fed the uncapped count)."""
-    c = resolve_config(
+    c = resolve_settings(
         ["--schedule", "cosine", "--epochs", "3", "--lr_min_factor", "0.01", "--warmup_epochs", "0"]
     )
-    opt = build_optimizer(_net(c), c, global_batch=64)
+    opt = _optimizer(_net(c), c, 64)
     capped = 4  # steps per epoch actually taken
-    last = _curve(c, opt, capped, [3], at=-1 / capped)["net"][0] / c["lr"]
+    last = _curve(c, opt, capped, [3], at=-1 / capped)["net"][0] / c.optim.lr
     expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 11 / 12))
     assert last == pytest.approx(expected) and last < 0.03
 
@@ -169,4 +172,4 @@ def test_cosine_ends_at_the_floor_over_the_steps_actually_taken():
     ],
 )
 def test_resume_flag_forms(argv, resume):
-    assert resolve_config(argv)["resume"] == resume
+    assert resolve_settings(argv).run.resume == resume

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from augmix_gpu.augment.augmix import AugMixBatch
 from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.config import resolve_settings
 from augmix_gpu.train.heldout_severity import HeldoutSeverityUpdater
 from augmix_gpu.train.schedule import build_optimizer
 from augmix_gpu.train.step import (
@@ -97,21 +97,22 @@ class _HeldoutStub:
 
 def _context(objective: str, strategy: str = "grouped", **overrides):
     torch.manual_seed(0)
-    config = resolve_config(["--severity_objective", objective])
-    config.update(batch=B, epochs=1, max_steps_per_epoch=0, **overrides)
+    config = resolve_settings(["--severity_objective", objective]).replace(
+        batch=B, epochs=1, max_steps_per_epoch=0, **overrides
+    )
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(4, CLASSES),
     )  # fmt: skip
     aug = AugMixBatch(severity=LearnableSeverity(3.0, objective=objective), strategy=strategy)
     net = AugmentedClassifier(model, "learnable_augmix_jsd", aug)
-    opt = build_optimizer(net, config, B)
+    opt = build_optimizer(net, config.optim, B, config.severity.severity_lr_mult)
     updater = None
     if objective == "heldout":
         updater = HeldoutSeverityUpdater(net, _HeldoutStub(), ENV, every=2, lr=0.05, beta_jsd=12.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ctx = StepContext(net, net, opt, scaler, config, ENV, torch.Generator().manual_seed(0), 8,
-                      StopFlag(), frozenset(), updater)  # fmt: skip
+                      StopFlag(), updater)  # fmt: skip
     return ctx
 
 
@@ -151,8 +152,7 @@ def test_an_epoch_reads_once_per_log_interval() -> None:
 
 def test_a_nonfinite_step_is_skipped_on_the_device() -> None:
     """NaN loss: weights, optimiser state and severity unchanged, counted when the log is read."""
-    ctx = _context("minimize")
-    ctx.inject_nonfinite_steps = frozenset({1})
+    ctx = _context("minimize", debug_nonfinite_steps=[1])
     state = TrainState()
     train_step(ctx, state, *_batch(0))
     state.global_step = 1

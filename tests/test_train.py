@@ -220,7 +220,7 @@ def test_run_of_nonfinite_losses_stops_with_message(cache, tmp_path):
     [
         (["--data", "/no/such/dir"], "--data '/no/such/dir': no such folder"),
         (["--arch", "resnet5O"], "--arch 'resnet5O': unknown model"),
-        (["--epochs", "0"], "--epochs 0: need at least 1 epoch"),
+        (["--epochs", "0"], "--epochs 0: must be >= 1"),
         (["--initial_aug_severity", "12"], "--initial_aug_severity 12.0: must be in (0, 10.0]"),
         (["--eval_only"], "--eval_only True: needs --ckpt_path"),
         (["--resume", "/no/such.ckpt"], "--resume '/no/such.ckpt': no such checkpoint"),
@@ -230,17 +230,17 @@ def test_run_of_nonfinite_losses_stops_with_message(cache, tmp_path):
     ],
 )
 def test_bad_arguments_fail_before_work(args, message, tmp_path):
-    from augmix_gpu.train.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_settings, validate_settings
 
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
-        validate_config(resolve_config(args), world_size=1)
+        validate_settings(resolve_settings(args), world_size=1)
 
 
 def test_batch_smaller_than_world_size():
-    from augmix_gpu.train.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_settings, validate_settings
 
     with pytest.raises(ValueError, match="must be >= the world size"):
-        validate_config(resolve_config(["--batch", "1"]), world_size=2)
+        validate_settings(resolve_settings(["--batch", "1"]), world_size=2)
 
 
 def test_cli_error_is_a_message_not_a_traceback(tmp_path):
@@ -253,19 +253,23 @@ def test_cli_error_is_a_message_not_a_traceback(tmp_path):
 
 def test_config_file_and_flags_compose(tmp_path):
     """Defaults < --config file < typed flags; dataset defaults fill what is left."""
-    from augmix_gpu.train.config import resolve_config
+    from augmix_gpu.train.config import resolve_settings
 
     preset = tmp_path / "p.toml"
     preset.write_text('epochs = 7\nlr = 0.5\noptimizer = "sgd"\ndataset = "imagenet"\n')
-    c = resolve_config(["--config", str(preset), "--lr", "0.25"])
-    assert (c["epochs"], c["lr"], c["optimizer"]) == (7, 0.25, "sgd")
-    assert c["arch"] == "resnet50" and c["crop_size"] == 224  # imagenet defaults
-    paper = resolve_config(["--config", "augmix_paper.toml", "--epochs", "3"])
-    assert (paper["optimizer"], paper["initial_aug_severity"], paper["epochs"]) == ("sgd", 1.0, 3)
-    assert resolve_config([])["config"] == "demo.toml"  # no --data: the embedded demo
+    c = resolve_settings(["--config", str(preset), "--lr", "0.25"])
+    assert (c.run.epochs, c.optim.lr, c.optim.optimizer) == (7, 0.25, "sgd")
+    assert c.model.arch == "resnet50" and c.data.crop_size == 224  # imagenet defaults
+    paper = resolve_settings(["--config", "augmix_paper.toml", "--epochs", "3"])
+    p_opt, p_sev = paper.optim.optimizer, paper.augment.initial_aug_severity
+    assert (p_opt, p_sev, paper.run.epochs) == ("sgd", 1.0, 3)
+    assert resolve_settings([]).run.config == "demo.toml"  # no --data: the embedded demo
     preset.write_text("epochz = 3\n")
     with pytest.raises(ValueError, match=r"unknown keys \['epochz'\]"):
-        resolve_config(["--config", str(preset)])
+        resolve_settings(["--config", str(preset)])
+    preset.write_text('optimizer = "adam"\n')  # a preset's value is checked as a typed flag's
+    with pytest.raises(ValueError, match=r"--optimizer 'adam': expected one of \['sgd', 'adamw'\]"):
+        resolve_settings(["--config", str(preset)])
 
 
 def test_eval_only_evaluates_a_checkpoint(cache, tmp_path):

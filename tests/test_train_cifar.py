@@ -108,20 +108,20 @@ def test_eval_only_reproduces_the_end_of_run_report(cifar, straight, tmp_path):
 def test_cifar_arguments_fail_before_any_work(cifar, tmp_path):
     from augmix_gpu.data import DatasetError
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.train.config import resolve_config, validate_config
+    from augmix_gpu.train.config import resolve_settings, validate_settings
     from augmix_gpu.train.data import prepare_data
 
     data, c = cifar
     base = ["--config", "augmix_cifar.toml", "--data", str(data)]
     with pytest.raises(ValueError, match="--cifar_c .*needs --dataset cifar10 or cifar100"):
-        validate_config(resolve_config(["--cifar_c", str(c)]), world_size=1)
+        validate_settings(resolve_settings(["--cifar_c", str(c)]), world_size=1)
     with pytest.raises(ValueError, match="--imagenet_c .*evaluated with --cifar_c"):
-        validate_config(resolve_config(base + ["--imagenet_c", str(c)]), world_size=1)
+        validate_settings(resolve_settings(base + ["--imagenet_c", str(c)]), world_size=1)
     with pytest.raises(ValueError, match="--cifar_c .*holding labels.npy"):
-        validate_config(resolve_config(base + ["--cifar_c", str(tmp_path)]), world_size=1)
+        validate_settings(resolve_settings(base + ["--cifar_c", str(tmp_path)]), world_size=1)
     np.save(tmp_path / "labels.npy", np.arange(5, dtype=np.uint8))  # a 5-class -C set
-    config = resolve_config(base + ["--cifar_c", str(tmp_path)])
-    validate_config(config, world_size=1)
+    config = resolve_settings(base + ["--cifar_c", str(tmp_path)])
+    validate_settings(config, world_size=1)
     env = DistEnv(0, 0, 1, torch.device("cpu"), None)
     with pytest.raises(DatasetError, match="holds 5 classes but the cifar100 model has 10"):
         prepare_data(config, env)

@@ -9,7 +9,7 @@ import torch
 from cli_runner import REPO, ok, run_script
 
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.train.config import resolve_config
+from augmix_gpu.train.config import resolve_settings
 from augmix_gpu.train.data import prepare_data
 
 pytest.importorskip("av")
@@ -30,7 +30,7 @@ def p_tree(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUGMIX_GPU_CACHE", str(cache))
-        spec = prepare_data(resolve_config(SMALL), ENV)
+        spec = prepare_data(resolve_settings(SMALL), ENV)
     p = make_perturbed_dataset(spec.val, cache / "p", perturbations=["rotate"], per_class=1,
                                preset="ultrafast", progress=False)  # fmt: skip
     return cache, p
@@ -41,19 +41,17 @@ def test_data_spec_and_eval_only_forward_the_p_tree(p_tree, monkeypatch, tmp_pat
 
     cache, p = p_tree
     monkeypatch.setenv("AUGMIX_GPU_CACHE", str(cache))
-    spec = prepare_data(resolve_config(SMALL + ["--imagenet_p", str(p)]), ENV)
-    assert spec.perturbed == p and spec.corrupted is None
-    assert (
-        prepare_data(resolve_config(SMALL + ["--imagenet_p", str(p), "--no_p_eval"]), ENV).perturbed
-        is None
-    )
+    spec = prepare_data(resolve_settings(SMALL + ["--imagenet_p", str(p)]), ENV)
+    assert spec.roots == {"imagenet_p": p}  # no -C: SMALL has --no_c_eval
+    no_p = prepare_data(resolve_settings(SMALL + ["--imagenet_p", str(p), "--no_p_eval"]), ENV)
+    assert "imagenet_p" not in no_p.roots
     # The demo's generated set comes with the -C one (SMALL has --no_c_eval: none).
-    assert prepare_data(resolve_config(SMALL), ENV).perturbed is None
+    assert prepare_data(resolve_settings(SMALL), ENV).roots == {}
     module = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
     train = importlib.util.module_from_spec(module)
     module.loader.exec_module(train)
     argv = train.eval_only_argv(
-        resolve_config(SMALL + ["--imagenet_p", str(p), "--ckpt_path", "x.ckpt", "--eval_only",
+        resolve_settings(SMALL + ["--imagenet_p", str(p), "--ckpt_path", "x.ckpt", "--eval_only",
                                "--ckpt_dir_base", str(tmp_path)]), ENV)  # fmt: skip
     assert argv[argv.index("--imagenet_p") + 1] == str(p)
 

@@ -3,20 +3,45 @@
 ``log s ~ N(mu, sigma^2)`` with ``mu = log_severity_mu`` and ``sigma = exp(log_severity_log_sigma)``
 (the parametrisation of the reference learnable-severity script). Unlike that script, the sample is
 drawn with ``rsample`` and never ``.item()``-ed, so the loss that the AugMix views feed reaches
-``mu`` and ``sigma`` through the continuous op magnitudes (see ``augmix_gpu.ops``).
+``mu`` and ``sigma`` through the continuous op magnitudes (see ``augmix_gpu.augment.ops``).
 
 The regulariser is the closed-form ``KL(N(mu, sigma^2) || N(log(initial) + offset, prior_std^2))``;
-the loss adds ``beta_augmenter_reg * kl() * kl_scale`` (``augmix_gpu.losses.augmix_objective``).
+the loss adds ``beta_augmenter_reg * kl() * kl_scale`` (``augmix_gpu.augment.losses.augmix_objective``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-OBJECTIVES = ("minimize", "adversarial", "heldout")
+
+@dataclass(frozen=True)
+class Objective:
+    """What trains a learnable severity; the trainer reads these properties, never the name.
+
+    ``ascends``: the views' gradient reaches s reversed, so s ascends the loss they feed (AugMax);
+    ``from_training_loss``: the training loss (and its KL to the prior) trains s with the network's
+    optimiser; otherwise an outer loop does, from a held-out set (``train/heldout_severity.py``),
+    and the views carry no gradient to s on the ordinary steps.
+    """
+
+    name: str
+    ascends: bool
+    from_training_loss: bool
+    help: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("minimize", False, True, "the training loss (the reference script's)"),
+        Objective("adversarial", True, True, "ascend the training loss the views feed"),
+        Objective("heldout", False, False, "the hypergradient of a held-out corrupted loss"),
+    )
+}
 
 
 class _GradReverse(torch.autograd.Function):
@@ -67,7 +92,7 @@ class LearnableSeverity(nn.Module):
         initial_sigma: initial std of ``log s`` (0.1 in the reference script).
         objective: ``"minimize"`` (s follows the training loss), ``"adversarial"`` (s ascends the
             loss the views feed, through gradient reversal) or ``"heldout"`` (s follows the
-            hypergradient of a held-out loss, :mod:`augmix_gpu.hypergradient`; the training
+            hypergradient of a held-out loss, :mod:`augmix_gpu.train.heldout_severity`; the training
             loss does not move it, so the trainer draws the views without a gradient to s
             except on the hypergradient steps).
     """
@@ -80,7 +105,7 @@ class LearnableSeverity(nn.Module):
         per_sample: bool = False,
         max_severity: float = 10.0,
         initial_sigma: float = 0.1,
-        objective: str = "minimize",
+        objective: str | Objective = "minimize",
     ) -> None:
         super().__init__()
         _validate(initial_aug_severity, prior_severity_std, max_severity, initial_sigma, objective)
@@ -90,7 +115,7 @@ class LearnableSeverity(nn.Module):
         self.per_sample = bool(per_sample)
         self.max_severity = float(max_severity)
         self.initial_sigma = float(initial_sigma)
-        self.objective = objective
+        self.objective = OBJECTIVES[objective] if isinstance(objective, str) else objective
         # Prior on log s; plain floats (configuration, not state): a checkpoint holds mu and
         # log_sigma only, and the prior comes from the run's arguments.
         self.prior_mu = math.log(self.initial_aug_severity) + self.prior_severity_mean_offset
@@ -120,7 +145,7 @@ class LearnableSeverity(nn.Module):
         eps = eps.to(device=mu.device, dtype=mu.dtype)
         s = torch.exp(mu + self.sigma * eps)
         s = bounded(s, self.max_severity)
-        if self.objective == "adversarial":
+        if self.objective.ascends:
             s = _GradReverse.apply(s)
         self.last_sample = s.detach()
         return s
@@ -186,7 +211,7 @@ class LearnableSeverity(nn.Module):
             f"prior_severity_std={self.prior_severity_std}, "
             f"prior_severity_mean_offset={self.prior_severity_mean_offset}, "
             f"per_sample={self.per_sample}, max_severity={self.max_severity}, "
-            f"objective={self.objective!r}"
+            f"objective={self.objective.name!r}"
         )
 
 
@@ -195,7 +220,7 @@ def _validate(
     prior_severity_std: float,
     max_severity: float,
     initial_sigma: float,
-    objective: str,
+    objective: str | Objective,
 ) -> None:
     """Reject configurations that would give NaN/inf parameters or an empty support."""
 
@@ -216,5 +241,5 @@ def _validate(
         )
     finite_positive("prior_severity_std", prior_severity_std)
     finite_positive("initial_sigma", initial_sigma)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not isinstance(objective, Objective) and objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-# One list for the whole project (robustness.py holds it beside the AlexNet reference errors).
+# One list for the whole project (protocols.py holds it beside the AlexNet reference errors).
 from ..protocols import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .folders import DatasetError, find_classes, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)

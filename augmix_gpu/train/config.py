@@ -1,37 +1,37 @@
-"""Training configuration: the reference script's CLI, preset files, and how they compose.
+"""Training settings: typed sections, built once from defaults, a preset file and the flags typed.
 
-Precedence, lowest to highest: built-in defaults < ``--config FILE`` (TOML) < flags given on the
-command line. The resolved configuration is a plain dict, saved beside every run and inside every
-checkpoint, so a run can always be reproduced from its own folder.
+Every setting is one field below, declared with :func:`~augmix_gpu.checks.flag`: its name (the
+flag), type, default, help and check live in that declaration, and the command line is generated
+from them (:func:`build_parser`). Precedence, lowest to highest: the field defaults < ``--config
+FILE`` (TOML, flat flag names) < the flags typed; the dataset's defaults then fill what is still
+None. The reference learnable-severity script's flags keep their names.
+
+The resolved :class:`Settings` is saved beside every run and inside every checkpoint as one flat
+``{flag: value}`` dict (:meth:`Settings.to_dict`), so a run can be reproduced from its own folder
+and a checkpoint read back into typed settings (:meth:`Settings.from_dict`).
 """
 
 from __future__ import annotations
 
 import argparse
 import tomllib
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..augment.augmix import STRATEGIES
 from ..augment.severity import OBJECTIVES
+from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
 from ..models import check_arch
 from ..protocols import EXTRA_CORRUPTIONS
-from .resume import parse_debug_fault
+from ..runtime import PRECISIONS
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
-CIFAR_LOADERS = ("resident", "dali")
-PRECISIONS = {
-    "32": "32",
-    "32-true": "32",
-    "16": "16",
-    "16-mixed": "16",
-    "bf16": "bf16",
-    "bf16-mixed": "bf16",
-}
-# The held-out objective's cadence and step size (chosen by measurement: README, severity study).
-HELDOUT_DEFAULTS = {"severity_update_every": 10, "severity_hyper_lr": 0.05}
+CIFAR_DATASETS = ("cifar10", "cifar100")
+# Lightning's spellings of the reference script, accepted and stored as ours.
+PRECISION_ALIASES = {"32-true": "32", "16-mixed": "16", "bf16-mixed": "bf16"}
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIG = "demo.toml"
 
@@ -47,293 +47,410 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a classifier with (learnable) AugMix + JSD under torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    a = p.add_argument
-    # --- the reference learnable-severity script's interface ---
-    a("--epochs", type=int, default=90)
-    a("--batch", type=int, default=128, help="global batch size (split evenly over ranks)")
-    a("--workers", type=int, default=4, help="DALI threads per rank")
-    a("--lr", type=float, default=1e-4, help="network learning rate (see --lr_scale_batch)")
-    a("--gpus", type=int, default=-1, help="compat: 0 forces the CPU; use torchrun for several")
-    a(
-        "--precision",
-        choices=sorted(PRECISIONS),
-        default="32",
-        help="32 | 16 (fp16 + GradScaler) | bf16",
-    )
-    a("--matmul_precision", choices=("highest", "high", "medium"), default="highest")
-    a("--grad_clip_val", type=float, default=0.0, help="clip the global grad norm (0: off)")
-    a("--ckpt_dir_base", default="./checkpoints")
-    a("--eval_only", action="store_true", help="evaluate --ckpt_path (or --pretrained) and exit")
-    a("--ckpt_path", default=None, help="checkpoint to evaluate with --eval_only")
-    a(
-        "--resume",
+# The test hooks of --debug_fault KIND@STEP (first worker group only, see train/resume.py).
+DEBUG_FAULTS = ("sigkill", "sigkill_in_save", "enospc_in_save")
+
+
+def parse_debug_fault(spec: str) -> tuple[str, int]:
+    """``KIND@STEP`` -> (kind, global step); the test hook behind ``--debug_fault``."""
+    kind, _, step = spec.partition("@")
+    if kind not in DEBUG_FAULTS or not step.isdigit():
+        raise ValueError(
+            f"--debug_fault {spec!r}: expected KIND@STEP with KIND one of {', '.join(DEBUG_FAULTS)}"
+        )
+    return kind, int(step)
+
+
+def _precision(value: Any) -> str:
+    value = str(value)
+    return PRECISION_ALIASES.get(value, value)
+
+
+def _debug_fault(spec: str) -> str | None:
+    try:
+        parse_debug_fault(spec)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+def _fraction_or_count(v: float) -> str | None:
+    return None if v == 0 or v >= 1 or 0 < v <= 0.5 else "the held-out fraction must be in (0, 0.5]"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run: its length, batch and seed, where it runs, its checkpoints and logs."""
+
+    epochs: int = flag(90, check=at_least(1))
+    batch: int = flag(128, "global batch size (split evenly over ranks)", check=at_least(1))
+    seed: int = flag(0)
+    gpus: int = flag(-1, "compat: 0 forces the CPU; use torchrun for several")
+    device: str = flag("auto", choices=("auto", "cpu", "cuda"))
+    matmul_precision: str = flag("highest", choices=("highest", "high", "medium"))
+    ckpt_dir_base: str = flag("./checkpoints")
+    eval_only: bool = flag(False, "evaluate --ckpt_path (or --pretrained) and exit")
+    ckpt_path: str | None = flag(None, "checkpoint to evaluate with --eval_only")
+    resume: str | None = flag(
+        None,
+        "checkpoint to continue from; alone or 'auto': --ckpt_path if given, else "
+        "<run dir>/last.ckpt",
         nargs="?",
         const="auto",
-        default=None,
-        help="checkpoint to continue from; alone or 'auto': --ckpt_path if given, else "
-        "<run dir>/last.ckpt",
     )
-    a("--seed", type=int, default=0)
-    a("--no_wandb", action="store_true", help="same as --wandb disabled")
-    a("--aug_type", choices=AUG_TYPES, default="learnable_augmix_jsd")
-    a("--augmix_mixture_width", type=int, default=3)
-    a("--augmix_mixture_depth", type=int, default=-1, help="-1: uniform in {1,2,3} per chain")
-    a(
-        "--initial_aug_severity",
-        type=float,
-        default=3.0,
-        help="fixed severity, or the learnable start",
+    no_wandb: bool = flag(False, "same as --wandb disabled")
+    wandb: str = flag("offline", choices=("online", "offline", "disabled"))
+    max_steps_per_epoch: int = flag(
+        0, "cap steps per epoch (0: all); for smoke runs", check=at_least(0)
     )
-    a("--prior_severity_std_learnable_aug", type=float, default=1.0)
-    a("--prior_severity_mean_offset_learnable_aug", type=float, default=0.0)
-    a("--beta_jsd", type=float, default=12.0)
-    a(
-        "--beta_augmenter_reg",
-        type=float,
-        default=1.0,
-        help="KL weight (KL divided by global batch)",
+    log_every: int = flag(
+        10,
+        "read the steps' losses and severity to the host every N steps (each read waits for the "
+        "GPU; the values are still recorded per step)",
+        check=at_least(1),
     )
-    a("--beta_net", type=float, default=0.01, help="the network's weight decay")
-    # --- ours ---
-    a("--config", default=None, help="TOML preset; flags given here override it")
-    a(
-        "--data",
-        default=None,
-        help="ImageNet layout DIR/train, DIR/val (CIFAR: the torchvision folder)",
-    )
-    a(
-        "--dataset",
-        choices=DATASETS,
-        default=None,
-        help="default: synthetic without --data, else imagenet",
-    )
-    a(
-        "--imagenet_c",
-        default=None,
-        help="-C tree to evaluate after training (synthetic: generated)",
-    )
-    a(
-        "--arch",
-        default=None,
-        help="torchvision classifier, tiny_resnet, or for CIFAR wrn<depth>_<width> / resnet18_cifar",
-    )
-    a("--pretrained", default=None, help="local weights file or a cached torchvision weights name")
-    a("--optimizer", choices=("sgd", "adamw"), default="adamw")
-    a("--momentum", type=float, default=0.9)
-    a(
-        "--lr_scale_batch",
-        type=int,
-        default=0,
-        help="if >0: lr *= global batch / this (linear scaling)",
-    )
-    a(
-        "--schedule",
-        choices=("cosine", "step", "step_thirds", "cosine_restarts", "constant"),
-        default="cosine",
-        help="step_thirds: x0.1 at epochs//3 and 2*(epochs//3) (official AugMix imagenet.py)",
-    )
-    a("--warmup_epochs", type=float, default=0.0)
-    a("--step_epochs", type=int, default=30, help="step schedule: x0.1 every this many epochs")
-    a("--restart_epochs", type=int, default=10, help="cosine_restarts: period in epochs")
-    a(
-        "--severity_lr_mult",
-        type=float,
-        default=10.0,
-        help="severity lr = lr x this (reference: 10)",
-    )
-    a("--initial_severity_sigma", type=float, default=0.1)
-    a(
-        "--per_sample_severity",
-        action="store_true",
-        help="one severity draw per sample, not per batch",
-    )
-    a("--max_severity", type=float, default=10.0)
-    a(
-        "--severity_objective",
-        choices=OBJECTIVES,
-        default="minimize",
-        help="minimize: the training loss (the reference script's); adversarial: ascend it; "
-        "heldout: the hypergradient of a held-out corrupted loss (README: learnable severity)",
-    )
-    a(
-        "--severity_update_every",
-        type=int,
-        default=HELDOUT_DEFAULTS["severity_update_every"],
-        help="heldout: one severity update every N training steps",
-    )
-    a(
-        "--severity_hyper_lr",
-        type=float,
-        default=HELDOUT_DEFAULTS["severity_hyper_lr"],
-        help="heldout: Adam learning rate of (mu, log_sigma), log-severity per update",
-    )
-    a(
-        "--heldout_images",
-        type=float,
-        default=0,
-        help="heldout: training images held out: a count, a fraction (<1), or 0 for "
-        "min(10000, 10%%); the fraction must be in (0, 0.5]",
-    )
-    a(
-        "--heldout_corruptions",
-        nargs="+",
-        default=list(EXTRA_CORRUPTIONS),
-        help="heldout: corruptions of the held-out images (never the 15 evaluation ones)",
-    )
-    a("--heldout_seed", type=int, default=0, help="heldout: the split's seed (fixed across --seed)")
-    a(
-        "--heldout_batch",
-        type=int,
-        default=0,
-        help="heldout: held-out images per rank per update (0: the per-rank train batch)",
-    )
-    a("--all_ops", action="store_true", help="add color/contrast/brightness/sharpness (overlap -C)")
-    a(
-        "--augmix_strategy",
-        choices=STRATEGIES,
-        default="auto",
-        help="AugMix's form: grouped (one host sync per call), static (none), auto (grouped on "
-        "the CPU, static on a GPU)",
-    )
-    a("--channels_last", action="store_true")
-    a("--compile", action="store_true", help="torch.compile the network")
-    a("--wandb", choices=("online", "offline", "disabled"), default="offline")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--crop_size", type=int, default=None)
-    a("--val_resize", type=int, default=None)
-    a("--crop_area_min", type=float, default=None, help="random-resized crop area range [min, 1]")
-    a(
-        "--no_train_antialias",
-        action="store_true",
-        help="resize train crops without antialiasing (faster on the CPU, not PIL's filter)",
-    )
-    a(
-        "--max_steps_per_epoch",
-        type=int,
-        default=0,
-        help="cap steps per epoch (0: all); for smoke runs",
-    )
-    a(
-        "--log_every",
-        type=int,
-        default=10,
-        help="read the steps' losses and severity to the host every N steps (each read waits for "
-        "the GPU; the values are still recorded per step)",
-    )
-    a(
-        "--max_nonfinite",
-        type=int,
-        default=20,
-        help="stop after this many non-finite steps in a row",
+    max_nonfinite: int = flag(
+        20, "stop after this many non-finite steps in a row", check=at_least(1)
     )
     # Faults (README "Faults and restarts"): a fault costs at most the steps since last.ckpt.
-    a(
-        "--save_every_steps",
-        type=int,
-        default=0,
-        help="write last.ckpt every N global steps (0: every --save_every_minutes)",
+    save_every_steps: int = flag(
+        0, "write last.ckpt every N global steps (0: every --save_every_minutes)", check=at_least(0)
     )
-    a(
-        "--save_every_minutes",
-        type=float,
-        default=10.0,
-        help="write last.ckpt about this often, in minutes of training (turned into steps once, "
-        "from the pace of the first steps); 0 with --save_every_steps 0: epoch ends only",
+    save_every_minutes: float = flag(
+        10.0,
+        "write last.ckpt about this often, in minutes of training (turned into steps once, from "
+        "the pace of the first steps); 0 with --save_every_steps 0: epoch ends only",
+        check=at_least(0),
     )
-    a("--synthetic_train_per_class", type=int, default=200)
-    a("--synthetic_val_per_class", type=int, default=50)
-    a(
-        "--synthetic_seed",
-        type=int,
-        default=0,
-        help="the generated dataset's seed (fixed across --seed)",
-    )
-    a("--c_severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    a("--no_c_eval", action="store_true", help="skip the -C evaluation after training")
-    # ImageNet-P after training (synthetic: a -P set made from the val images)
-    a(
-        "--imagenet_p",
-        default=None,
-        help="-P tree to evaluate after training (synthetic: generated)",
-    )
-    a("--no_p_eval", action="store_true", help="skip the -P evaluation after training")
-    a("--synthetic_p_per_class", type=int, default=2, help="generated -P sequences per class")
-    a("--no_progress", action="store_true")
-    # --- the recipes exactly (optimizer, schedule) and the loader at scale ---
-    a("--nesterov", action="store_true", help="SGD with Nesterov momentum (both recipes: plain)")
-    a(
-        "--no_decay_norm_bias",
-        action="store_true",
-        help="no weight decay on norm weights and biases (both recipes decay every parameter)",
-    )
-    a("--restart_mult", type=int, default=1, help="cosine_restarts: period x this (T_mult)")
-    a(
-        "--lr_min_factor",
-        type=float,
-        default=0.0,
-        help="cosine schedules end at lr x this (eta_min / lr)",
-    )
-    a(
-        "--lr_interval",
-        choices=("step", "epoch"),
-        default="step",
-        help="cosine schedules: update the lr every step, or once per epoch (Lightning's default)",
-    )
-    a(
-        "--on_corrupt",
-        choices=("skip", "error"),
-        default="skip",
-        help="a file that cannot be decoded: skip it (named in a warning and results.json) or stop",
-    )
-    a(
-        "--read_threads",
-        type=int,
-        default=16,
-        help="threads per rank reading files ahead of DALI (hide filesystem latency)",
-    )
-    # --- CIFAR (--dataset cifar10|cifar100) ---
-    a(
-        "--cifar_c",
-        default=None,
-        help="CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy) to evaluate after training",
-    )
-    a(
-        "--cifar_loader",
-        choices=CIFAR_LOADERS,
-        default="resident",
-        help="resident: the set on the device, crop+flip there; dali: the DALI pipeline",
-    )
+    no_progress: bool = flag(False)
+    config: str | None = flag(None, "TOML preset; flags given here override it")
     # Test hooks, hidden from --help: stop as if SIGTERM arrived at this global step; force a NaN
-    # loss at these global steps.
-    a("--debug_stop_at_step", type=int, default=-1, help=argparse.SUPPRESS)
-    a("--debug_nonfinite_steps", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
-    # ... and inject one real fault (KIND@STEP, see checkpoint.RunCheckpoints).
-    a("--debug_fault", default=None, help=argparse.SUPPRESS)
+    # loss at these global steps; inject one real fault (KIND@STEP, see train/resume.py).
+    debug_stop_at_step: int = flag(-1, hidden=True)
+    debug_nonfinite_steps: list[int] = flag([], hidden=True, nargs="*")
+    debug_fault: str | None = flag(None, hidden=True, check=_debug_fault)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The data: which dataset, how it is read and cropped, the generated task's size."""
+
+    data: str | None = flag(
+        None, "ImageNet layout DIR/train, DIR/val (CIFAR: the torchvision folder)"
+    )
+    dataset: str | None = flag(
+        None, "default: synthetic without --data, else imagenet", choices=DATASETS
+    )
+    workers: int = flag(4, "DALI threads per rank", check=at_least(1))
+    read_threads: int = flag(
+        16,
+        "threads per rank reading files ahead of DALI (hide filesystem latency)",
+        check=at_least(1),
+    )
+    crop_size: int | None = flag(None, check=at_least(1))
+    val_resize: int | None = flag(None, check=at_least(1))
+    crop_area_min: float | None = flag(
+        None,
+        "random-resized crop area range [min, 1]",
+        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    )
+    no_train_antialias: bool = flag(
+        False, "resize train crops without antialiasing (faster on the CPU, not PIL's filter)"
+    )
+    on_corrupt: str = flag(
+        "skip",
+        "a file that cannot be decoded: skip it (named in a warning and results.json) or stop",
+        choices=("skip", "error"),
+    )
+    cifar_loader: str = flag(
+        "resident",
+        "resident: the set on the device, crop+flip there; dali: the DALI pipeline",
+        choices=("resident", "dali"),
+    )
+    synthetic_train_per_class: int = flag(200, check=at_least(1))
+    synthetic_val_per_class: int = flag(50, check=at_least(1))
+    synthetic_seed: int = flag(0, "the generated dataset's seed (fixed across --seed)")
+    synthetic_p_per_class: int = flag(2, "generated -P sequences per class", check=at_least(1))
+
+    @property
+    def is_cifar(self) -> bool:
+        return self.dataset in CIFAR_DATASETS
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The network: its architecture, starting weights, and how it runs."""
+
+    arch: str | None = flag(
+        None,
+        "torchvision classifier, tiny_resnet, or for CIFAR wrn<depth>_<width> / resnet18_cifar",
+    )
+    pretrained: str | None = flag(None, "local weights file or a cached torchvision weights name")
+    precision: str = flag(
+        "32",
+        "32 | 16 (fp16 + GradScaler) | bf16",
+        choices=(*PRECISIONS, *PRECISION_ALIASES),
+        convert=_precision,
+    )
+    channels_last: bool = flag(False)
+    compile: bool = flag(False, "torch.compile the network")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """AugMix: the mode, its chains and severity, the JSD weight."""
+
+    aug_type: str = flag("learnable_augmix_jsd", choices=AUG_TYPES)
+    augmix_mixture_width: int = flag(3, check=at_least(1))
+    augmix_mixture_depth: int = flag(
+        -1,
+        "-1: uniform in {1,2,3} per chain",
+        check=lambda v: None if v == -1 or v >= 1 else "must be -1 (random 1-3) or >= 1",
+    )
+    initial_aug_severity: float = flag(
+        3.0, "fixed severity, or the learnable start", check=positive
+    )
+    all_ops: bool = flag(False, "add color/contrast/brightness/sharpness (overlap -C)")
+    augmix_strategy: str = flag(
+        "auto",
+        "AugMix's form: grouped (one host sync per call), static (none), auto (grouped on the "
+        "CPU, static on a GPU)",
+        choices=STRATEGIES,
+    )
+    beta_jsd: float = flag(12.0, check=at_least(0))
+
+    @property
+    def jsd(self) -> bool:
+        """The loss has the JSD term (three views per image)."""
+        return self.aug_type in ("augmix_jsd", "learnable_augmix_jsd")
+
+    @property
+    def learnable(self) -> bool:
+        return self.aug_type == "learnable_augmix_jsd"
+
+
+@dataclass(frozen=True)
+class SeveritySettings:
+    """The learnable severity: its prior, its objective and the held-out objective's set."""
+
+    prior_severity_std_learnable_aug: float = flag(1.0, check=positive)
+    prior_severity_mean_offset_learnable_aug: float = flag(0.0)
+    beta_augmenter_reg: float = flag(
+        1.0, "KL weight (KL divided by global batch)", check=at_least(0)
+    )
+    severity_lr_mult: float = flag(
+        10.0, "severity lr = lr x this (reference: 10)", check=at_least(0)
+    )
+    initial_severity_sigma: float = flag(0.1, check=positive)
+    per_sample_severity: bool = flag(False, "one severity draw per sample, not per batch")
+    max_severity: float = flag(10.0, check=positive)
+    severity_objective: str = flag(
+        "minimize",
+        "minimize: the training loss (the reference script's); adversarial: ascend it; heldout: "
+        "the hypergradient of a held-out corrupted loss (README: learnable severity)",
+        choices=tuple(OBJECTIVES),
+    )
+    severity_update_every: int = flag(
+        10, "heldout: one severity update every N training steps", check=at_least(1)
+    )
+    severity_hyper_lr: float = flag(
+        0.05,
+        "heldout: Adam learning rate of (mu, log_sigma), log-severity per update",
+        check=positive,
+    )
+    heldout_images: float = flag(
+        0,
+        "heldout: training images held out: a count, a fraction (<1), or 0 for min(10000, 10%); "
+        "the fraction must be in (0, 0.5]",
+        check=_fraction_or_count,
+    )
+    heldout_corruptions: list[str] = flag(
+        list(EXTRA_CORRUPTIONS),
+        "heldout: corruptions of the held-out images (never the 15 evaluation ones)",
+        check=lambda names: _problem(check_heldout_corruptions, names),
+    )
+    heldout_seed: int = flag(0, "heldout: the split's seed (fixed across --seed)")
+    heldout_batch: int = flag(
+        0,
+        "heldout: held-out images per rank per update (0: the per-rank train batch)",
+        check=at_least(0),
+    )
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimiser and the learning-rate schedule."""
+
+    lr: float = flag(1e-4, "network learning rate (see --lr_scale_batch)", check=positive)
+    beta_net: float = flag(0.01, "the network's weight decay", check=at_least(0))
+    optimizer: str = flag("adamw", choices=("sgd", "adamw"))
+    momentum: float = flag(0.9, check=at_least(0))
+    nesterov: bool = flag(False, "SGD with Nesterov momentum (both recipes: plain)")
+    no_decay_norm_bias: bool = flag(
+        False, "no weight decay on norm weights and biases (both recipes decay every parameter)"
+    )
+    lr_scale_batch: int = flag(
+        0, "if >0: lr *= global batch / this (linear scaling)", check=at_least(0)
+    )
+    grad_clip_val: float = flag(0.0, "clip the global grad norm (0: off)", check=at_least(0))
+    schedule: str = flag(
+        "cosine",
+        "step_thirds: x0.1 at epochs//3 and 2*(epochs//3) (official AugMix imagenet.py)",
+        choices=("cosine", "step", "step_thirds", "cosine_restarts", "constant"),
+    )
+    warmup_epochs: float = flag(0.0, check=at_least(0))
+    step_epochs: int = flag(30, "step schedule: x0.1 every this many epochs", check=at_least(1))
+    restart_epochs: int = flag(10, "cosine_restarts: period in epochs", check=at_least(1))
+    restart_mult: int = flag(1, "cosine_restarts: period x this (T_mult)", check=at_least(1))
+    lr_min_factor: float = flag(
+        0.0,
+        "cosine schedules end at lr x this (eta_min / lr)",
+        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    )
+    lr_interval: str = flag(
+        "step",
+        "cosine schedules: update the lr every step, or once per epoch (Lightning's default)",
+        choices=("step", "epoch"),
+    )
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """The robustness evaluation after training (the synthetic task generates its own -C / -P)."""
+
+    imagenet_c: str | None = flag(None, "-C tree to evaluate after training (synthetic: generated)")
+    c_severities: list[int] = flag(
+        [1, 2, 3, 4, 5],
+        check=lambda sevs: (
+            None if sevs and all(1 <= s <= 5 for s in sevs) else "severities are 1..5"
+        ),
+    )
+    no_c_eval: bool = flag(False, "skip the -C evaluation after training")
+    imagenet_p: str | None = flag(None, "-P tree to evaluate after training (synthetic: generated)")
+    no_p_eval: bool = flag(False, "skip the -P evaluation after training")
+    cifar_c: str | None = flag(
+        None, "CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy) to evaluate after training"
+    )
+
+    def roots(self) -> dict[str, str | None]:
+        """Benchmark name -> the root given for it (None: not given)."""
+        return {
+            "imagenet_c": self.imagenet_c,
+            "imagenet_p": self.imagenet_p,
+            "cifar_c": self.cifar_c,
+        }
+
+
+def _problem(check: Any, value: Any) -> str | None:
+    """A check that raises, as a flag check: its message, or None."""
+    try:
+        check(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+SECTIONS = {
+    "run": RunSettings,
+    "data": DataSettings,
+    "model": ModelSettings,
+    "augment": AugmentSettings,
+    "severity": SeveritySettings,
+    "optim": OptimSettings,
+    "robustness": RobustnessSettings,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every training setting, by section (``settings.optim.lr``); see the module docstring."""
+
+    run: RunSettings
+    data: DataSettings
+    model: ModelSettings
+    augment: AugmentSettings
+    severity: SeveritySettings
+    optim: OptimSettings
+    robustness: RobustnessSettings
+
+    @property
+    def run_dir(self) -> Path:
+        """``<ckpt_dir_base>/<aug_type>``: where the run's checkpoints, config and results go."""
+        return Path(self.run.ckpt_dir_base) / self.augment.aug_type
+
+    def per_rank_batch(self, world_size: int) -> int:
+        return self.run.batch // world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat ``{flag: value}`` form: config.json, checkpoints, results.json, presets."""
+        return {
+            f.name: getattr(getattr(self, s), f.name)
+            for s, cls in SECTIONS.items()
+            for f in fields(cls)
+        }
+
+    @classmethod
+    def from_dict(
+        cls, values: dict[str, Any], *, where: str = "settings", strict: bool = True
+    ) -> Settings:
+        """Typed settings from a flat dict; each value checked (type, choices, its check).
+
+        Missing keys take their defaults (a checkpoint of an older version); unknown keys are an
+        error naming ``where`` (a preset with a typo must not be silently ignored), or dropped
+        with ``strict=False`` (a checkpoint written by another version)."""
+        known = {f.name for c in SECTIONS.values() for f in fields(c)}
+        unknown = sorted(set(values) - known)
+        if unknown and strict:
+            raise ValueError(f"{where}: unknown keys {unknown}")
+        values = {k: v for k, v in values.items() if k in known}
+        sections = {}
+        for name, section in SECTIONS.items():
+            kw = {}
+            for f, hint, meta in flag_fields(section):
+                if f.name in values:
+                    kw[f.name] = check_flag_value(f.name, values[f.name], hint, meta)
+            sections[name] = section(**kw)
+        return cls(**sections)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with flat ``flag=value`` changes, checked as typed flags are."""
+        return Settings.from_dict({**self.to_dict(), **changes}, where="Settings.replace")
+
+
+# What must agree between a checkpoint and the run that continues it.
+RESUME_MUST_MATCH = (
+    ("augment", "aug_type"),
+    ("model", "arch"),
+    ("data", "dataset"),
+    ("augment", "all_ops"),
+    ("run", "batch"),
+    ("severity", "severity_objective"),
+)
+
+
+def resume_conflicts(saved: Settings, now: Settings) -> list[tuple[str, Any, Any]]:
+    """``(flag, saved value, current value)`` for each setting a resumed run cannot change."""
+    out = []
+    for section, name in RESUME_MUST_MATCH:
+        a, b = getattr(getattr(saved, section), name), getattr(getattr(now, section), name)
+        if a != b:
+            out.append((name, a, b))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from the sections: one ``--flag`` per field, grouped."""
+    p = argparse.ArgumentParser(
+        description="Train a classifier with (learnable) AugMix + JSD under torchrun.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for section in SECTIONS.values():
+        add_flags(p, section, section.__doc__.split(":")[0].strip(". "))
     return p
 
 
-def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
-    """The flags the user actually typed (argparse cannot tell a default from a typed default)."""
-    shadow = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # noqa: SLF001 - argparse offers no public iterator
-        if action.option_strings and action.dest != "help":
-            kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
-                kwargs["action"] = "store_true"
-            else:
-                kwargs.update(
-                    type=action.type, nargs=action.nargs, choices=action.choices, const=action.const
-                )
-            shadow.add_argument(*action.option_strings, **kwargs)
-    return vars(shadow.parse_known_args(argv)[0])
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A preset's flat ``{flag: value}``; a bare name is looked up in ``configs/``."""
     path = Path(path)
     if not path.is_file() and (CONFIG_DIR / path).is_file():
         path = CONFIG_DIR / path
@@ -345,153 +462,123 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
-    """Defaults < config file < typed flags, then dataset defaults fill what is still None."""
-    parser = build_parser()
-    defaults = vars(parser.parse_args(argv))
-    explicit = _explicit_flags(parser, argv)
-    config = dict(defaults)
-    if (
-        not defaults["config"]
-        and not defaults["data"]
-        and defaults["dataset"] in (None, "synthetic")
-    ):
-        defaults["config"] = config["config"] = DEMO_CONFIG  # no data given: the embedded demo
-    if defaults["config"]:
-        from_file = load_config_file(defaults["config"])
-        unknown = sorted(set(from_file) - set(defaults))
-        if unknown:
-            raise ValueError(f"--config {defaults['config']}: unknown keys {unknown}")
-        config.update(from_file)
-    config.update(explicit)
-    if config["dataset"] is None:
-        config["dataset"] = "imagenet" if config["data"] else "synthetic"
-    for key, value in DATASET_DEFAULTS[config["dataset"]].items():
-        if config.get(key) is None:
-            config[key] = value
-    config["precision"] = PRECISIONS[str(config["precision"])]
-    if config["no_wandb"]:
-        config["wandb"] = "disabled"
+def resolve_settings(argv: list[str] | None = None) -> Settings:
+    """Defaults < preset < typed flags; then the derived values (module docstring)."""
+    typed = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    preset = typed.get("config")
+    if not preset and not typed.get("data") and typed.get("dataset") in (None, "synthetic"):
+        preset = DEMO_CONFIG  # no data given: the embedded demo
+    if preset:
+        values.update(load_config_file(preset))
+        values["config"] = preset
+    values.update(typed)
+    settings = Settings.from_dict(values, where=f"--config {preset}" if preset else "flags")
+    return _derived(settings)
+
+
+def _derived(s: Settings) -> Settings:
+    """The dataset and its defaults, W&B off for --no_wandb, --resume with --ckpt_path."""
+    dataset = s.data.dataset or ("imagenet" if s.data.data else "synthetic")
+    data = replace(s.data, dataset=dataset)
+    defaults = DATASET_DEFAULTS[dataset]
+    for key in ("crop_size", "val_resize", "crop_area_min"):
+        if getattr(data, key) is None:
+            data = replace(data, **{key: defaults[key]})
+    model = s.model if s.model.arch else replace(s.model, arch=defaults["arch"])
+    run = replace(s.run, wandb="disabled") if s.run.no_wandb else s.run
     # The reference script's `--resume --ckpt_path X` (a flag and a path): continue from X.
-    if config["resume"] == "auto" and config["ckpt_path"] and not config["eval_only"]:
-        config["resume"] = config["ckpt_path"]
-    return config
+    if run.resume == "auto" and run.ckpt_path and not run.eval_only:
+        run = replace(run, resume=run.ckpt_path)
+    return replace(s, data=data, model=model, run=run)
 
 
-def validate_config(config: dict[str, Any], world_size: int) -> None:
-    """Fail before any work, with a message that says what to fix."""
+# --- checks across settings: fail before any work, with a message that says what to fix ---------
 
-    def bad(flag: str, got: Any, want: str) -> None:
-        raise ValueError(f"--{flag} {got!r}: {want}")
 
-    if config["epochs"] < 1:
-        bad("epochs", config["epochs"], "need at least 1 epoch")
-    if config["batch"] < world_size:
-        bad("batch", config["batch"], f"the global batch must be >= the world size ({world_size})")
-    if config["batch"] % world_size:
-        bad(
-            "batch", config["batch"], f"the global batch must divide evenly over {world_size} ranks"
-        )
-    if config["lr"] <= 0:
-        bad("lr", config["lr"], "must be > 0")
-    if config["augmix_mixture_width"] < 1:
-        bad("augmix_mixture_width", config["augmix_mixture_width"], "must be >= 1")
-    if config["augmix_mixture_depth"] == 0 or config["augmix_mixture_depth"] < -1:
-        bad(
-            "augmix_mixture_depth",
-            config["augmix_mixture_depth"],
-            "must be -1 (random 1-3) or >= 1",
-        )
-    if not 0 < config["initial_aug_severity"] <= config["max_severity"]:
-        bad(
+def _bad(flag_name: str, got: Any, want: str) -> ValueError:
+    return ValueError(f"--{flag_name} {got!r}: {want}")
+
+
+def validate_settings(s: Settings, world_size: int) -> None:
+    """Everything one setting's own check cannot see: settings that must agree, paths."""
+    _check_run(s, world_size)
+    _check_data(s)
+    _check_severity(s)
+    if s.augment.initial_aug_severity > s.severity.max_severity:
+        raise _bad(
             "initial_aug_severity",
-            config["initial_aug_severity"],
-            f"must be in (0, {config['max_severity']}]",
+            s.augment.initial_aug_severity,
+            f"must be in (0, {s.severity.max_severity}]",
         )
-    if not 0 < config["crop_area_min"] <= 1:
-        bad("crop_area_min", config["crop_area_min"], "must be in (0, 1]")
-    if config["nesterov"] and (config["optimizer"] != "sgd" or config["momentum"] <= 0):
-        bad("nesterov", True, "needs --optimizer sgd and --momentum > 0")
-    if config["restart_mult"] < 1:
-        bad("restart_mult", config["restart_mult"], "must be >= 1 (1: equal periods)")
-    if not 0 <= config["lr_min_factor"] < 1:
-        bad("lr_min_factor", config["lr_min_factor"], "must be in [0, 1)")
-    if config["read_threads"] < 1:
-        bad("read_threads", config["read_threads"], "must be >= 1")
-    if config["save_every_steps"] < 0:
-        bad("save_every_steps", config["save_every_steps"], "must be >= 0 (0: by the minute)")
-    if config["save_every_minutes"] < 0:
-        bad("save_every_minutes", config["save_every_minutes"], "must be >= 0")
-    if config["debug_fault"]:
-        parse_debug_fault(config["debug_fault"])
-    if config["grad_clip_val"] < 0:
-        bad("grad_clip_val", config["grad_clip_val"], "must be >= 0 (0 disables clipping)")
-    if config["data"] is not None and not Path(config["data"]).is_dir():
-        bad(
+    if s.optim.nesterov and (s.optim.optimizer != "sgd" or s.optim.momentum <= 0):
+        raise _bad("nesterov", True, "needs --optimizer sgd and --momentum > 0")
+    check_arch(s.model.arch)
+
+
+def _check_run(s: Settings, world_size: int) -> None:
+    run = s.run
+    if run.batch < world_size:
+        raise _bad("batch", run.batch, f"the global batch must be >= the world size ({world_size})")
+    if run.batch % world_size:
+        raise _bad(
+            "batch", run.batch, f"the global batch must divide evenly over {world_size} ranks"
+        )
+    if run.eval_only and not (run.ckpt_path or s.model.pretrained):
+        raise _bad(
+            "eval_only", True, "needs --ckpt_path (or --pretrained) to know what to evaluate"
+        )
+    if run.resume and run.resume != "auto" and not Path(run.resume).is_file():
+        raise _bad("resume", run.resume, "no such checkpoint file (or use --resume auto)")
+    if run.gpus > 1 and world_size == 1:
+        raise _bad(
+            "gpus", run.gpus, f"launch several processes with torchrun --nproc_per_node={run.gpus}"
+        )
+
+
+def _check_data(s: Settings) -> None:
+    data, rob = s.data, s.robustness
+    if data.data is not None and not Path(data.data).is_dir():
+        raise _bad(
             "data",
-            config["data"],
+            data.data,
             "no such folder (expected DIR/train/<class>/... and DIR/val/<class>/...)",
         )
-    if config["dataset"] == "synthetic" and config["data"] is not None:
-        bad(
+    if data.dataset == "synthetic" and data.data is not None:
+        raise _bad(
             "dataset",
             "synthetic",
             "the synthetic dataset is generated; drop --data or pick another --dataset",
         )
-    if config["dataset"] in ("cifar10", "cifar100") and config["data"] is None:
-        bad(
+    if data.is_cifar and data.data is None:
+        raise _bad(
             "data",
             None,
-            f"--dataset {config['dataset']} needs --data pointing at torchvision's CIFAR folder",
+            f"--dataset {data.dataset} needs --data pointing at torchvision's CIFAR folder",
         )
-    if config["dataset"] in ("cifar10", "cifar100"):
-        if config["imagenet_c"]:
-            bad("imagenet_c", config["imagenet_c"], "a CIFAR run is evaluated with --cifar_c DIR")
-        if config["imagenet_p"]:
-            bad("imagenet_p", config["imagenet_p"], "a CIFAR run has no -P evaluation here")
-    if config["cifar_c"] is not None:
-        if config["dataset"] not in ("cifar10", "cifar100"):
-            bad("cifar_c", config["cifar_c"], "needs --dataset cifar10 or cifar100 (and --data)")
-        if not (Path(config["cifar_c"]) / "labels.npy").is_file():
-            bad(
-                "cifar_c",
-                config["cifar_c"],
-                "expected a folder holding labels.npy and <corruption>.npy",
-            )
-    if config["eval_only"] and not (config["ckpt_path"] or config["pretrained"]):
-        bad("eval_only", True, "needs --ckpt_path (or --pretrained) to know what to evaluate")
-    if config["resume"] and config["resume"] != "auto" and not Path(config["resume"]).is_file():
-        bad("resume", config["resume"], "no such checkpoint file (or use --resume auto)")
-    if config["gpus"] > 1 and world_size == 1:
-        bad(
-            "gpus",
-            config["gpus"],
-            f"launch several processes with torchrun --nproc_per_node={config['gpus']}",
+    if data.is_cifar and rob.imagenet_c:
+        raise _bad("imagenet_c", rob.imagenet_c, "a CIFAR run is evaluated with --cifar_c DIR")
+    if data.is_cifar and rob.imagenet_p:
+        raise _bad("imagenet_p", rob.imagenet_p, "a CIFAR run has no -P evaluation here")
+    if rob.cifar_c is not None and not data.is_cifar:
+        raise _bad("cifar_c", rob.cifar_c, "needs --dataset cifar10 or cifar100 (and --data)")
+    if rob.cifar_c is not None and not (Path(rob.cifar_c) / "labels.npy").is_file():
+        raise _bad(
+            "cifar_c", rob.cifar_c, "expected a folder holding labels.npy and <corruption>.npy"
         )
-    if config["log_every"] < 1:
-        bad("log_every", config["log_every"], "must be >= 1")
-    if config["severity_update_every"] < 1:
-        bad(
-            "severity_update_every",
-            config["severity_update_every"],
-            "must be >= 1 (the held-out objective updates the severity every N steps)",
+
+
+def _check_severity(s: Settings) -> None:
+    if s.severity.severity_objective != "heldout":
+        return
+    if not s.augment.learnable:
+        raise _bad(
+            "severity_objective",
+            "heldout",
+            f"needs --aug_type learnable_augmix_jsd (--aug_type {s.augment.aug_type} has a fixed "
+            "severity, nothing to learn)",
         )
-    if config["severity_objective"] == "heldout":
-        if config["aug_type"] != "learnable_augmix_jsd":
-            bad(
-                "severity_objective",
-                "heldout",
-                f"needs --aug_type learnable_augmix_jsd (--aug_type {config['aug_type']} has a "
-                "fixed severity, nothing to learn)",
-            )
-        if config["dataset"] in ("cifar10", "cifar100"):
-            bad("severity_objective", "heldout", "needs an image-folder dataset (not CIFAR arrays)")
-        images = config["heldout_images"]
-        if images < 0 or (0 < images < 1 and images > 0.5):
-            bad("heldout_images", images, "the held-out fraction must be in (0, 0.5]")
-        if config["severity_hyper_lr"] <= 0:
-            bad("severity_hyper_lr", config["severity_hyper_lr"], "must be > 0")
-        if config["heldout_batch"] < 0:
-            bad("heldout_batch", config["heldout_batch"], "must be >= 0 (0: the train batch)")
-    check_heldout_corruptions(config["heldout_corruptions"])
-    check_arch(config["arch"])
+    if s.data.is_cifar:
+        raise _bad(
+            "severity_objective", "heldout", "needs an image-folder dataset (not CIFAR arrays)"
+        )

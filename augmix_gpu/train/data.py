@@ -1,5 +1,5 @@
-"""Which data a run uses: an ImageNet-layout folder, torchvision's CIFAR folders, or the embedded
-synthetic task (generated once into a cache folder, with its -C version).
+"""Which data a run uses, and its loaders: an ImageNet-layout folder, torchvision's CIFAR folders,
+or the embedded synthetic task (generated once into a cache folder, with its -C and -P sets).
 
 Only rank 0 generates; the other ranks wait at a barrier, so a torchrun job never writes the
 cache twice. A finished cache is recognised by the generator's completion marker, so an
@@ -9,11 +9,19 @@ interrupted generation is redone rather than silently used.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..augment.severity import OBJECTIVES
+from ..data import ResidentLoader, build_loader, make_corrupted_dataset, make_synthetic_dataset
+from ..data.cifar import check_cifar_c_labels, load_cifar
+from ..data.heldout import HeldoutSet, default_root, make_heldout_set
+from ..data.make_p import make_perturbed_dataset
 from ..distributed import DistEnv, barrier, broadcast_object
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 CACHE_ENV = "AUGMIX_GPU_CACHE"
 
@@ -25,127 +33,111 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class DataSpec:
+    """The run's data: train and val sources, and the robustness sets evaluated after training."""
+
     train: Any  # folder path or CifarArrays
     val: Any
-    corrupted: Path | None  # ImageNet-C layout root (corruption/severity/class/file), if any
     description: str
-    perturbed: Path | None = None  # ImageNet-P layout root (perturbation/class/name.mp4), if any
-    cifar_c: Path | None = None  # CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy), if any
+    # benchmark name (its flag: imagenet_c, imagenet_p, cifar_c, ...) -> root, given or generated
+    roots: dict[str, Path] = field(default_factory=dict)
 
 
-def _synthetic(config: dict[str, Any], env: DistEnv) -> DataSpec:
-    from ..data import make_corrupted_dataset, make_synthetic_dataset
+def prepare_data(settings: Settings, env: DistEnv) -> DataSpec:
+    """Resolve ``--dataset`` / ``--data`` and the robustness flags into sources."""
+    data = settings.data
+    if data.dataset == "synthetic":
+        train, val, description, generated = _synthetic(settings, env)
+    elif data.is_cifar:
+        train, val, description, generated = _cifar(settings)
+    else:
+        root = Path(data.data)
+        train, val = root / "train", root / "val"
+        description, generated = f"ImageNet layout ({root})", {}
+    return DataSpec(train, val, description, _robustness_roots(settings, generated))
 
-    ntr, nva = config["synthetic_train_per_class"], config["synthetic_val_per_class"]
-    seed = config["synthetic_seed"]  # the data stay fixed while --seed varies the training
-    sev = tuple(config["c_severities"])
+
+def _robustness_roots(settings: Settings, generated: dict[str, Path]) -> dict[str, Path]:
+    """Given roots win over generated ones; ``--no_c_eval`` / ``--no_p_eval`` drop -C / -P."""
+    rob = settings.robustness
+    given = {name: Path(root) for name, root in rob.roots().items() if root}
+    roots = {**generated, **given}
+    if rob.no_c_eval:
+        roots.pop("imagenet_c", None)
+        roots.pop("cifar_c", None)
+    if rob.no_p_eval:
+        roots.pop("imagenet_p", None)
+    return roots
+
+
+def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[str, Path]]:
+    """The embedded task and its -C (and -P) sets, made by rank 0 into the cache."""
+    data, rob = settings.data, settings.robustness
+    ntr, nva = data.synthetic_train_per_class, data.synthetic_val_per_class
+    seed = data.synthetic_seed  # the data stay fixed while --seed varies the training
+    sev = tuple(rob.c_severities)
     root = cache_root() / f"synthetic-10c-{ntr}tr-{nva}va-64px-seed{seed}"
-    c_root = None if config["no_c_eval"] else root / ("c-sev" + "".join(map(str, sev)))
+    # The generated robustness sets come and go together: --no_c_eval skips -P too (a given
+    # --imagenet_p is still evaluated).
+    make_sets = not rob.no_c_eval
+    c_root = root / ("c-sev" + "".join(map(str, sev)))
+    p_root = root / f"p-{data.synthetic_p_per_class}pc-seed{seed}"
+    make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
-        make_synthetic_dataset(
-            root,
-            num_classes=10,
-            train_per_class=ntr,
-            val_per_class=nva,
-            size=64,
-            seed=seed,
-            overwrite=True,
-        )
-        if c_root is not None:
-            make_corrupted_dataset(
-                root / "val",
-                c_root,
-                severities=sev,
-                seed=seed,
-                workers=config["workers"],
-                overwrite=True,
-            )
-    p_root = _synthetic_p(root, config, make=env.is_main)
+        make_synthetic_dataset(root, num_classes=10, train_per_class=ntr, val_per_class=nva,
+                               size=64, seed=seed, overwrite=True)  # fmt: skip
+        if make_sets:
+            make_corrupted_dataset(root / "val", c_root, severities=sev, seed=seed,
+                                   workers=data.workers, overwrite=True)  # fmt: skip
+        if make_p:
+            _make_synthetic_p(root / "val", p_root, settings)
     barrier(env)
-    desc = f"synthetic 10-class 64 px ({root})"
-    return DataSpec(root / "train", root / "val", c_root, desc, p_root)
+    generated = {"imagenet_c": c_root} if make_sets else {}
+    if make_p:
+        generated["imagenet_p"] = p_root
+    return root / "train", root / "val", f"synthetic 10-class 64 px ({root})", generated
 
 
-def _synthetic_p(root: Path, config: dict[str, Any], make: bool) -> Path | None:
+def _make_synthetic_p(val: Path, out: Path, settings: Settings) -> None:
     """The demo's -P set: the first ``synthetic_p_per_class`` val images of each class as the 10
     perturbation sequences (x264 preset "medium": ~10 s on 2 cores; the frames are the same as
-    with the official "veryslow" up to compression noise). ``--no_c_eval`` skips it too: the
-    generated robustness sets come and go together (a given ``--imagenet_p`` is still evaluated)."""
-    if config.get("no_p_eval") or config.get("imagenet_p") or config.get("no_c_eval"):
-        return None
-    n, seed = config["synthetic_p_per_class"], config["synthetic_seed"]
-    out = root / f"p-{n}pc-seed{seed}"
-    if make:
-        from ..data.make_p import make_perturbed_dataset
-
-        make_perturbed_dataset(root / "val", out, per_class=n, seed=seed, workers=config["workers"],
-                               preset="medium", overwrite=True)  # fmt: skip
-    return out
+    with the official "veryslow" up to compression noise)."""
+    data = settings.data
+    make_perturbed_dataset(val, out, per_class=data.synthetic_p_per_class, seed=data.synthetic_seed,
+                           workers=data.workers, preset="medium", overwrite=True)  # fmt: skip
 
 
-def prepare_data(config: dict[str, Any], env: DistEnv) -> DataSpec:
-    """Resolve ``--dataset`` / ``--data`` / ``--imagenet_c`` into loader sources."""
-    dataset = config["dataset"]
-    if dataset == "synthetic":
-        spec = _synthetic(config, env)
-        if config["imagenet_c"]:
-            spec = DataSpec(
-                spec.train, spec.val, Path(config["imagenet_c"]), spec.description, spec.perturbed
-            )
-        return _with_p(spec, config)
-    corrupted = Path(config["imagenet_c"]) if config["imagenet_c"] else None
-    if dataset in ("cifar10", "cifar100"):
-        from ..data.cifar import check_cifar_c_labels, load_cifar
-
-        train = load_cifar(config["data"], name=dataset, train=True)
-        val = load_cifar(config["data"], name=dataset, train=False)
-        cifar_c = Path(config["cifar_c"]) if config.get("cifar_c") else None
-        if cifar_c is not None:  # before training: a CIFAR-10-C given to a CIFAR-100 run, etc.
-            check_cifar_c_labels(cifar_c, len(train.classes), dataset)
-        return DataSpec(train, val, corrupted, f"{dataset} ({config['data']})", cifar_c=cifar_c)
-    root = Path(config["data"])
-    spec = DataSpec(root / "train", root / "val", corrupted, f"ImageNet layout ({root})")
-    return _with_p(spec, config)
+def _cifar(settings: Settings) -> tuple[Any, Any, str, dict[str, Path]]:
+    data, name = settings.data, settings.data.dataset
+    train = load_cifar(data.data, name=name, train=True)
+    val = load_cifar(data.data, name=name, train=False)
+    cifar_c = settings.robustness.cifar_c
+    if cifar_c is not None:  # before training: a CIFAR-10-C given to a CIFAR-100 run, etc.
+        check_cifar_c_labels(Path(cifar_c), len(train.classes), name)
+    return train, val, f"{name} ({data.data})", {}
 
 
-def _with_p(spec: DataSpec, config: dict[str, Any]) -> DataSpec:
-    """``--imagenet_p`` (a given -P tree) wins over a generated one; ``--no_p_eval`` drops both."""
-    if config.get("no_p_eval"):
-        return DataSpec(spec.train, spec.val, spec.corrupted, spec.description)
-    if config.get("imagenet_p"):
-        p = Path(config["imagenet_p"])
-        return DataSpec(spec.train, spec.val, spec.corrupted, spec.description, p)
-    return spec
-
-
-def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):
-    """The held-out set of ``--severity_objective heldout`` (None otherwise), made by rank 0 once.
+def prepare_heldout(settings: Settings, env: DistEnv, spec: DataSpec):
+    """The held-out set of an objective that needs one (None otherwise), made by rank 0 once.
 
     Cached under ``$AUGMIX_GPU_CACHE/heldout-<hash>``, keyed by the training folder and every
     parameter of the split, so a changed tree or flag makes a new one.
     """
-    if config["aug_type"] != "learnable_augmix_jsd" or config["severity_objective"] != "heldout":
+    sev = settings.severity
+    if not settings.augment.learnable or OBJECTIVES[sev.severity_objective].from_training_loss:
         return None
-    from ..data.heldout import HeldoutSet, default_root, make_heldout_set
-
     params = dict(
-        images=config["heldout_images"],
-        seed=config["heldout_seed"],
-        corruptions=list(config["heldout_corruptions"]),
-        crop_size=config["crop_size"],
-        resize_size=config["val_resize"],
+        images=sev.heldout_images,
+        seed=sev.heldout_seed,
+        corruptions=list(sev.heldout_corruptions),
+        crop_size=settings.data.crop_size,
+        resize_size=settings.data.val_resize,
     )
     root = default_root(spec.train, cache_root(), **params)
     error = None
     if env.is_main:
         try:
-            make_heldout_set(
-                spec.train,
-                root,
-                workers=config["workers"],
-                progress=not config["no_progress"],
-                **params,
-            )
+            make_heldout_set(spec.train, root, workers=settings.data.workers,
+                             progress=not settings.run.no_progress, **params)  # fmt: skip
         except ValueError as e:  # bad flags found once the tree is known: every rank stops
             error = str(e)
     error = broadcast_object(error, env)
@@ -154,36 +146,29 @@ def prepare_heldout(config: dict[str, Any], env: DistEnv, spec: DataSpec):
     return HeldoutSet.read(root)
 
 
-def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=None):
+def build_loaders(settings: Settings, env: DistEnv, spec: DataSpec, heldout=None):
     """Train and val loaders; with a held-out set, also its loader (train minus its files)."""
-    from ..data import ResidentLoader, build_loader
-
-    if config["dataset"] in ("cifar10", "cifar100") and config["cifar_loader"] == "resident":
-        kw = dict(batch_size=config["batch"] // env.world_size, device=env.device, rank=env.rank,
-                  world_size=env.world_size, seed=config["seed"])  # fmt: skip
-        # CIFAR held on the device (no held-out set on CIFAR: validate_config refuses it).
+    data, batch = settings.data, settings.per_rank_batch(env.world_size)
+    if data.is_cifar and data.cifar_loader == "resident":
+        kw = dict(batch_size=batch, device=env.device, rank=env.rank, world_size=env.world_size,
+                  seed=settings.run.seed)  # fmt: skip
+        # CIFAR held on the device (no held-out set on CIFAR: validate_settings refuses it).
         return (
             ResidentLoader(spec.train, "train", **kw),
             ResidentLoader(spec.val, "val", **kw),
             None,
         )
-    common = {
-        "batch_size": config["batch"] // env.world_size,
-        "device": "gpu" if env.device.type == "cuda" else "cpu",
-        "rank": env.rank,
-        "world_size": env.world_size,
-        "seed": config["seed"],
-        "crop_size": config["crop_size"],
-        "resize_size": config["val_resize"],
-        "num_threads": config["workers"],
-        "on_corrupt": config["on_corrupt"],
-        "read_threads": config["read_threads"],
-    }
+    common = dict(
+        batch_size=batch, device="gpu" if env.device.type == "cuda" else "cpu", rank=env.rank,
+        world_size=env.world_size, seed=settings.run.seed, crop_size=data.crop_size,
+        resize_size=data.val_resize, num_threads=data.workers, on_corrupt=data.on_corrupt,
+        read_threads=data.read_threads,
+    )  # fmt: skip
     train = build_loader(
         spec.train,
         "train",
-        random_area=(config["crop_area_min"], 1.0),
-        antialias=not config["no_train_antialias"],
+        random_area=(data.crop_area_min, 1.0),
+        antialias=not data.no_train_antialias,
         exclude=heldout.source_files if heldout is not None else (),
         **common,
     )
@@ -191,10 +176,6 @@ def build_loaders(config: dict[str, Any], env: DistEnv, spec: DataSpec, heldout=
     if heldout is None:
         return train, val, None
     # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
-    held = build_loader(
-        heldout.root,
-        "corrupted",
-        classes=train.classes,
-        **{**common, "batch_size": config["heldout_batch"] or common["batch_size"]},
-    )
+    common["batch_size"] = settings.severity.heldout_batch or batch
+    held = build_loader(heldout.root, "corrupted", classes=train.classes, **common)
     return train, val, held

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from ..augment.augmix import normalize_images
 from ..augment.losses import augmix_objective
 from ..distributed import DistEnv, all_reduce_sum
 
@@ -130,7 +131,7 @@ def severity_hypergradient(
     Nothing is read to the host: a non-finite result writes zeros and ``finite`` says so.
 
     Args:
-        net: the :class:`~augmix_gpu.engine.AugmentedClassifier` (not the DDP wrapper), its
+        net: the :class:`~augmix_gpu.train.step.AugmentedClassifier` (not the DDP wrapper), its
             network already updated by this step (the weights are w') and its parameters'
             ``.grad`` still holding this step's gradient (the step's direction).
         optimizer: the network's optimiser, after its step (for the update Jacobian).
@@ -147,49 +148,11 @@ def severity_hypergradient(
     params = [p for _, p in named]
     severity = net.severity
     sev_params = [severity.log_severity_mu, severity.log_severity_log_sigma]
-
-    # 1. v = grad_w of the mean held-out CE at w', over the global held-out batch. Eval mode: the
-    #    held-out images are scored as at test time (running BatchNorm statistics, none updated).
-    was_training = model.training
-    model.eval()
-    with torch.enable_grad():
-        loss_sum = _masked_ce_sum(net.classify(heldout_images), heldout_labels, heldout_valid)
-        grads = torch.autograd.grad(loss_sum, params, allow_unused=True)
-    model.train(was_training)
-    flat = torch.cat(
-        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
-        + [loss_sum.detach().reshape(1), heldout_valid.sum().to(loss_sum.dtype).reshape(1)]
+    v, heldout_loss = _heldout_gradient(
+        net, params, heldout_images, heldout_labels, heldout_valid, env
     )
-    all_reduce_sum(flat, env)
-    count = flat[-1].clamp_min(1.0)
-    v = flat[:-2] / count
-    heldout_loss = flat[-2] / count
-
-    # 2. The direction of the finite difference: c = J v - (v^T a / |a|^2) J a, a = J g the step
-    #    (the change of w' along v per unit change of the training gradient, its step length
-    #    held fixed: see the module docstring).
-    jac = update_jacobian(optimizer)
-    vs = _split(v, params)
-    a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
-    v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
-    coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
-    c = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
-    eps = FD_SCALE / torch.sqrt(sum((t.double() ** 2).sum() for t in c)).clamp_min(1e-30)
-
-    # 3. grad of the training loss to its input at w' +- eps c (BatchNorm in train mode on
-    #    fresh copies of the buffers per pass, so the running statistics are not touched).
-    x = views.detach().requires_grad_(True)
-
-    def input_grad(sign: float) -> Tensor:
-        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, c)}
-        state.update({n: b.detach().clone() for n, b in model.named_buffers()})
-        run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
-        with torch.enable_grad():
-            logits = net.classify(x, model=run)
-            loss = augmix_objective(logits.float(), labels, jsd=True, beta_jsd=beta_jsd).total
-            return torch.autograd.grad(loss, x)[0]
-
-    diff = (input_grad(+1.0) - input_grad(-1.0)) / (2.0 * eps).to(x.dtype)
+    c, eps = _lookahead_direction(optimizer, params, v)
+    diff = _input_gradient_difference(net, named, c, eps, views, labels, beta_jsd)
 
     # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
     hyper = torch.autograd.grad(views, sev_params, grad_outputs=diff, allow_unused=True)
@@ -205,8 +168,64 @@ def severity_hypergradient(
     return Hypergradient(heldout_loss.detach().float(), grads[0], grads[1], finite)
 
 
+def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
+    """1. v = grad_w of the mean held-out CE at w', over the global held-out batch, and that CE.
+
+    Eval mode: the held-out images are scored as at test time (running BatchNorm statistics, none
+    updated)."""
+    model = net.model
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        loss_sum = _masked_ce_sum(net.classify(images), labels, valid)
+        grads = torch.autograd.grad(loss_sum, params, allow_unused=True)
+    model.train(was_training)
+    flat = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+        + [loss_sum.detach().reshape(1), valid.sum().to(loss_sum.dtype).reshape(1)]
+    )
+    all_reduce_sum(flat, env)
+    count = flat[-1].clamp_min(1.0)
+    return flat[:-2] / count, flat[-2] / count
+
+
+def _lookahead_direction(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], v: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """2. The direction of the finite difference, c = J v - (v^T a / |a|^2) J a with a = J g the
+    step (the change of w' along v per unit change of the training gradient, its step length
+    held fixed: see the module docstring), and its step eps = FD_SCALE / |c|."""
+    jac = update_jacobian(optimizer)
+    vs = _split(v, params)
+    a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+    v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
+    coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
+    c = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
+    eps = FD_SCALE / torch.sqrt(sum((t.double() ** 2).sum() for t in c)).clamp_min(1e-30)
+    return c, eps
+
+
+def _input_gradient_difference(net, named, c, eps, views, labels, beta_jsd: float) -> Tensor:
+    """3. [grad_x L_train(w' + eps c) - grad_x L_train(w' - eps c)] / (2 eps) at the step's views
+    (BatchNorm in train mode on fresh copies of the buffers per pass, so the running statistics
+    are not touched)."""
+    model = net.model
+    x = views.detach().requires_grad_(True)
+
+    def input_grad(sign: float) -> Tensor:
+        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, c)}
+        state.update({n: b.detach().clone() for n, b in model.named_buffers()})
+        run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
+        with torch.enable_grad():
+            logits = net.classify(x, model=run)
+            loss = augmix_objective(logits.float(), labels, jsd=True, beta_jsd=beta_jsd).total
+            return torch.autograd.grad(loss, x)[0]
+
+    return (input_grad(+1.0) - input_grad(-1.0)) / (2.0 * eps).to(x.dtype)
+
+
 class HeldoutSeverityUpdater:
-    """Trains a :class:`~augmix_gpu.severity.LearnableSeverity` by the held-out hypergradient.
+    """Trains a :class:`~augmix_gpu.augment.severity.LearnableSeverity` by the held-out hypergradient.
 
     Every ``every`` training steps (after the network's own update) it takes the next held-out
     batch, computes :func:`severity_hypergradient` and takes one Adam step on
@@ -272,8 +291,6 @@ class HeldoutSeverityUpdater:
     ) -> dict[str, Tensor]:
         """One severity update after the network's step ``global_step``; what to log, as 0-d
         device tensors. ``step_skipped`` (the network's step was skipped): skip this one too."""
-        from ..augment.augmix import normalize_images
-
         images, h_labels, valid = self._heldout_batch((global_step + 1) // self.every - 1)
         result = severity_hypergradient(
             self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,

@@ -30,13 +30,12 @@ from ..checkpoint import (
     save_atomic,
     set_aside,
 )
-from ..distributed import DistEnv, barrier, restart_hazard
+from ..distributed import DistEnv, all_gather_objects, barrier, restart_hazard
+from .config import Settings, parse_debug_fault, resume_conflicts
 from .step import TrainState
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 JOB_KEY = "torchelastic_run_id"  # which torchrun job wrote a checkpoint (None: no torchrun)
-# The test hooks of --debug_fault KIND@STEP (first worker group only, see RunCheckpoints).
-DEBUG_FAULTS = ("sigkill", "sigkill_in_save", "enospc_in_save")
 # --save_every_minutes: the pace is measured over these steps, after these warm-up steps
 # (cuDNN autotuning, torch.compile and the allocator's first growth make the first steps slow).
 CALIBRATION_WARMUP_STEPS, CALIBRATION_STEPS = 5, 20
@@ -71,16 +70,6 @@ def restart_count() -> int:
     """Worker-group restarts torchrun has made in this job so far (0: first launch or no torchrun)."""
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
     return int(value) if value.isdigit() else 0
-
-
-def parse_debug_fault(spec: str) -> tuple[str, int]:
-    """``KIND@STEP`` -> (kind, global step); the test hook behind ``--debug_fault``."""
-    kind, _, step = spec.partition("@")
-    if kind not in DEBUG_FAULTS or not step.isdigit():
-        raise ValueError(
-            f"--debug_fault {spec!r}: expected KIND@STEP with KIND one of {', '.join(DEBUG_FAULTS)}"
-        )
-    return kind, int(step)
 
 
 @dataclass
@@ -268,46 +257,37 @@ class RunCheckpoints:
             _die()
 
 
-def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    """One object per rank, in rank order (rank-local RNG states for an exact resume)."""
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def make_checkpoint(run: Any) -> dict:
+    """The whole state of ``run`` (a :class:`~augmix_gpu.train.run.Run`) after its last step.
 
-
-def make_checkpoint(
-    net, optimizer, scaler, state, generator, config, classes, history, env, updater=None
-) -> dict:
-    generators = _gather(generator.get_state(), env)
-    rngs = _gather(capture_rng_state(), env)
+    Every rank calls it (the RNG states are gathered); the settings are stored flat (plain types).
+    """
+    env, net = run.env, run.net
     return {
         "model": net.model.state_dict(),
-        "severity_updater": updater.state_dict() if updater is not None else None,
+        "severity_updater": run.updater.state_dict() if run.updater is not None else None,
         "augmenter": net.augmenter.state_dict() if net.augmenter is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "schedule": {"name": config["schedule"], "global_step": state.global_step},
-        "train_state": asdict(state),
-        "generators": generators,
-        "rng": rngs,
-        "classes": classes,
-        "config": config,
-        "history": history,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "schedule": {"name": run.settings.optim.schedule, "global_step": run.state.global_step},
+        "train_state": asdict(run.state),
+        "generators": all_gather_objects(run.generator.get_state(), env),
+        "rng": all_gather_objects(capture_rng_state(), env),
+        "classes": run.classes,
+        "config": run.settings.to_dict(),
+        "history": run.history,
         "world_size": env.world_size,
     }
 
 
-def resume_from(
-    path: Path, ckpt: dict, net, optimizer, scaler, generator, config, env, updater=None
-) -> tuple[TrainState, list]:
-    saved = ckpt["config"]
-    for key in ("aug_type", "arch", "dataset", "all_ops", "batch", "severity_objective"):
-        if saved.get(key) != config.get(key):
-            raise ValueError(
-                f"--resume {path}: it was trained with {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
-            )
+def resume_from(path: Path, ckpt: dict, run: Any) -> None:
+    """Load ``ckpt`` (read from ``path``) into ``run``: weights, optimiser, RNGs, step, history."""
+    saved = Settings.from_dict(ckpt["config"], where=f"--resume {path}", strict=False)
+    for name, was, now in resume_conflicts(saved, run.settings):
+        raise ValueError(
+            f"--resume {path}: it was trained with {name}={was!r}, this run has {now!r}"
+        )
+    env, net = run.env, run.net
     if ckpt.get("world_size") != env.world_size:
         raise ValueError(
             f"--resume {path}: saved with world size {ckpt.get('world_size')}, now {env.world_size}"
@@ -315,10 +295,11 @@ def resume_from(
     net.model.load_state_dict(ckpt["model"])
     if net.augmenter is not None:
         net.augmenter.load_state_dict(ckpt["augmenter"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if updater is not None:
-        updater.load_state_dict(ckpt["severity_updater"])
-    scaler.load_state_dict(ckpt["scaler"])
-    generator.set_state(ckpt["generators"][env.rank])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.updater is not None:
+        run.updater.load_state_dict(ckpt["severity_updater"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.generator.set_state(ckpt["generators"][env.rank])
     restore_rng_state(ckpt["rng"][env.rank])
-    return TrainState(**ckpt["train_state"]), ckpt.get("history", [])
+    run.state = TrainState(**ckpt["train_state"])
+    run.history = ckpt.get("history", [])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from .config import OptimSettings
     from .step import AugmentedClassifier
 
 
@@ -67,8 +68,24 @@ def lr_factor(
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_factor(optim: OptimSettings, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """:func:`lr_factor` with the schedule of ``optim`` (``--schedule`` and its flags)."""
+    return lr_factor(
+        step,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        schedule=optim.schedule,
+        warmup_epochs=optim.warmup_epochs,
+        step_epochs=optim.step_epochs,
+        restart_epochs=optim.restart_epochs,
+        restart_mult=optim.restart_mult,
+        min_factor=optim.lr_min_factor,
+        per_epoch=optim.lr_interval == "epoch",
+    )
+
+
 def build_optimizer(
-    net: AugmentedClassifier, config: dict[str, Any], global_batch: int
+    net: AugmentedClassifier, optim: OptimSettings, global_batch: int, severity_lr_mult: float
 ) -> torch.optim.Optimizer:
     """Network params with weight decay ``beta_net``; severity at lr x mult, no decay.
 
@@ -78,34 +95,32 @@ def build_optimizer(
     norm weights and biases (1-D params; a common later refinement), ``nesterov`` switches SGD to
     Nesterov momentum: both off by default.
     """
-    lr = config["lr"] * (
-        global_batch / config["lr_scale_batch"] if config["lr_scale_batch"] else 1.0
-    )
-    exempt = config.get("no_decay_norm_bias", False)
+    lr = optim.lr * (global_batch / optim.lr_scale_batch if optim.lr_scale_batch else 1.0)
     decay, no_decay = [], []
     for p in net.model.parameters():
         if p.requires_grad:
-            (no_decay if exempt and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config["beta_net"], "base_lr": lr, "name": "net"}]
+            (no_decay if optim.no_decay_norm_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.beta_net, "base_lr": lr, "name": "net"}]
     if no_decay:
         groups.append(
             {"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "name": "net_no_decay"}
         )
-    if net.severity is not None and not net.severity_follows_heldout:  # heldout: its own Adam
+    severity = net.severity
+    if severity is not None and severity.objective.from_training_loss:  # else: its own optimiser
         groups.append(
             {
-                "params": list(net.severity.parameters()),
+                "params": list(severity.parameters()),
                 "weight_decay": 0.0,
-                "base_lr": lr * config["severity_lr_mult"],
+                "base_lr": lr * severity_lr_mult,
                 "name": "severity",
             }
         )
     for g in groups:
         g["lr"] = g["base_lr"]
     # fused: one kernel per step, and a skipped step (found_inf) is skipped on the device
-    if config["optimizer"] == "sgd":
+    if optim.optimizer == "sgd":
         opt = torch.optim.SGD(
-            groups, lr=lr, momentum=config["momentum"], nesterov=config["nesterov"], fused=True
+            groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True
         )
         # The fused kernel allocates the momentum buffer uninitialised when the very first step
         # is skipped; zeros give the same first step (buf = 0 * momentum + grad) and no garbage.

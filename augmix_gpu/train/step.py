@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,10 @@ from ..augment.losses import augmix_objective
 from ..augment.severity import LearnableSeverity
 from ..distributed import DistEnv, all_reduce_sum, any_rank
 from .heldout_severity import HeldoutSeverityUpdater
-from .schedule import lr_factor
+
+if TYPE_CHECKING:
+    from .config import Settings
+from .schedule import schedule_factor
 
 JSD_MODES = ("augmix_jsd", "learnable_augmix_jsd")
 # Per-step values kept in the severity trajectory (results.json, plots).
@@ -121,7 +124,7 @@ class AugmentedClassifier(nn.Module):
     @property
     def severity_follows_heldout(self) -> bool:
         """True when the severity is trained by the held-out hypergradient, not by this loss."""
-        return self.severity is not None and self.severity.objective == "heldout"
+        return self.severity is not None and not self.severity.objective.from_training_loss
 
 
 def _now(device: torch.device) -> float:
@@ -164,36 +167,29 @@ class TrainState:
 
 @dataclass
 class StepContext:
+    """What every step reads: the network and its DDP wrapper, the optimiser, the settings."""
+
     ddp_net: nn.Module
     net: AugmentedClassifier
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    config: dict[str, Any]
+    settings: Settings
     env: DistEnv
     generator: torch.Generator
-    steps_per_epoch: int
+    steps_per_epoch: int  # the steps each epoch takes (--max_steps_per_epoch): the schedule's epoch
     stop: StopFlag
-    inject_nonfinite_steps: frozenset[int] = (
-        frozenset()
-    )  # tests: force a NaN loss at these global steps
     severity_updater: HeldoutSeverityUpdater | None = None  # the held-out objective's trainer
     save_due: Callable[[int], bool] = lambda _step: False  # a checkpoint follows this step
 
+    @property
+    def inject_nonfinite_steps(self) -> list[int]:
+        """Tests (--debug_nonfinite_steps): force a NaN loss at these global steps."""
+        return self.settings.run.debug_nonfinite_steps
+
 
 def _set_lr(ctx: StepContext, step: int) -> float:
-    c = ctx.config
-    factor = lr_factor(
-        step,
-        steps_per_epoch=ctx.steps_per_epoch,
-        epochs=c["epochs"],
-        schedule=c["schedule"],
-        warmup_epochs=c["warmup_epochs"],
-        step_epochs=c["step_epochs"],
-        restart_epochs=c["restart_epochs"],
-        restart_mult=c.get("restart_mult", 1),
-        min_factor=c.get("lr_min_factor", 0.0),
-        per_epoch=c.get("lr_interval") == "epoch",
-    )
+    s = ctx.settings
+    factor = schedule_factor(s.optim, step, ctx.steps_per_epoch, s.run.epochs)
     for g in ctx.optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
     return ctx.optimizer.param_groups[0]["lr"]
@@ -209,7 +205,7 @@ def train_step(
     the device (``found_inf``, as GradScaler does), the values are read to the host by
     :class:`DeviceLog` every ``--log_every`` steps, and the stop flag travels host to host.
     """
-    c, net = ctx.config, ctx.net
+    s, net = ctx.settings, ctx.net
     _set_lr(ctx, state.global_step)
     severity = net.severity
     updater = ctx.severity_updater
@@ -219,26 +215,27 @@ def train_step(
         logits = ctx.ddp_net(images, views=views.detach())
     else:
         logits = ctx.ddp_net(images, generator=ctx.generator)
-    # The held-out objective trains the severity itself, without a prior (hypergradient.py): its
-    # KL is only logged here.
-    kl = None if severity is None else severity.kl() if updater is None else severity.kl().detach()
+    # An objective that does not train the severity with this loss (held-out: an outer loop,
+    # without a prior, heldout_severity.py) has its KL only logged here.
+    by_loss = severity is not None and severity.objective.from_training_loss
+    kl = None if severity is None else severity.kl() if by_loss else severity.kl().detach()
     parts = augmix_objective(
         logits.float(),
         labels,
         jsd=net.aug_type in JSD_MODES,
-        beta_jsd=c["beta_jsd"],
+        beta_jsd=s.augment.beta_jsd,
         kl=kl,
-        beta_augmenter_reg=0.0 if updater is not None else c["beta_augmenter_reg"],
-        kl_scale=1.0 / c["batch"],
+        beta_augmenter_reg=s.severity.beta_augmenter_reg if by_loss else 0.0,
+        kl_scale=1.0 / s.run.batch,
     )
     loss = parts.total
     if state.global_step in ctx.inject_nonfinite_steps:
         loss = loss * float("nan")
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(loss).backward()  # a NaN loss gives NaN gradients: skipped below
-    if c["grad_clip_val"] > 0:
+    if s.optim.grad_clip_val > 0:
         ctx.scaler.unscale_(ctx.optimizer)
-        torch.nn.utils.clip_grad_norm_(net.model.parameters(), c["grad_clip_val"])
+        torch.nn.utils.clip_grad_norm_(net.model.parameters(), s.optim.grad_clip_val)
     if ctx.scaler.is_enabled():  # fp16: the scaler skips non-finite gradients (and rescales);
         skip = ~torch.isfinite(loss)  # a non-finite loss is what counts towards --max_nonfinite
         ctx.scaler.step(ctx.optimizer)
@@ -288,6 +285,63 @@ class DeviceLog:
         return out
 
 
+class EpochLog:
+    """The epoch's running sums, read from a :class:`DeviceLog`: the mean losses, the severity
+    trajectory and the non-finite steps (``--max_nonfinite`` in a row stop the run)."""
+
+    def __init__(self, state: TrainState, max_nonfinite: int, progress: Any = None) -> None:
+        self.state, self.max_nonfinite, self.progress = state, max_nonfinite, progress
+        self.sums = {"loss": 0.0, "ce": 0.0, "jsd": 0.0, "kl": 0.0}
+        self.done, self.images, self.start = 0, 0, time.perf_counter()
+        self.pending = DeviceLog()
+
+    def read(self) -> None:
+        """Read the pending steps to the host (one wait) and account for each."""
+        last = None
+        for step, rec in self.pending.flush():
+            if rec.pop("skipped") > 0:
+                self._nonfinite(step)
+                continue
+            self.state.nonfinite_in_row = 0
+            self.done += 1
+            for k in self.sums:
+                self.sums[k] += rec[k]
+            if "severity_mean" in rec:
+                kept = {k: v for k, v in rec.items() if k.startswith(TRAJECTORY_KEYS)}
+                self.state.severity_trajectory.append({"step": step, **kept})
+            last = rec
+        if self.progress is not None and last is not None:
+            postfix = {"loss": f"{last['loss']:.3f}", "img/s": f"{self.rate():.0f}"}
+            if "severity_last" in last:
+                postfix["s"] = f"{last['severity_last']:.2f}"
+            self.progress.set_postfix(postfix, refresh=False)
+
+    def _nonfinite(self, step: int) -> None:
+        self.state.skipped_nonfinite += 1
+        self.state.nonfinite_in_row += 1
+        if self.state.nonfinite_in_row >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_row} non-finite losses in a row, the last at global "
+                f"step {step - 1}: lower --lr, use --precision bf16/32 or --grad_clip_val, and "
+                "check the data"
+            )
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def metrics(self, env: DistEnv) -> dict[str, float]:
+        """Mean over ranks of the per-rank means (equal step counts on every rank)."""
+        totals = torch.tensor(
+            [*self.sums.values(), float(self.done)], dtype=torch.float64, device=env.device
+        )
+        all_reduce_sum(totals, env)
+        n = max(totals[-1].item(), 1.0)
+        out = {k: totals[i].item() / n for i, k in enumerate(self.sums)}
+        out["images_per_s"] = self.rate()
+        out["skipped_nonfinite"] = self.state.skipped_nonfinite
+        return out
+
+
 def train_one_epoch(
     ctx: StepContext,
     state: TrainState,
@@ -302,76 +356,27 @@ def train_one_epoch(
     (``ctx.save_due``), at a stop and at the end of the epoch; ``state`` is exact at each.
     """
     ctx.net.train()
-    sums = {"loss": 0.0, "ce": 0.0, "jsd": 0.0, "kl": 0.0}
-    done, images_seen, start = 0, 0, time.perf_counter()
-    max_steps = ctx.config["max_steps_per_epoch"] or ctx.steps_per_epoch
-    log_every = max(1, int(ctx.config["log_every"]))
-    pending = DeviceLog()
-
-    def flush() -> None:
-        nonlocal done
-        last = None
-        for step, rec in pending.flush():
-            if rec.pop("skipped") > 0:
-                state.skipped_nonfinite += 1
-                state.nonfinite_in_row += 1
-                if state.nonfinite_in_row >= ctx.config["max_nonfinite"]:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_in_row} non-finite losses in a row, the last at global "
-                        f"step {step - 1}: lower --lr, use --precision bf16/32 or --grad_clip_val, and "
-                        "check the data"
-                    )
-                continue
-            state.nonfinite_in_row = 0
-            done += 1
-            for k in sums:
-                sums[k] += rec[k]
-            if "severity_mean" in rec:
-                state.severity_trajectory.append(
-                    {
-                        "step": step,
-                        **{k: v for k, v in rec.items() if k.startswith(TRAJECTORY_KEYS)},
-                    }
-                )
-            last = rec
-        if progress is not None and last is not None:
-            rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            postfix = {"loss": f"{last['loss']:.3f}", "img/s": f"{rate:.0f}"}
-            if "severity_last" in last:
-                postfix["s"] = f"{last['severity_last']:.2f}"
-            progress.set_postfix(postfix, refresh=False)
-
+    run = ctx.settings.run
+    log = EpochLog(state, run.max_nonfinite, progress)
     for images, labels, _valid in batches:
-        if state.step_in_epoch >= max_steps:
+        if state.step_in_epoch >= ctx.steps_per_epoch:
             break
         out = train_step(ctx, state, images, labels)
         state.step_in_epoch += 1
         state.global_step += 1
-        images_seen += images.shape[0] * ctx.env.world_size
-        pending.add(state.global_step, out)
+        log.images += images.shape[0] * ctx.env.world_size
+        log.pending.add(state.global_step, out)
         if progress is not None:
             progress.update(1)
-        if (
-            state.global_step % log_every == 0
-            or ctx.stop.requested
-            or ctx.save_due(state.global_step)
-        ):
-            flush()
+        step = state.global_step
+        if step % run.log_every == 0 or ctx.stop.requested or ctx.save_due(step):
+            log.read()
         if on_step is not None:
             on_step(state)
         if ctx.stop.requested:
             break
-    flush()
-    # Mean over ranks of the per-rank means (equal step counts on every rank by construction).
-    totals = torch.tensor(
-        [sums[k] for k in sums] + [float(done)], dtype=torch.float64, device=ctx.env.device
-    )
-    all_reduce_sum(totals, ctx.env)
-    n = max(totals[-1].item(), 1.0)
-    metrics = {k: totals[i].item() / n for i, k in enumerate(sums)}
-    metrics["images_per_s"] = images_seen / max(time.perf_counter() - start, 1e-9)
-    metrics["skipped_nonfinite"] = state.skipped_nonfinite
-    return metrics
+    log.read()
+    return log.metrics(ctx.env)
 
 
 __all__ = [
@@ -382,6 +387,7 @@ __all__ = [
     "StopFlag",
     "TrainState",
     "DeviceLog",
+    "EpochLog",
     "train_one_epoch",
     "train_step",
 ]
