@@ -275,7 +275,7 @@ def our_rows(args, cpu_x: torch.Tensor, calls: int, notes: list[str]) -> dict[st
             from augmix_gpu.augment.severity import LearnableSeverity
         except ImportError as err:
             notes.append(
-                f"row e (learnable) skipped: augmix_gpu.severity.LearnableSeverity not importable ({err})"
+                f"row e (learnable) skipped: augmix_gpu.augment.severity.LearnableSeverity not importable ({err})"
             )
         else:
             aug = AugMixBatch(severity=LearnableSeverity(initial_aug_severity=sev))

@@ -173,7 +173,7 @@ class AugMixBatch(nn.Module):
         all_ops: add color, contrast, brightness, sharpness (they overlap ImageNet-C).
         severity: a float in (0, 10], or an ``nn.Module`` with
             ``rsample(batch_size, generator=None) -> Tensor`` ([] or [B], differentiable),
-            e.g. ``augmix_gpu.severity.LearnableSeverity``; its parameters register here.
+            e.g. ``augmix_gpu.LearnableSeverity``; its parameters register here.
         normalize: subtract ``mean`` and divide by ``std`` (per channel) on every output.
         num_views: augmented views per call (2 for the JSD loss).
         strategy: ``"grouped"`` (each op on its group; one host sync per call), ``"static"``
