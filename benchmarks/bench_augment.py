@@ -187,13 +187,19 @@ def _loader_runner(images, view: Callable, batch: int, workers: int) -> Callable
 def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dict]:
     """name -> {label, device, run (returns #images), sync, in_process}."""
     from PIL import Image
+
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images_u8]
+    cpu_x = images_u8[: args.batch].contiguous()
+    calls = max(1, len(images_u8) // args.batch)  # batched rows process as many images as a/a2
+    return {**reference_rows(args, pil, cpu_x, calls), **our_rows(args, cpu_x, calls, notes)}
+
+
+def reference_rows(args, pil: list, cpu_x: torch.Tensor, calls: int) -> dict[str, dict]:
+    """Rows a, a2 (PIL per image, DataLoader workers) and b (torchvision v2 on a batch)."""
     from torchvision import transforms as T
     from torchvision.transforms import v2
 
     rows: dict[str, dict] = {}
-    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images_u8]
-    cpu_x = images_u8[: args.batch].contiguous()
-    calls = max(1, len(images_u8) // args.batch)  # batched rows process as many images as a/a2
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     sev = args.severity
@@ -232,24 +238,35 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
             "run": run_b,
             "in_process": True,
         }
+    return rows
 
-    def ours(aug: AugMixBatch, x: torch.Tensor, backward: bool = False) -> Callable[[], int]:
-        def run() -> int:
-            for _ in range(calls):
-                out = aug(x)
-                if backward:
-                    sum(v.square().mean() for v in out[1:]).backward()
-            return calls * x.shape[0]
 
-        return run
+def _ours(
+    aug: AugMixBatch, x: torch.Tensor, calls: int, backward: bool = False
+) -> Callable[[], int]:
+    def run() -> int:
+        for _ in range(calls):
+            out = aug(x)
+            if backward:
+                sum(v.square().mean() for v in out[1:]).backward()
+        return calls * x.shape[0]
 
+    return run
+
+
+def our_rows(args, cpu_x: torch.Tensor, calls: int, notes: list[str]) -> dict[str, dict]:
+    """Rows c (CPU), d and d-grouped (CUDA) and e (learnable, forward + backward)."""
+    rows: dict[str, dict] = {}
+    sev = args.severity
     label = "AugMixBatch (ours), per-sample chains"
     if "c" in args.rows:
-        rows["c"] = {"label": label, "device": "cpu", "run": ours(AugMixBatch(severity=sev), cpu_x), "in_process": True}  # fmt: skip
+        rows["c"] = {"label": label, "device": "cpu", "run": _ours(AugMixBatch(severity=sev), cpu_x, calls), "in_process": True}  # fmt: skip
     if "d" in args.rows:
         if torch.cuda.is_available():  # auto = static on CUDA; grouped beside it to compare
             for key, strategy in (("d", "auto"), ("d-grouped", "grouped")):
-                run = ours(AugMixBatch(severity=sev, strategy=strategy).cuda(), cpu_x.cuda())
+                run = _ours(
+                    AugMixBatch(severity=sev, strategy=strategy).cuda(), cpu_x.cuda(), calls
+                )
                 rows[key] = {"label": f"{label}, strategy={strategy}", "device": "cuda", "run": run, "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
         else:
             notes.append("row d (CUDA, strategy auto = static, and grouped) skipped: no GPU here")
@@ -258,14 +275,14 @@ def build_rows(args, images_u8: torch.Tensor, notes: list[str]) -> dict[str, dic
             from augmix_gpu.augment.severity import LearnableSeverity
         except ImportError as err:
             notes.append(
-                f"row e (learnable) skipped: augmix_gpu.severity.LearnableSeverity not importable ({err})"
+                f"row e (learnable) skipped: augmix_gpu.augment.severity.LearnableSeverity not importable ({err})"
             )
         else:
             aug = AugMixBatch(severity=LearnableSeverity(initial_aug_severity=sev))
             rows["e"] = {
                 "label": "AugMixBatch + LearnableSeverity, forward + backward",
                 "device": "cpu",
-                "run": ours(aug, cpu_x, backward=True),
+                "run": _ours(aug, cpu_x, calls, backward=True),
                 "in_process": True,
             }
     return rows
@@ -425,7 +442,8 @@ def table(results: list[dict]) -> str:
     return markdown_table(headers, body)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, ``--quick`` and ``--rows`` resolved, ``--images`` a multiple of the batch."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument(
@@ -467,9 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.plain_child:  # row f's fresh process: measure, print one JSON line, nothing else
-        print(json.dumps(plain_child(args)))
-        return
+    if args.plain_child:  # row f's fresh process: main measures there, nothing else
+        return args
     if args.quick:
         args.size, args.batch, args.images, args.repeats = 64, 8, 16, 2
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -477,23 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}, choose from {ROWS}")
     args.images = max(args.batch, args.images // args.batch * args.batch)
+    return args
 
-    malloc = False if args.default_malloc else reuse_freed_memory()  # before workers fork
-    torch.set_num_threads(args.threads)
-    images = torch.stack(
-        [
-            torch.from_numpy(photo_like(args.size, seed)).permute(2, 0, 1)
-            for seed in range(args.images)
-        ]
-    ).contiguous()
-    notes: list[str] = []
-    plain = run_plain(args, notes) if "f" in args.rows else []
-    rows = build_rows(args, images, notes)
-    results = summarize(args, rows, time_rows(rows, args.repeats, args.warmup)) if rows else []
-    for r in plain:
-        r["speedup_vs_a"] = r["cpu_speedup_vs_a"] = None  # other threads, other process
-    results += plain
 
+def report(args, results: list[dict], notes: list[str], malloc: bool) -> None:
+    """Print the table, the learnable and plain-script ratios, the notes and the settings."""
     print()
     print(table(results))
     e = next((r for r in results if r["row"] == "e"), {})
@@ -518,6 +523,30 @@ def main(argv: list[str] | None = None) -> None:
         f"({args.size} px, clean + 2 views per image, {args.threads} threads; glibc keeps freed memory: "
         f"{malloc}; OMP_WAIT_POLICY={omp}; CPU ms/img counts all threads and DataLoader workers)"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.plain_child:  # row f's fresh process: measure, print one JSON line, nothing else
+        print(json.dumps(plain_child(args)))
+        return
+    malloc = False if args.default_malloc else reuse_freed_memory()  # before workers fork
+    torch.set_num_threads(args.threads)
+    images = torch.stack(
+        [
+            torch.from_numpy(photo_like(args.size, seed)).permute(2, 0, 1)
+            for seed in range(args.images)
+        ]
+    ).contiguous()
+    notes: list[str] = []
+    plain = run_plain(args, notes) if "f" in args.rows else []
+    rows = build_rows(args, images, notes)
+    results = summarize(args, rows, time_rows(rows, args.repeats, args.warmup)) if rows else []
+    for r in plain:
+        r["speedup_vs_a"] = r["cpu_speedup_vs_a"] = None  # other threads, other process
+    results += plain
+
+    report(args, results, notes, malloc)
     path = write_json(
         args.out,
         {

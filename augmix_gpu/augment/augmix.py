@@ -7,31 +7,22 @@ drawn per sample by ``sample_params`` up front on the device; ``apply`` is deter
 The ``V * width * B`` chains are flattened into N images and run step by step (depth 1..3), with
 no Python loop over samples. Per call, once: each application's op parameter (one table lookup),
 each warp's PIL matrix and sampling-grid terms, each op's parameter-only coefficients
-(``Op.prepare``). Then one of two forms, which give the same views and gradients for the same
-draws (tests pin it):
+(``Op.prepare``). Then one of the forms in ``execute.py`` (``EXECUTORS``) runs the chains; they
+give the same views and gradients for the same draws (tests pin it):
 
-* ``strategy="grouped"``: at each step the images are grouped by the op they drew (one ``argsort``,
-  and ONE host sync per call, ``.tolist()`` of all group sizes); each op runs once on its group,
-  all geometric ops of the step as one warp. Each image is touched by one op per step: the least
-  arithmetic. Without a gradient each group is gathered and written back in place; with one,
-  each step regroups the images with one gather (``_GatherGroups``) and concatenates the groups.
-* ``strategy="static"``: every op runs on every image at every step and ``torch.where`` keeps the
-  drawn one (an op that is the identity at parameter 0, solarize, needs no select). No shape
-  depends on the draw: nothing is read back to the host, the call is the same kernels every time
-  (it runs on the ``meta`` device, and compiles with ``torch.compile(fullgraph=True)``), and it
-  dispatches fewer operators (199 vs 251 per call at the defaults; 385 vs 437 for the learnable
-  forward + backward). The price is arithmetic: each op touches N images instead of its group,
-  4.2x the CPU time of ``grouped`` at 224 px (README, AugMix benchmark).
+* ``strategy="grouped"``: each op once per step on the images that drew it; one host sync per call.
+* ``strategy="static"``: every op on every image, the drawn one kept by ``torch.where``; nothing is
+  read back to the host, fewer operators, more arithmetic (4.2x the CPU time at 224 px).
 * ``strategy="auto"`` (default): ``grouped`` on the CPU (measured: 4.2x less CPU time), ``static``
   on any other device. The second half is argued, not measured (no GPU has run this code): a GPU
   training step should not wait on the host (a sync waits for every queued kernel and rules out
   CUDA-graph capture); static's extra arithmetic is memory traffic on a GPU too, so the GPU check
   decides (benchmark rows d and d-grouped); pass ``strategy="grouped"`` to compare.
 
-The counts do not depend on B (a test counts them at B=8 and B=256). Mixing happens in [0,1]
-space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the official "mix after
-preprocess" because normalisation is affine and the weights sum to 1; the normalisation is
-folded into the mixing coefficients.
+The operator counts of a call do not depend on B (a test counts them at B=8 and B=256). Mixing
+happens in [0,1] space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the official
+"mix after preprocess" because normalisation is affine and the weights sum to 1; the normalisation
+is folded into the mixing coefficients.
 """
 
 from __future__ import annotations
@@ -44,7 +35,8 @@ from torch import Tensor, nn
 
 from ..checks import check_image_batch, check_in_range, check_int_at_least, check_positive
 from ..runtime import tune_for_cpu_augmentation
-from .ops import AFFINE_TERMS, Op, get_ops, grid_terms, pil_affine, warp_grid_terms
+from .execute import EXECUTORS, OpGroups, Steps, coefficients, op_tables, warp_terms
+from .ops import Op, get_ops
 
 __all__ = [
     "STRATEGIES",
@@ -58,7 +50,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STRATEGIES = ("auto", "grouped", "static")
+STRATEGIES = ("auto", *EXECUTORS)  # ("auto", "grouped", "static")
 MAX_SEVERITY = 10.0  # the level scale is 0..10 (official PARAMETER_MAX)
 _LEVEL_LOW = 0.1  # official sample_level: U(0.1, severity)
 
@@ -146,70 +138,29 @@ def _level_span(severity: float, dtype: torch.dtype) -> float:
     return float(np.float32(severity) - np.float32(_LEVEL_LOW))
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` whose backward is the inverse permutation (one gather, not zeros + index_add)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor) -> Tensor:
-        ctx.save_for_backward(perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (perm,) = ctx.saved_tensors
-        inverse = torch.empty_like(perm).scatter_(
-            0, perm, torch.arange(len(perm), device=perm.device)
-        )
-        return grad.index_select(0, inverse), None
-
-
-class _GatherGroups(torch.autograd.Function):
-    """``x[perm].split(sizes)`` as separate tensors, for a permutation ``perm``.
-
-    Backward writes each group's gradient straight into its rows: one pass over the images, where
-    autograd's split + index_select backward would concatenate the groups' gradients and then
-    un-permute them (two passes).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(perm)
-        ctx.sizes = sizes
-        return tuple(x.index_select(0, idx) for idx in perm.split(sizes))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None, None]:
-        (perm,) = ctx.saved_tensors
-        out = grads[0].new_empty((len(perm), *grads[0].shape[1:]))
-        for idx, grad in zip(perm.split(ctx.sizes), grads):
-            out.index_copy_(0, idx, grad)
-        return out, None, None
+def _check_severity(severity: float | nn.Module) -> float | nn.Module:
+    """A float in (0, 10], or a module that samples one (``rsample(batch_size, generator)``)."""
+    if isinstance(severity, nn.Module):
+        if not callable(getattr(severity, "rsample", None)):
+            raise ValueError(
+                f"severity: expected a float or an nn.Module with rsample(batch_size, generator), "
+                f"got {type(severity).__name__} without rsample"
+            )
+        return severity
+    if isinstance(severity, bool) or not isinstance(severity, (int, float)):
+        raise ValueError(f"severity: expected a float in (0, 10] or a module, got {severity!r}")
+    severity = check_in_range(severity, "severity", 0.0, MAX_SEVERITY)
+    if severity == 0.0:
+        raise ValueError("severity: expected a float in (0, 10], got 0")
+    return severity
 
 
-class _Select(torch.autograd.Function):
-    """Row n of ``candidates[k]`` where ``masks[k, n]`` (exactly one true per row): a chain of
-    ``torch.where`` forward; backward gives each candidate ``grad * mask`` (one multiply, where
-    each ``torch.where`` costs two selects and two scalar tensors)."""
-
-    @staticmethod
-    def forward(ctx, masks: Tensor, *candidates: Tensor) -> Tensor:
-        ctx.save_for_backward(masks)
-        out = candidates[-1]
-        for mask, candidate in zip(masks[:-1], candidates[:-1]):
-            out = torch.where(mask, candidate, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (masks,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
-        return (None, *(grad * mask if need else None for mask, need in zip(masks, needs)))
-
-
-def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _PermuteRows.apply(x, perm)
-    return x.index_select(0, perm)
+def _mix_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Tensor]:
+    """The normalisation folded into the mix, ``x / std - mean / std``, per channel ``[3,1,1]``."""
+    return {
+        "_inv_std": 1.0 / torch.tensor(std).view(3, 1, 1),
+        "_bias": -torch.tensor(mean).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1),
+    }
 
 
 class AugMixBatch(nn.Module):
@@ -222,7 +173,7 @@ class AugMixBatch(nn.Module):
         all_ops: add color, contrast, brightness, sharpness (they overlap ImageNet-C).
         severity: a float in (0, 10], or an ``nn.Module`` with
             ``rsample(batch_size, generator=None) -> Tensor`` ([] or [B], differentiable),
-            e.g. ``augmix_gpu.severity.LearnableSeverity``; its parameters register here.
+            e.g. ``augmix_gpu.LearnableSeverity``; its parameters register here.
         normalize: subtract ``mean`` and divide by ``std`` (per channel) on every output.
         num_views: augmented views per call (2 for the JSD loss).
         strategy: ``"grouped"`` (each op on its group; one host sync per call), ``"static"``
@@ -235,6 +186,13 @@ class AugMixBatch(nn.Module):
 
     last_params: AugMixParams | None
     last_severity: Tensor | None
+    _group_of_op: Tensor  # op_tables and _mix_tables, non-persistent buffers (__init__)
+    _group_onehot: Tensor
+    _term_onehot: Tensor
+    _op_coef: Tensor
+    _op_coef64: Tensor
+    _inv_std: Tensor
+    _bias: Tensor
 
     def __init__(
         self,
@@ -260,21 +218,7 @@ class AugMixBatch(nn.Module):
         self.all_ops = bool(all_ops)
         self.num_views = check_int_at_least(num_views, "num_views", 1)
         self.normalize = bool(normalize)
-        if isinstance(severity, nn.Module):
-            if not callable(getattr(severity, "rsample", None)):
-                raise ValueError(
-                    f"severity: expected a float or an nn.Module with rsample(batch_size, generator), "
-                    f"got {type(severity).__name__} without rsample"
-                )
-            self.severity: float | nn.Module = severity
-        else:
-            if isinstance(severity, bool) or not isinstance(severity, (int, float)):
-                raise ValueError(
-                    f"severity: expected a float in (0, 10] or a module, got {severity!r}"
-                )
-            self.severity = check_in_range(severity, "severity", 0.0, MAX_SEVERITY)
-            if self.severity == 0.0:
-                raise ValueError("severity: expected a float in (0, 10], got 0")
+        self.severity: float | nn.Module = _check_severity(severity)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(
                 f"mean/std: expected 3 values each and std > 0, got mean={mean}, std={std}"
@@ -288,51 +232,9 @@ class AugMixBatch(nn.Module):
         self.strategy = strategy
 
         self.ops: tuple[Op, ...] = get_ops(self.all_ops)
-        geo = [op for op in self.ops if op.affine_term is not None]
-        self._other_ops = tuple(op for op in self.ops if op.affine_term is None)
-        # Group of each op index: 0 = the fused warp (if any geometric op), then one per other op;
-        # the last group is "inactive" (chain already finished).
-        n_warp = 1 if geo else 0
-        group = [
-            0 if op.affine_term is not None else n_warp + self._other_ops.index(op)
-            for op in self.ops
-        ]
-        self._n_groups = n_warp + len(self._other_ops) + 1
-        self._has_warp = bool(geo)
-        self.register_buffer("_group_of_op", torch.tensor(group), persistent=False)
-        self._group_of_op: Tensor
-        # One-hot rows, looked up per application: its (non-idle) group, and the pil_affine term
-        # its parameter sets (none for the non-geometric ops).
-        onehot = torch.eye(self._n_groups - 1, dtype=torch.bool)[torch.tensor(group)]
-        self.register_buffer("_group_onehot", onehot, persistent=False)
-        self._group_onehot: Tensor
-        terms = torch.zeros(len(self.ops), len(AFFINE_TERMS))
-        for i, op in enumerate(self.ops):
-            if op.affine_term is not None:
-                terms[i, op.affine_term] = 1.0
-        self.register_buffer("_term_onehot", terms, persistent=False)
-        self._term_onehot: Tensor
-        # Each op's magnitude map read off the op table once, as (scale, offset) of
-        # parameter = level * scale + offset (Op.parameter), at row 2 * op + (sign > 0): the scale
-        # of a signed op is negated in its negative row.
-        coef = []
-        for op in self.ops:
-            scale = op.max_param / 10.0 if op.max_param is not None else 0.0
-            coef += [[-scale if op.signed else scale, op.offset], [scale, op.offset]]
-        self.register_buffer("_op_coef", torch.tensor(coef, dtype=torch.float32), persistent=False)
-        self._op_coef: Tensor
-        self.register_buffer(
-            "_op_coef64", torch.tensor(coef, dtype=torch.float64), persistent=False
-        )
-        self._op_coef64: Tensor
-        self.register_buffer("_inv_std", 1.0 / torch.tensor(std).view(3, 1, 1), persistent=False)
-        self._inv_std: Tensor
-        self.register_buffer(
-            "_bias",
-            -torch.tensor(mean).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1),
-            persistent=False,
-        )
-        self._bias: Tensor
+        self._groups = OpGroups.of(self.ops)
+        for name, table in {**op_tables(self.ops, self._groups), **_mix_tables(mean, std)}.items():
+            self.register_buffer(name, table, persistent=False)
         self.mean, self.std = tuple(mean), tuple(std)
         self.last_params = None
         self.last_severity = None
@@ -455,16 +357,8 @@ class AugMixBatch(nn.Module):
         """Move the op tables to ``device`` once (a module left on the CPU would copy them, and on
         a GPU wait for the copy, at every call)."""
         if self._group_of_op.device != device:
-            for name in (
-                "_group_of_op",
-                "_group_onehot",
-                "_term_onehot",
-                "_op_coef",
-                "_op_coef64",
-                "_inv_std",
-                "_bias",
-            ):
-                setattr(self, name, getattr(self, name).to(device))
+            for name, table in list(self.named_buffers(recurse=False)):
+                setattr(self, name, table.to(device))
 
     def _op_parameters(self, level: Tensor, ops: Tensor, signs: Tensor) -> Tensor:
         """Each application's op parameter, ``Op.parameter(level)`` of its op, signed if the op is."""
@@ -475,186 +369,45 @@ class AugMixBatch(nn.Module):
 
     def _chains(self, x: Tensor, params: AugMixParams, severity: Tensor | float) -> Tensor:
         self._check_params(x, params)
-        v, w, d, b = params.ops.shape
-        n, (_, _, h, wd) = v * w * b, x.shape
-        dtype, device = x.dtype, x.device
-        self._tables(device)
-        if device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
+        v, w, _, b = params.ops.shape
+        self._tables(x.device)
+        if x.device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
             tune_for_cpu_augmentation()
         # Parameter of every application, differentiable in s: level -> op.parameter -> sign.
-        if isinstance(severity, (int, float)) and not isinstance(severity, bool):
-            span = _level_span(float(severity), dtype)  # s - 0.1, rounded as a tensor s would be
-        else:
-            s = torch.as_tensor(severity, device=device).to(dtype)
-            if s.dim() > 1 or (s.dim() == 1 and s.shape[0] not in (1, b)):
-                raise ValueError(
-                    f"severity: expected a scalar or a [B={b}] tensor, got shape {tuple(s.shape)}"
-                )
-            span = s - _LEVEL_LOW
-        level = _LEVEL_LOW + params.level_u.to(dtype) * span  # [V, w, D, B]
+        span = self._severity_span(x, severity)
+        level = _LEVEL_LOW + params.level_u.to(x.dtype) * span  # [V, w, D, B]
         param = self._op_parameters(level, params.ops, params.signs)
-        # Flatten chains: image n = (view * width + chain) * B + sample; steps first.
+        steps = self._steps(x, params, param)
+        out = EXECUTORS[self.strategy_for(x.device)](x, steps, self._groups)
+        return out.view(v, w, b, *x.shape[1:])
+
+    def _severity_span(self, x: Tensor, severity: Tensor | float) -> Tensor | float:
+        """``severity - 0.1``, the span of the levels ``U(0.1, severity)``."""
+        if isinstance(severity, (int, float)) and not isinstance(severity, bool):
+            return _level_span(float(severity), x.dtype)  # rounded as a tensor s would be
+        b = x.shape[0]
+        s = torch.as_tensor(severity, device=x.device).to(x.dtype)
+        if s.dim() > 1 or (s.dim() == 1 and s.shape[0] not in (1, b)):
+            raise ValueError(
+                f"severity: expected a scalar or a [B={b}] tensor, got shape {tuple(s.shape)}"
+            )
+        return s - _LEVEL_LOW
+
+    def _steps(self, x: Tensor, params: AugMixParams, param: Tensor) -> Steps:
+        """The chains flattened for the executors: image n = (view * width + chain) * B + sample,
+        steps first; which applications run, each one's group, and every op's terms, once."""
+        v, w, d, b = params.ops.shape
+        n, (h, wd) = v * w * b, x.shape[-2:]
         param_f = param.permute(2, 0, 1, 3).reshape(d, n)
         ops_f = params.ops.permute(2, 0, 1, 3).reshape(d, n)
         # which applications run (the chain has not finished) and each one's group
-        active = params.depth.reshape(1, n) > torch.arange(d, device=device).unsqueeze(1)
+        active = params.depth.reshape(1, n) > torch.arange(d, device=x.device).unsqueeze(1)
         drawn = self._group_onehot[ops_f].permute(2, 0, 1) & active  # [groups, D, N]
-        # every warp's grid terms, built once for all steps (grid_terms)
-        grid = self._grid_terms(param_f, ops_f, h, wd) if self._has_warp else None
-        coefs = self._coefficients(param_f, drawn)
-        tracked = torch.is_grad_enabled() and (x.requires_grad or param_f.requires_grad)
-        if self.strategy_for(device) == "static":
-            out = self._run_static(x, drawn, active, coefs, grid, v * w, tracked)
-        else:
-            idle = self._n_groups - 1
-            kind = self._group_of_op[ops_f].masked_fill_(~active, idle)  # [D, N] group or idle
-            counts = torch.cat((drawn.sum(dim=-1), (~active).sum(dim=-1, keepdim=True).t()))
-            sizes = counts.t().tolist()  # the one host sync of a grouped call
-            if tracked:
-                out = self._run_permuted(x, coefs, grid, kind, sizes)
-            else:
-                out = self._run_in_place(x, coefs, grid, kind, sizes)
-        return out.view(v, w, b, 3, h, wd)
-
-    def _grid_terms(
-        self, param_f: Tensor, ops_f: Tensor, h: int, w: int
-    ) -> list[tuple[Tensor, Tensor]]:
-        """``grid_terms`` of every application's PIL matrix, per step ``([N,2,1,W], [N,2,H,1])``,
-        built once per call: each parameter is put in the ``pil_affine`` term of its op (the other
-        ops set none: the identity)."""
-        d, n = param_f.shape
-        terms = self._term_onehot[ops_f] * param_f[..., None]  # [D, N, 5]
-        along_row, along_col = grid_terms(pil_affine(terms, h, w).view(d * n, 2, 3), h, w)
-        rows, cols = along_row.view(d, n, 2, 1, w), along_col.view(d, n, 2, h, 1)
-        return list(zip(rows.unbind(0), cols.unbind(0)))
-
-    def _coefficients(self, param_f: Tensor, drawn: Tensor) -> list[tuple[Tensor, ...]]:
-        """Each non-geometric op's coefficients (``Op.prepare``) for all steps at once, per step,
-        from its own applications' parameters and 0 elsewhere (another op's magnitude can be out
-        of its range, e.g. posterize at 256 bits, whose inf would turn a zero gradient into NaN).
-        ``drawn`` is ``[groups, D, N]``."""
-        gated = param_f * drawn[int(self._has_warp) :]
-        # unbound per step: one stack in backward instead of a zero-filled gradient per step
-        return [op.prepare(gated[j]).unbind(0) for j, op in enumerate(self._other_ops)]
-
-    def _apply_group(
-        self,
-        g: int,
-        src: Tensor,
-        coefs: list[tuple[Tensor, ...]],
-        grid: list[tuple[Tensor, Tensor]] | None,
-        t: int,
-        rows: Tensor,
-    ) -> Tensor:
-        """Run group ``g`` on its images ``src`` (chains ``rows`` at step ``t``): the fused warp
-        (group 0) or one non-geometric op."""
-        if grid is not None and g == 0:
-            along_row, along_col = grid[t]
-            return warp_grid_terms(
-                src, along_row.index_select(0, rows), along_col.index_select(0, rows)
-            )
-        j = g - int(self._has_warp)
-        return self._other_ops[j].apply_prepared(src, coefs[j][t].index_select(0, rows))
-
-    def _run_static(
-        self,
-        x: Tensor,
-        drawn: Tensor,
-        active: Tensor,
-        coefs: list[tuple[Tensor, ...]],
-        grid: list[tuple[Tensor, Tensor]] | None,
-        copies: int,
-        tracked: bool,
-    ) -> Tensor:
-        """Every op on every chain image at every step, kept where it was drawn (``torch.where``).
-
-        No shape depends on the draw, so nothing is read back to the host and the call is the
-        same sequence of kernels every time (CUDA graphs / torch.compile can capture it). Each
-        op runs on N images instead of its group: more arithmetic, fewer launches.
-        """
-        d = drawn.shape[1]
-        first = int(self._has_warp)
-        cur = x.repeat(copies, 1, 1, 1)  # chain image n starts as sample n % B
-        if tracked:  # _Select takes every row's mask, the idle one's too
-            every = torch.cat((drawn, ~active[None]))[..., None, None, None]
-        for t in range(d):
-            masks = drawn[:, t, :, None, None, None]  # [groups, N, 1, 1, 1]
-            if tracked:  # every op's output and the input (idle), selected by one function
-                outs = [warp_grid_terms(cur, *grid[t])] if grid is not None else []
-                outs += [
-                    op.apply_prepared(cur, coefs[j][t]) for j, op in enumerate(self._other_ops)
-                ]
-                cur = _Select.apply(every[:, t], *outs, cur)
-                continue
-            out = cur
-            if grid is not None:
-                out = torch.where(masks[0], warp_grid_terms(cur, *grid[t]), cur)
-            for j, op in enumerate(self._other_ops):
-                if op.identity_at_zero:  # the identity where not drawn: no select needed
-                    out = op.apply_prepared(out, coefs[j][t])
-                else:
-                    out = torch.where(masks[first + j], op.apply_prepared(cur, coefs[j][t]), out)
-            cur = out
-        return cur
-
-    def _run_in_place(
-        self,
-        x: Tensor,
-        coefs: list[tuple[Tensor, ...]],
-        grid: list[tuple[Tensor, Tensor]] | None,
-        key: Tensor,
-        sizes: list[list[int]],
-    ) -> Tensor:
-        """No gradient: gather each group, write its result back in place; finished chains stay put."""
-        d, n = key.shape
-        b = x.shape[0]
-        idle = self._n_groups - 1
-        order = torch.argsort(key, dim=1, stable=True)
-        cur = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        for t in range(d):
-            for g, idx in enumerate(torch.split(order[t], sizes[t])):
-                if g == idle:
-                    if t == 0:  # chains of depth 0 (hand-made params) stay clean
-                        cur.index_copy_(0, idx, x.index_select(0, idx.remainder(b)))
-                    continue
-                src = x.index_select(0, idx.remainder(b)) if t == 0 else cur.index_select(0, idx)
-                cur.index_copy_(0, idx, self._apply_group(g, src, coefs, grid, t, idx))
-        return cur
-
-    def _run_permuted(
-        self,
-        x: Tensor,
-        coefs: list[tuple[Tensor, ...]],
-        grid: list[tuple[Tensor, Tensor]] | None,
-        key: Tensor,
-        sizes: list[list[int]],
-    ) -> Tensor:
-        """With a gradient: one regrouping gather per step, one cat of the groups' outputs.
-
-        Images are kept in "position" order (``chain_at[i]`` is the chain at position i). The
-        backward then costs one pass over the images per step (the cat's backward is views, the
-        gather's writes each group's rows once), where the in-place path's per-group
-        index_copy_/index_select would clone or zero-fill all N images per group.
-        """
-        d, n = key.shape
-        idle = self._n_groups - 1
-        chain_at = torch.argsort(key[0], stable=True)
-        groups = x.index_select(0, chain_at.remainder(x.shape[0])).split(sizes[0])
-        for t in range(d):
-            rows = chain_at.split(sizes[t])
-            outs = []
-            for g, src in enumerate(groups):
-                # chains already finished (or of depth 0) pass through
-                outs.append(
-                    src if g == idle else self._apply_group(g, src, coefs, grid, t, rows[g])
-                )
-            cur = torch.cat(outs)
-            if t + 1 < d:  # regroup by the next step's op
-                perm = torch.argsort(key[t + 1].index_select(0, chain_at), stable=True)
-                chain_at = chain_at.index_select(0, perm)
-                groups = _GatherGroups.apply(cur, perm, sizes[t + 1])
-        restore = torch.empty_like(chain_at).scatter_(0, chain_at, torch.arange(n, device=x.device))
-        return _permute_rows(cur, restore)
+        grid = None  # every warp's grid terms, built once for all steps (grid_terms)
+        if self._groups.has_warp:
+            grid = warp_terms(param_f, ops_f, self._term_onehot, h, wd)
+        coefs = coefficients(self._groups, param_f, drawn)
+        return Steps(ops_f, active, drawn, param_f, grid, coefs, self._group_of_op)
 
     def _mix(self, x: Tensor, chains: Tensor, params: AugMixParams) -> tuple[Tensor, ...]:
         dtype, device = x.dtype, x.device
