@@ -5,7 +5,7 @@ and no GPU. Each class is a shape (circle, square, triangle, ...); everything el
 drawn at random per image: fill colour and stripe texture, background colour, gradient and
 texture, position, scale, rotation (+-20 deg, so square/diamond and plus/x stay distinct), a small
 distractor blob, pixel noise, sometimes low contrast. A small CNN learns it in minutes on a CPU
-(~80% val in the demo's budget), but not perfectly, and not in the first epochs.
+(the demo's figures are in the README), but not perfectly, and not in the first epochs.
 
 Every image is a pure function of (seed, split, class, index): adding images or classes never
 changes the existing ones. The tree is written to a temporary folder and renamed into place, with

@@ -6,10 +6,10 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 if TYPE_CHECKING:
     from .config import OptimSettings
-    from .step import AugmentedClassifier
 
 
 def lr_factor(
@@ -85,9 +85,10 @@ def schedule_factor(optim: OptimSettings, step: int, steps_per_epoch: int, epoch
 
 
 def build_optimizer(
-    net: AugmentedClassifier, optim: OptimSettings, global_batch: int, severity_lr_mult: float
+    net: nn.Module, optim: OptimSettings, global_batch: int, severity_lr_mult: float
 ) -> torch.optim.Optimizer:
-    """Network params with weight decay ``beta_net``; severity at lr x mult, no decay.
+    """``net``'s (an ``AugmentedClassifier``) parameter groups: the network's with weight decay
+    ``beta_net``; the severity's at lr x mult, no decay (where the training loss trains it).
 
     The network's decay covers every parameter, as in both official recipes (AugMix's
     ``imagenet.py``: ``SGD(net.parameters(), momentum=0.9, weight_decay=1e-4)``; the reference
