@@ -1,5 +1,5 @@
-"""Clean + robustness benchmarks (ImageNet-C, CIFAR-C, ImageNet-P): results JSON, markdown,
-pictures.
+"""Clean + robustness benchmarks (ImageNet-C, CIFAR-C, ImageNet-P, -R, -A, -V2, -Sketch):
+results JSON, markdown, pictures.
 
 One device:
     python evaluate.py --ckpt_path runs/x/last.pt --val /data/imagenet/val --imagenet_c /data/ImageNet-C
@@ -11,6 +11,9 @@ ImageNet-P (flip probability, top-5 distance per perturbation; mFR/mT5D with a r
     python evaluate.py --ckpt_path runs/x/last.pt --imagenet_p /data/ImageNet-P [--p_reference alexnet/results.json]
 CIFAR-10-C (unnormalised mean corruption error, as the official augmix cifar.py reports):
     python evaluate.py --ckpt_path c10.pt --cifar_c /data/CIFAR-10-C --cifar /data/cifar --cifar_name cifar10
+ImageNet-R / -A (logits masked to their 200 classes), -V2, -Sketch (top-1 / top-5 error):
+    python evaluate.py --ckpt_path runs/x/last.pt --imagenet_r /data/imagenet-r --imagenet_a /data/imagenet-a \
+        --imagenet_v2 /data/imagenetv2-matched-frequency-format-val --imagenet_sketch /data/sketch
 Two results side by side:
     python evaluate.py --compare a/results.json b/results.json
 
