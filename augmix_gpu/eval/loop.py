@@ -166,21 +166,13 @@ class _LocalCounts:
         self.corrs.append(hit1)
         self.valids.append(valid)
 
-    def gathered(self, env: DistEnv) -> tuple[Tensor, Tensor]:
-        """Every rank's (confidence, correct) of its real samples, concatenated, on the CPU."""
+    def real_samples(self) -> tuple[Tensor, Tensor]:
+        """This rank's (confidence, correct as uint8) of its real samples, padding dropped."""
         device = self.counts.device
-        mask = (
-            torch.cat(self.valids)
-            if self.valids
-            else torch.empty(0, dtype=torch.bool, device=device)
-        )
-        conf = torch.cat(self.confs).float()[mask] if self.confs else torch.empty(0, device=device)
-        corr = (
-            torch.cat(self.corrs)[mask].to(torch.uint8)
-            if self.corrs
-            else torch.empty(0, dtype=torch.uint8, device=device)
-        )
-        return all_gather_cat(conf, env).cpu(), all_gather_cat(corr, env).cpu().bool()
+        if not self.valids:
+            return torch.empty(0, device=device), torch.empty(0, dtype=torch.uint8, device=device)
+        mask = torch.cat(self.valids)
+        return torch.cat(self.confs).float()[mask], torch.cat(self.corrs)[mask].to(torch.uint8)
 
 
 def evaluate_loader(
@@ -219,9 +211,11 @@ def evaluate_loader(
         if own_bar:
             bar.close()
     seconds = max_over_ranks(time.perf_counter() - start, env)
+    conf, corr = local.real_samples()
     expected = torch.tensor([int(loader.num_samples)], dtype=torch.long, device=device)
     for t in (local.counts, local.nll_sum, expected):
         all_reduce_sum(t, env)
+    conf_all, corr_all = all_gather_cat(conf, env).cpu(), all_gather_cat(corr, env).cpu().bool()
     n = int(local.counts[0].item())
     if n != int(expected.item()):
         raise RuntimeError(
@@ -230,7 +224,6 @@ def evaluate_loader(
         )
     if n == 0:
         raise RuntimeError(f"{desc}: the loader yielded no images")
-    conf_all, corr_all = local.gathered(env)
     return EvalResult(
         n=n, correct1=int(local.counts[1].item()), correct5=int(local.counts[2].item()),
         nll_sum=float(local.nll_sum.item()), confidences=conf_all, correct=corr_all,
