@@ -63,9 +63,11 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
 
 
 def command_line_args(settings: EvalSettings) -> dict[str, Any]:
-    """Every flag and its value (None: not given), as the results JSON records them."""
+    """Every flag and its value as the results JSON records them (None: not given; an empty
+    list, "all" for --corruptions and the like, is written None too)."""
     roots = {b.name: settings.roots.get(b.name) for b in BENCHMARKS}
-    return {**asdict(settings.model), **asdict(settings.data), **roots, **asdict(settings.run)}
+    flags = {**asdict(settings.model), **asdict(settings.data), **roots, **asdict(settings.run)}
+    return {k: None if v == [] else v for k, v in flags.items()}
 
 
 def class_root(settings: EvalSettings) -> Path:
