@@ -2,18 +2,23 @@
 
 The entry point of evaluate.py (``cli.py``) and of the trainer's end-of-run evaluation::
 
+    from augmix_gpu.eval.model import describe_model
+    from augmix_gpu.eval.reports import markdown_table, write_reports
     from augmix_gpu.eval.run import evaluate_model
     from augmix_gpu.eval.settings import DataSettings, EvalSettings, RunSettings
 
     settings = EvalSettings(
         data=DataSettings(val="data/val", crop_size=224, resize_size=256),
-        run=RunSettings(batch=64, workers=4, precision="bf16", no_progress=not is_main),
+        run=RunSettings(batch=64, workers=4, precision="bf16", no_progress=not env.is_main),
         roots={"imagenet_c": "data/ImageNet-C", "imagenet_p": None},  # None: not evaluated
     )
     results = evaluate_model(model, env, classes=classes, settings=settings,
                              extra_info={"model": describe_model(config, None), "args": config})
     if env.is_main:
-        reports.write_reports(results, "runs/x/eval")
+        write_reports(results, "runs/x/eval")
+
+``check_layouts(settings, classes)`` checks every given tree alone (the trainer's "fail before the
+training, not after"); ``evaluate_model`` runs it again first.
 
 Every layout first (each given benchmark's ``check_layout``, on every rank: a typo costs seconds,
 not a night), then the clean set (its error feeds relative mCE), then the benchmarks in the
