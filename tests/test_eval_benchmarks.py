@@ -135,8 +135,7 @@ def test_errors_equal_an_independent_loop(data, tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())
     classes = data["classes"]
     index = classes.index
-    r_scored = [index(classes[i]) for i in SUBSET_R]
-    ref_r = independent_loop(data, data["r"], index, scored=r_scored)
+    ref_r = independent_loop(data, data["r"], index, scored=SUBSET_R)  # classes[i] is class i
     _check_block(res["imagenet_r"], ref_r)
     _check_block(res["imagenet_a"], independent_loop(data, data["a"], index, scored=SUBSET_A))
     _check_block(res["imagenet_v2"], independent_loop(data, data["v2"], int))
@@ -281,3 +280,20 @@ def test_torchrun_two_ranks_count_every_image_once(data, tmp_path):
             assert two[key][field] == one[key][field], (key, field)
         assert two[key]["nll"] == pytest.approx(one[key]["nll"], rel=1e-5)
         assert two[key]["ece"] == pytest.approx(one[key]["ece"], abs=1e-4)
+
+
+def test_pretrained_reads_its_classes_from_a_folder_of_every_class(data, tmp_path):
+    """torchvision-style weights carry no class list: the Sketch folders give it, R's cannot."""
+    torch.save(data["model"].state_dict(), tmp_path / "w.pth")
+    base = ["--pretrained", str(tmp_path / "w.pth"), "--arch", "tiny_resnet", "--crop_size", "48",
+            "--resize_size", "48", "--device", "cpu", "--no_progress", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(
+        ValueError, match="needs --val, --imagenet_c, --imagenet_p or --imagenet_sketch"
+    ):
+        evaluate_main(base + ["--imagenet_r", str(data["r"])])
+    sets = ["--imagenet_r", str(data["r"]), "--imagenet_sketch", str(data["sketch"])]
+    assert evaluate_main(base + sets) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    ref = independent_loop(data, data["r"], data["classes"].index, scored=SUBSET_R)
+    _check_block(res["imagenet_r"], ref)
+    assert res["model"]["aug_type"] is None and res["imagenet_sketch"]["n"] == 30
