@@ -268,19 +268,3 @@ def set_aside(path: Path) -> Path:
     target = path.with_name(path.name + ".corrupt")
     os.replace(path, target)
     return target
-
-
-def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device``, class names, resolved training config) from a checkpoint."""
-    from .models import build_model
-
-    state = load_checkpoint(path)
-    config = state.get("config", {})
-    classes = state.get("classes")
-    if not classes:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds no class list; it cannot map folders to labels"
-        )
-    model = build_model(config.get("arch", "resnet50"), num_classes=len(classes))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), list(classes), config

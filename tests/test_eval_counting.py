@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from augmix_gpu.distributed import DistEnv
-from augmix_gpu.eval.run import evaluate_loader
+from augmix_gpu.eval.loop import evaluate_loader
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 SYNCING = {

@@ -13,14 +13,9 @@ from augmix_gpu import protocols
 from augmix_gpu.data import DatasetError
 from augmix_gpu.distributed import DistEnv
 from augmix_gpu.eval import metrics as rb
-from augmix_gpu.eval.run import (
-    check_c_layout,
-    compare_table,
-    evaluate_loader,
-    markdown_table,
-    normalize_uint8,
-    write_reports,
-)
+from augmix_gpu.eval.imagenet_c import check_c_layout
+from augmix_gpu.eval.loop import evaluate_loader, normalize_uint8
+from augmix_gpu.eval.reports import compare_table, markdown_table, write_reports
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 
@@ -244,7 +239,8 @@ def test_write_reports_json_markdown_and_valid_png(tmp_path):
 
 def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
     """CIFAR-C .npy layout (5 severities stacked) through DALI equals a plain loop over the arrays."""
-    from augmix_gpu.eval.run import evaluate_robustness
+    from augmix_gpu.eval.run import evaluate_model
+    from augmix_gpu.eval.settings import DataSettings, EvalSettings, RunSettings
 
     rng = np.random.default_rng(0)
     n, classes = 7, ["a", "b", "c"]  # 7 images per severity: ragged batches of 3
@@ -261,10 +257,12 @@ def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
     with torch.no_grad():
         model[2].weight.copy_(torch.eye(3))
         model[2].bias.zero_()
-    res = evaluate_robustness(
-        model, ENV, classes=classes, cifar_c=tmp_path, cifar_name="cifar10", corruptions=["fog", "contrast"],
-        batch_size=3, device_kind="cpu", num_threads=1, progress=False,
-    )  # fmt: skip
+    settings = EvalSettings(
+        data=DataSettings(cifar_name="cifar10", corruptions=["fog", "contrast"]),
+        run=RunSettings(batch=3, device="cpu", workers=1, no_progress=True),
+        roots={"cifar_c": tmp_path},
+    )
+    res = evaluate_model(model, ENV, classes=classes, settings=settings)
     block = res["cifar_c"]
     assert "ce" not in block and block["dataset"] == "CIFAR10-C"
     mean, std = (
@@ -287,7 +285,7 @@ def test_cifar_c_counts_equal_a_torch_loop(tmp_path):
 
 
 def test_cifar_c_layout_errors(tmp_path):
-    from augmix_gpu.eval.run import check_cifar_c_layout
+    from augmix_gpu.eval.cifar_c import check_cifar_c_layout
 
     with pytest.raises(DatasetError, match="labels.npy"):
         check_cifar_c_layout(tmp_path, ["fog"])

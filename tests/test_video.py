@@ -12,7 +12,7 @@ from augmix_gpu.data import DatasetError
 from augmix_gpu.data.make_p import write_video
 from augmix_gpu.data.sequences import SequenceLoader, centre_crop
 from augmix_gpu.data.video import DaliVideoDecoder, build_decoder, read_video_cpu
-from augmix_gpu.eval.layouts import check_p_layout
+from augmix_gpu.eval.imagenet_p import check_p_layout
 
 av = pytest.importorskip("av")
 

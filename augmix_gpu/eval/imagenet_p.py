@@ -1,5 +1,10 @@
 """ImageNet-P: per-sequence flips and rank distances on the device, and the run over a -P tree.
 
+Layout ``root/<perturbation>[_<difficulty>]/<class>/<name>.mp4`` (10 perturbations + 4 validation
+ones; only the noise perturbations have ``_2`` / ``_3`` folders), checked once before any frame is
+decoded; one ``SequenceLoader`` per (perturbation, difficulty) folder, a rank owning whole
+sequences. ``metrics.summarize_perturbations`` turns the per-sequence counts into FP, T5D, FR, mFR.
+
 For each sequence, from the model's logits on its frames and test.py's comparison pairs
 (``robustness.comparison_pairs``): the number of top-1 flips, the summed top-5 distance and the
 summed Zipf distance. Definitions (hendrycks/robustness ImageNet-P/test.py; Hendrycks & Dietterich
@@ -18,8 +23,12 @@ slot must have been filled by exactly one rank: exact and identical for any worl
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +39,10 @@ from torch import Tensor
 from .. import protocols
 from ..distributed import DistEnv, all_reduce_sum
 from . import metrics as rb
-from .loop import max_over_ranks, model_outputs, progress_bar
+from .benchmark import Benchmark, Outcome, compare_row, fmt, row
+from .layouts import check_class_folders, check_names, check_root, dataset_error
+from .loop import Context, max_over_ranks, model_outputs, progress_bar
+from .settings import DataSettings
 
 
 def rank_positions(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,6 +201,119 @@ def evaluate_sequences(
     return reduce_sequence_counts(slots, env, desc, seconds)
 
 
+# --- layout --------------------------------------------------------------------------------------
+
+
+def default_perturbations(root: str | os.PathLike) -> list[str]:
+    """The 10 perturbations, plus each of the 4 validation ones whose folder is present."""
+    root = Path(root)
+    return [
+        *protocols.PERTURBATIONS,
+        *[p for p in protocols.EXTRA_PERTURBATIONS if (root / p).is_dir()],
+    ]
+
+
+def present_perturbations(root: str | os.PathLike) -> list[str]:
+    """The perturbations (of the 14) whose folder exists: what the trainer's end-of-run
+    evaluation reads from a given tree (fewer than the 10 is reported as partial)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise dataset_error(f"ImageNet-P root {str(root)!r} is not a folder (--imagenet_p)")
+    found = [
+        p for p in (*protocols.PERTURBATIONS, *protocols.EXTRA_PERTURBATIONS) if (root / p).is_dir()
+    ]
+    if not found:
+        present = sorted(x.name for x in root.iterdir() if x.is_dir())
+        raise dataset_error(
+            f"{str(root)!r} holds no perturbation folder (found {present[:20]}): expected some of "
+            f"{list(protocols.PERTURBATIONS)}"
+        )
+    return found
+
+
+def check_p_layout(
+    root: str | os.PathLike,
+    perturbations: Sequence[str],
+    difficulties: Sequence[int],
+    classes: Sequence[str] | None,
+) -> dict[tuple[str, int], Path]:
+    """Check ``root/<perturbation>[_<difficulty>]/<class>/<name>.mp4``; return each folder.
+
+    The ``_<difficulty>`` suffix exists for the noise perturbations only (difficulty 1 has none);
+    the others are read from the one folder at every difficulty, which sets the comparison step
+    (hendrycks/robustness ImageNet-P/test.py).
+    """
+    from ..data.video import VIDEO_EXTENSIONS
+
+    layout = "<perturbation>[_<difficulty>]/<class>/<name>.mp4 (e.g. .../ImageNet-P)"
+    root = check_root(root, "ImageNet-P", layout)
+    known = set(classes) if classes is not None else None
+    folders: dict[tuple[str, int], Path] = {}
+    for p in perturbations:
+        for d in difficulties:
+            folder = root / protocols.perturbation_folder(p, int(d))
+            if not folder.is_dir():
+                present = sorted(x.name for x in root.iterdir() if x.is_dir())
+                raise dataset_error(
+                    f"missing perturbation folder {str(folder)!r} (found {present[:20]}): "
+                    "download/extract it, or evaluate a subset with --perturbations / "
+                    "--p_difficulties (reported as partial, not as mFR)"
+                )
+            if folder not in folders.values():
+                check_class_folders(
+                    folder, known, VIDEO_EXTENSIONS, "<perturbation>/<class>/<name>.mp4"
+                )
+            folders[(p, int(d))] = folder
+    return folders
+
+
+def load_reference(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """The normalising FP / T5D per perturbation from a results JSON (``--p_reference``)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--p_reference {str(path)!r}: cannot read it ({e})") from None
+    try:
+        return rb.reference_from_results(results)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--p_reference {str(path)!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class PPlan:
+    """What a -P evaluation reads: the folder of each (perturbation, difficulty), and how."""
+
+    root: Path
+    folders: dict[tuple[str, int], Path]
+    perturbations: list[str]
+    difficulties: list[int]
+    classes: list[str]
+    sequences_per_batch: int | None  # None: ~batch frames (ImageNet-P sequences hold 31 or 41)
+    decoder: str
+    reference: dict | None  # FP / T5D per perturbation that FR divides by (None: AlexNet's)
+    reference_name: str | None
+
+
+def check_layout(root: Path, classes: list[str], options: DataSettings) -> PPlan:
+    perts = list(options.perturbations) or default_perturbations(root)
+    check_names(perts, [*protocols.PERTURBATIONS, *protocols.EXTRA_PERTURBATIONS], "perturbation")
+    diffs = [int(d) for d in (options.p_difficulties or (protocols.HEADLINE_DIFFICULTY,))]
+    check_names([str(d) for d in diffs], [str(d) for d in protocols.DIFFICULTIES], "difficulty")
+    folders = check_p_layout(root, perts, diffs, classes)
+    ref = options.p_reference
+    return PPlan(
+        Path(root), folders, perts, diffs, list(classes), options.p_batch, options.p_decoder,
+        load_reference(ref) if ref else None, str(ref) if ref else None,
+    )  # fmt: skip
+
+
+def class_folder(root: Path, options: DataSettings) -> Path:
+    return Path(root) / (options.perturbations or protocols.PERTURBATIONS)[0]
+
+
+# --- the sequences through the one loop ------------------------------------------------------------
+
+
 def _example(res: SequenceResult, loader: Any, classes: list[str]) -> dict[str, Any]:
     """The sequence with the most flips (lowest index on ties): what the flips picture shows."""
     i = int(np.argmax(res.flips))
@@ -205,65 +330,153 @@ def _example(res: SequenceResult, loader: Any, classes: list[str]) -> dict[str, 
     }
 
 
-def evaluate_perturbations(
-    model: nn.Module,
-    env: DistEnv,
-    *,
-    root: Any,
-    classes: list[str],
-    perturbations: list[str],
-    difficulties: list[int],
-    batch_size: int,
-    crop_size: int,
-    decoder: str = "auto",
-    num_threads: int = 2,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: bool = True,
-    reference: dict | None = None,
-    reference_name: str | None = None,
-) -> tuple[dict[str, Any], int, float]:
-    """The ``imagenet_p`` block of the results, plus (frames evaluated, seconds).
-
-    Layout first (``layouts.check_p_layout``, on every rank), then one ``SequenceLoader`` per
-    (perturbation, difficulty) folder; each folder's bar counts batches of sequences.
-    """
+def evaluate_folder(
+    model: nn.Module, context: Context, plan: PPlan, p: str, d: int, seqs: int
+) -> tuple[SequenceResult, Any]:
+    """One (perturbation, difficulty) folder; its bar counts batches of sequences."""
     from ..data.sequences import SequenceLoader
-    from .layouts import check_p_layout
 
-    folders = check_p_layout(root, perturbations, difficulties, classes)
+    env = context.env
+    loader = SequenceLoader(
+        plan.folders[(p, d)], plan.classes, batch_size=seqs, rank=env.rank,
+        world_size=env.world_size, device=env.device, crop_size=context.crop_size,
+        decoder=plan.decoder, num_threads=context.num_threads,
+    )  # fmt: skip
+    bar = progress_bar(len(loader), f"{p}/{d}", env, context.progress, leave=True)
+    try:
+        res = evaluate_sequences(
+            model, loader, env, p, d, amp_dtype=context.amp_dtype,
+            channels_last=context.channels_last, pbar=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    return res, loader
+
+
+def evaluate(model: nn.Module, context: Context, plan: PPlan) -> Outcome:
+    """The ``imagenet_p`` block: counts per (perturbation, difficulty), summarised."""
+    seqs = plan.sequences_per_batch or max(1, context.batch_size // 31)
     counts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     examples: dict[str, dict[str, Any]] = {}
     frames, seconds, decoders = 0, 0.0, set()
-    for p in perturbations:
+    for p in plan.perturbations:
         counts[p] = {}
-        for d in difficulties:
-            loader = SequenceLoader(
-                folders[(p, d)], classes, batch_size=batch_size, rank=env.rank,
-                world_size=env.world_size, device=env.device, crop_size=crop_size,
-                decoder=decoder, num_threads=num_threads,
-            )  # fmt: skip
-            bar = progress_bar(len(loader), f"{p}/{d}", env, progress, leave=True)
-            try:
-                res = evaluate_sequences(
-                    model, loader, env, p, d, amp_dtype=amp_dtype,
-                    channels_last=channels_last, pbar=bar,
-                )  # fmt: skip
-            finally:
-                bar.close()
+        for d in plan.difficulties:
+            res, loader = evaluate_folder(model, context, plan, p, d, seqs)
             counts[p][d] = res.counts()
             frames, seconds = frames + res.frames, seconds + res.seconds
             decoders.add(loader.decoder_name)
-            if d == min(difficulties):
-                examples[p] = _example(res, loader, classes)
-    block = rb.summarize_perturbations(counts, reference, reference_name)
+            if d == min(plan.difficulties):
+                examples[p] = _example(res, loader, plan.classes)
+    block = rb.summarize_perturbations(counts, plan.reference, plan.reference_name)
     block.update(
-        dataset="ImageNet-P",
-        root=str(root),
-        difficulties=[int(d) for d in difficulties],
-        decoder=sorted(d for d in decoders if d),
-        examples=examples,
+        dataset="ImageNet-P", root=str(plan.root), difficulties=plan.difficulties,
+        decoder=sorted(d for d in decoders if d), examples=examples,
         units="flip_probability, fr, t5d_rate: percent; top5_distance (0-15), zipf_distance: "
         "mean per comparison",
+    )  # fmt: skip
+    read = (
+        f"frames as stored + centre crop {context.crop_size} (hendrycks/robustness "
+        "ImageNet-P/test.py reads the 224 px frames as they are)"
     )
-    return block, frames, seconds
+    return Outcome(
+        block, frames, seconds, preprocessing={"perturbed": read},
+        run={"p_sequences_per_batch": seqs},
+    )  # fmt: skip
+
+
+# --- reports (from the block alone) -------------------------------------------------------------
+
+
+def headline(p: dict) -> dict[str, float | None]:
+    """mFR / mT5D where normalised, the unnormalised means always."""
+    return {
+        "mFR": p.get("mfr"),
+        "mFR (partial)": p.get("mfr_partial"),
+        "mT5D": p.get("mt5d"),
+        "mT5D (partial)": p.get("mt5d_partial"),
+        "mean flip prob. (unnorm.)": p.get("mean_flip_probability"),
+        "mean flip prob. (partial)": p.get("mean_flip_probability_partial"),
+        "mean top-5 dist. (unnorm.)": p.get("mean_top5_distance"),
+        "mean top-5 dist. (partial)": p.get("mean_top5_distance_partial"),
+    }
+
+
+def report_lines(p: dict) -> list[str]:
+    """One row per (perturbation, difficulty); FR and T5D rate at the headline difficulty."""
+    norm = p.get("normalisation") or {}
+    ref = norm.get("reference") or "AlexNet"
+    lines = [
+        "",
+        f"ImageNet-P: flip probability FP (%), top-5 distance T5D and Zipf distance per comparison; "
+        f"FR and T5D rate = 100 x value / {ref}'s (difficulty {p.get('difficulty', 1)})",
+        "",
+        "| perturbation | difficulty | sequences | FP | FR | T5D | T5D rate | Zipf |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    head = str(p.get("difficulty", 1))
+    for name in p["perturbations"]:
+        label = name + ("" if name in protocols.PERTURBATIONS else " (validation)")
+        for d, fp in p["flip_probability"][name].items():
+            fr = p.get("fr", {}).get(name) if d == head else None
+            t5r = p.get("t5d_rate", {}).get(name) if d == head else None
+            lines.append(row([label, d, str(p["counts"][name][d]["sequences"]), fmt(fp), fmt(fr),
+                              fmt(p["top5_distance"][name][d], 3), fmt(t5r),
+                              fmt(p["zipf_distance"][name][d], 4)]))  # fmt: skip
+    if not norm.get("available", False):
+        lines += ["", f"FR / mFR / mT5D unavailable: {norm.get('reason')}."]
+    if p.get("partial"):
+        lines += [
+            "",
+            f"**Partial** ({p['partial_reason']}): not an mFR; means cover what was evaluated.",
+        ]
+    return lines
+
+
+def compare_lines(pa: dict, pb: dict) -> list[str]:
+    """FR per perturbation where both are normalised, else FP, at the headline difficulty."""
+    d = str(protocols.HEADLINE_DIFFICULTY)
+    both_fr = all(x.get("fr") for x in (pa, pb))
+    lines = []
+    for name in [p for p in pa["perturbations"] if p in pb["perturbations"]]:
+        if both_fr and name in pa["fr"] and name in pb["fr"]:
+            va, vb, label = pa["fr"][name], pb["fr"][name], "FR"
+        else:
+            va = pa["flip_probability"][name].get(d)
+            vb = pb["flip_probability"][name].get(d)
+            label = "FP"
+        if va is not None and vb is not None:
+            lines.append(compare_row(f"{label} {name}", va, vb))
+    if pa.get("partial") or pb.get("partial"):
+        lines.append("| (partial: not an mFR) | | | |")
+    return lines
+
+
+def pictures(results: dict, out: Path, stem: str) -> dict[str, Path]:
+    """``<stem>_flips.png``: each perturbation's most-flipping sequence (re-read from its video)."""
+    import warnings
+
+    if not (results.get("imagenet_p") or {}).get("examples"):
+        return {}
+    try:
+        from .plots import plot_sequence_flips
+
+        crop = (results.get("preprocessing") or {}).get("crop_size") or 224
+        return {"flips": plot_sequence_flips(results, out / f"{stem}_flips.png", crop)}
+    except (ImportError, ValueError) as e:  # no matplotlib, or the videos moved away
+        warnings.warn(f"flips picture not written: {e}", stacklevel=2)
+        return {}
+
+
+BENCHMARK = Benchmark(
+    name="imagenet_p",
+    title="ImageNet-P",
+    help="ImageNet-P root: <perturbation>[_<difficulty>]/<class>/<name>.mp4",
+    check_layout=check_layout,
+    evaluate=evaluate,
+    headline=headline,
+    report_lines=report_lines,
+    compare_lines=compare_lines,
+    pictures=pictures,
+    class_folder=class_folder,
+)

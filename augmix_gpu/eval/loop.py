@@ -1,10 +1,11 @@
 """The one evaluation loop: batches -> ImageNet normalisation -> model -> float32 logits.
 
-Clean, ImageNet-C, CIFAR-C and ImageNet-P evaluation all read their batches through
-:func:`model_outputs`, so the preprocessing after decoding (uint8 -> ImageNet mean/std), autocast,
-``channels_last`` and the progress bar are written once. Each caller then counts what it needs:
-:func:`evaluate_loader` top-1/top-5/NLL per image (this module), ``stability.evaluate_sequences``
-flips and rank distances per sequence.
+The clean set and every benchmark read their batches through :func:`model_outputs`, so the
+preprocessing after decoding (uint8 -> ImageNet mean/std), autocast, ``channels_last`` and the
+progress bar are written once. Each caller then counts what it needs: :func:`evaluate_loader`
+top-1/top-5/NLL per image (this module), ``imagenet_p.evaluate_sequences`` flips and rank
+distances per sequence. A :class:`Context` carries what every evaluation of a run shares (where,
+how fast, at which sizes) and builds its loaders and counts with it.
 
 Every image (or sequence) is counted exactly once whatever the world size: the loaders shard by
 global rank and mark padding ``valid=False`` (DALI issue #4199: padded samples counted twice), the
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from ..distributed import DistEnv, all_gather_cat, all_reduce_sum
 from . import metrics as rb
+from .settings import DataSettings, RunSettings
 
 
 @dataclass
@@ -140,6 +142,39 @@ def model_outputs(
             yield (logits, *rest)
 
 
+@dataclass
+class _LocalCounts:
+    """This rank's counts, before the all-reduce: per batch, full-length tensors and the mask,
+    filtered once at the end (boolean indexing such as ``conf[valid]`` would cost a host sync per
+    batch: its output size is data-dependent)."""
+
+    counts: Tensor  # [3] long: n, correct@1, correct@5
+    nll_sum: Tensor  # [] float64
+    confs: list[Tensor]
+    corrs: list[Tensor]
+    valids: list[Tensor]
+
+    def add(self, logits: Tensor, labels: Tensor, valid: Tensor) -> None:
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit1 = top[:, 0] == labels
+        hit5 = (top == labels[:, None]).any(dim=1)
+        nll = F.cross_entropy(logits, labels, reduction="none")
+        self.counts += torch.stack([valid.sum(), (hit1 & valid).sum(), (hit5 & valid).sum()])
+        self.nll_sum += torch.where(valid, nll.double(), 0.0).sum()
+        self.confs.append(logits.softmax(dim=1).amax(dim=1))
+        self.corrs.append(hit1)
+        self.valids.append(valid)
+
+    def real_samples(self) -> tuple[Tensor, Tensor]:
+        """This rank's (confidence, correct as uint8) of its real samples, padding dropped."""
+        device = self.counts.device
+        if not self.valids:
+            return torch.empty(0, device=device), torch.empty(0, dtype=torch.uint8, device=device)
+        mask = torch.cat(self.valids)
+        return torch.cat(self.confs).float()[mask], torch.cat(self.corrs)[mask].to(torch.uint8)
+
+
 def evaluate_loader(
     model: nn.Module,
     loader: Any,
@@ -157,13 +192,10 @@ def evaluate_loader(
     ``pbar``: an outer tqdm bar to advance (one bar per corruption) instead of a new one.
     """
     device = env.device
-    counts = torch.zeros(3, dtype=torch.long, device=device)  # n, correct@1, correct@5
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confs: list[Tensor] = []
-    corrs: list[Tensor] = []
-    # Per batch: full-length tensors and the mask, filtered once at the end. Boolean indexing
-    # (`conf[valid]`) would cost a host sync per batch (its output size is data-dependent).
-    valids: list[Tensor] = []
+    local = _LocalCounts(
+        torch.zeros(3, dtype=torch.long, device=device),
+        torch.zeros((), dtype=torch.float64, device=device), [], [], [],
+    )  # fmt: skip
     own_bar = pbar is None
     bar = progress_bar(len(loader), desc, env, progress) if own_bar else pbar
     start = time.perf_counter()
@@ -172,28 +204,19 @@ def evaluate_loader(
             model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last, bar=bar
         )
         for logits, labels, valid in run:
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit1 = top[:, 0] == labels
-            hit5 = (top == labels[:, None]).any(dim=1)
-            nll = F.cross_entropy(logits, labels, reduction="none")
-            conf = logits.softmax(dim=1).amax(dim=1)
-            counts += torch.stack([valid.sum(), (hit1 & valid).sum(), (hit5 & valid).sum()])
-            nll_sum += torch.where(valid, nll.double(), 0.0).sum()
-            confs.append(conf)
-            corrs.append(hit1)
-            valids.append(valid)
+            local.add(logits, labels, valid)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         if own_bar:
             bar.close()
     seconds = max_over_ranks(time.perf_counter() - start, env)
+    conf, corr = local.real_samples()
     expected = torch.tensor([int(loader.num_samples)], dtype=torch.long, device=device)
-    all_reduce_sum(counts, env)
-    all_reduce_sum(nll_sum, env)
-    all_reduce_sum(expected, env)
-    n = int(counts[0].item())
+    for t in (local.counts, local.nll_sum, expected):
+        all_reduce_sum(t, env)
+    conf_all, corr_all = all_gather_cat(conf, env).cpu(), all_gather_cat(corr, env).cpu().bool()
+    n = int(local.counts[0].item())
     if n != int(expected.item()):
         raise RuntimeError(
             f"{desc}: counted {n} images but the loader holds {int(expected.item())}: "
@@ -201,22 +224,56 @@ def evaluate_loader(
         )
     if n == 0:
         raise RuntimeError(f"{desc}: the loader yielded no images")
-    mask = torch.cat(valids) if valids else torch.empty(0, dtype=torch.bool, device=device)
-    conf_local = torch.cat(confs).float()[mask] if confs else torch.empty(0, device=device)
-    corr_local = (
-        torch.cat(corrs)[mask].to(torch.uint8)
-        if corrs
-        else torch.empty(0, dtype=torch.uint8, device=device)
-    )
-    conf_all = all_gather_cat(conf_local, env).cpu()
-    corr_all = all_gather_cat(corr_local, env).cpu().bool()
     return EvalResult(
-        n=n,
-        correct1=int(counts[1].item()),
-        correct5=int(counts[2].item()),
-        nll_sum=float(nll_sum.item()),
-        confidences=conf_all,
-        correct=corr_all,
-        images_per_s=n / seconds if seconds > 0 else float("nan"),
-        seconds=seconds,
-    )
+        n=n, correct1=int(local.counts[1].item()), correct5=int(local.counts[2].item()),
+        nll_sum=float(local.nll_sum.item()), confidences=conf_all, correct=corr_all,
+        images_per_s=n / seconds if seconds > 0 else float("nan"), seconds=seconds,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every benchmark of a run reads and counts with (the same on every rank)."""
+
+    env: DistEnv
+    batch_size: int  # images per rank per step
+    loader_device: str  # "cpu" | "gpu": where DALI decodes
+    num_threads: int  # DALI threads per rank
+    amp_dtype: torch.dtype | None  # autocast dtype (None: float32, no autocast)
+    channels_last: bool
+    progress: bool  # progress bars (rank 0 only)
+    crop_size: int  # centre crop of every ImageNet-style image
+    resize_size: int  # clean resize (shorter side) before the crop
+    clean_error: float | None = None  # top-1 error (percent) of the clean set, once evaluated
+
+    @classmethod
+    def create(cls, env: DistEnv, run: RunSettings, data: DataSettings) -> Context:
+        """The context of ``run`` on ``env``; crop 224 / resize 256 unless ``data`` says."""
+        from ..runtime import amp_dtype
+
+        kind = run.device
+        if kind == "auto":
+            kind = "gpu" if env.device.type == "cuda" else "cpu"
+        return cls(
+            env=env, batch_size=run.batch, loader_device={"cuda": "gpu"}.get(kind, kind),
+            num_threads=run.workers, amp_dtype=amp_dtype(run.precision),
+            channels_last=run.channels_last, progress=not run.no_progress,
+            crop_size=data.crop_size or 224, resize_size=data.resize_size or 256,
+        )  # fmt: skip
+
+    def loader(self, source: Any, recipe: str, **kw: Any) -> Any:
+        """``data.build_loader`` over ``source`` sharded over this job's ranks, at its sizes."""
+        from ..data import build_loader
+
+        return build_loader(
+            source, recipe, batch_size=self.batch_size, device=self.loader_device,
+            rank=self.env.rank, world_size=self.env.world_size, crop_size=self.crop_size,
+            resize_size=self.resize_size, num_threads=self.num_threads, **kw,
+        )  # fmt: skip
+
+    def count(self, model: nn.Module, loader: Any, desc: str, pbar: Any = None) -> EvalResult:
+        """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed."""
+        return evaluate_loader(
+            model, loader, self.env, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+            desc=desc, progress=self.progress, pbar=pbar,
+        )  # fmt: skip

@@ -262,6 +262,41 @@ def summarize_perturbations(
     reference = reference if reference is not None else _alexnet_reference()
     known = (*PERTURBATIONS, *EXTRA_PERTURBATIONS)
     perts = [p for p in known if p in counts] + sorted(p for p in counts if p not in known)
+    out = _perturbation_tables(counts, perts)
+    at = [p for p in perts if HEADLINE_DIFFICULTY in counts[p]]
+    main = [p for p in PERTURBATIONS if p in at]
+    missing = [p for p in PERTURBATIONS if p not in at]
+    complete = not missing
+    out["partial"] = not complete
+    out["partial_reason"] = (
+        None
+        if complete
+        else f"{len(missing)} of the {len(PERTURBATIONS)} perturbations not evaluated at "
+        f"difficulty {HEADLINE_DIFFICULTY}: {missing}"
+    )
+    sfx = "" if complete else "_partial"
+    d = str(HEADLINE_DIFFICULTY)
+    fp = {p: out["flip_probability"][p][d] for p in at}
+    t5 = {p: out["top5_distance"][p][d] for p in at}
+    zf = {p: out["zipf_distance"][p][d] for p in at}
+    out["mean_flip_probability" + sfx] = _mean(fp, main)
+    out["mean_top5_distance" + sfx] = _mean(t5, main)
+    out["mean_zipf_distance" + sfx] = _mean(zf, main)
+    extra = [p for p in at if p not in PERTURBATIONS]
+    if extra:
+        out["extra_mean_flip_probability"] = _mean(fp, extra)
+        out["extra_mean_top5_distance"] = _mean(t5, extra)
+    out.update(_normalised(fp, t5, main, complete, reference, reference_name))
+    out["difficulty"] = HEADLINE_DIFFICULTY
+    return out
+
+
+def _mean(table: Mapping[str, float], names: Sequence[str]) -> float | None:
+    return float(np.mean([table[p] for p in names])) if names else None
+
+
+def _perturbation_tables(counts: PCounts, perts: list[str]) -> dict:
+    """FP, T5D, Zipf distance and the counts per (perturbation, difficulty)."""
     out: dict = {"perturbations": perts, "counts": {}, "flip_probability": {}, "top5_distance": {},
                  "zipf_distance": {}}  # fmt: skip
     for p in perts:
@@ -276,32 +311,21 @@ def summarize_perturbations(
                 "flips": int(np.sum(c["flips"])),
                 "comparisons": int(np.sum(c["comparisons"])),
             }
-    at = {p: counts[p][HEADLINE_DIFFICULTY] for p in perts if HEADLINE_DIFFICULTY in counts[p]}
-    main = [p for p in PERTURBATIONS if p in at]
-    missing = [p for p in PERTURBATIONS if p not in at]
-    complete = not missing
-    out["partial"] = not complete
-    out["partial_reason"] = (
-        None
-        if complete
-        else f"{len(missing)} of the {len(PERTURBATIONS)} perturbations not evaluated at "
-        f"difficulty {HEADLINE_DIFFICULTY}: {missing}"
-    )
-    sfx = "" if complete else "_partial"
-    fp = {p: out["flip_probability"][p][str(HEADLINE_DIFFICULTY)] for p in at}
-    t5 = {p: out["top5_distance"][p][str(HEADLINE_DIFFICULTY)] for p in at}
-    zf = {p: out["zipf_distance"][p][str(HEADLINE_DIFFICULTY)] for p in at}
-    mean = lambda table, ps: float(np.mean([table[p] for p in ps])) if ps else None  # noqa: E731
-    out["mean_flip_probability" + sfx] = mean(fp, main)
-    out["mean_top5_distance" + sfx] = mean(t5, main)
-    out["mean_zipf_distance" + sfx] = mean(zf, main)
-    extra = [p for p in at if p not in PERTURBATIONS]
-    if extra:
-        out["extra_mean_flip_probability"] = mean(fp, extra)
-        out["extra_mean_top5_distance"] = mean(t5, extra)
-    # Normalised rates (percent; 100 = as stable as the reference), where a reference exists.
+    return out
+
+
+def _normalised(
+    fp: Mapping[str, float],
+    t5: Mapping[str, float],
+    main: list[str],
+    complete: bool,
+    reference: Mapping[str, Mapping[str, float]],
+    reference_name: str | None,
+) -> dict:
+    """FR and T5D rate per perturbation (percent; 100 = as stable as the reference), where a
+    reference exists, and their means (mFR, mT5D: only over the complete 10)."""
     fr, t5r, why = {}, {}, []
-    for p in at:
+    for p in fp:
         ref = reference.get(p) or {}
         rfp, rt5 = ref.get("flip_probability"), ref.get("top5_distance")
         if rfp:
@@ -310,7 +334,7 @@ def summarize_perturbations(
             t5r[p] = 100.0 * t5[p] / rt5
         if not (rfp and rt5) and p in PERTURBATIONS:
             why.append(p)
-    out["fr"], out["t5d_rate"] = fr, t5r
+    out: dict = {"fr": fr, "t5d_rate": t5r}
     out["normalisation"] = {
         "reference": reference_name or "AlexNet",
         "available": not why,
@@ -319,12 +343,11 @@ def summarize_perturbations(
         ),
     }  # fmt: skip
     has_all = complete and all(p in fr and p in t5r for p in PERTURBATIONS)
-    out["mfr"] = mean(fr, PERTURBATIONS) if has_all else None
-    out["mt5d"] = mean(t5r, PERTURBATIONS) if has_all else None
+    out["mfr"] = _mean(fr, PERTURBATIONS) if has_all else None
+    out["mt5d"] = _mean(t5r, PERTURBATIONS) if has_all else None
     if not has_all and any(p in fr for p in main):
-        out["mfr_partial"] = mean(fr, [p for p in main if p in fr])
-        out["mt5d_partial"] = mean(t5r, [p for p in main if p in t5r])
-    out["difficulty"] = HEADLINE_DIFFICULTY
+        out["mfr_partial"] = _mean(fr, [p for p in main if p in fr])
+        out["mt5d_partial"] = _mean(t5r, [p for p in main if p in t5r])
     return out
 
 

@@ -49,20 +49,7 @@ def plot_error_heatmap(results: dict, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(sevs) + 1), [*map(str, sevs), "mean"])
     ax.set_yticks(range(len(corrs)), corrs)
     ax.set_xlabel("severity")
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = table[i, j]
-            if np.isfinite(v):
-                dark = (v - vmin) / (vmax - vmin) > 0.55
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.1f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if dark else "black",
-                )
+    _annotate(ax, table, vmin, vmax)
     ax.axvline(len(sevs) - 0.5, color="white", lw=2)
     bar = fig.colorbar(im, ax=ax, label="top-1 error (%)")
     title = f"{block.get('dataset', 'corrupted')} top-1 error"
@@ -81,6 +68,17 @@ def plot_error_heatmap(results: dict, path: str | os.PathLike) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _annotate(ax: Any, table: Any, vmin: float, vmax: float) -> None:
+    """Each finite cell's value, white on the dark end of the scale."""
+    import numpy as np
+
+    for (i, j), v in np.ndenumerate(table):
+        if np.isfinite(v):
+            dark = (v - vmin) / (vmax - vmin) > 0.55
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
 
 
 def plot_sequence_flips(results: dict, path: str | os.PathLike, crop_size: int = 224) -> Path:

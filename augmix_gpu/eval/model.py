@@ -1,0 +1,120 @@
+"""The model to evaluate: a checkpoint of this project, or torchvision weights (``--pretrained``).
+
+A checkpoint carries its class list (label order) and training config (arch, crop size, op set);
+torchvision weights carry neither, so their labels are the sorted class folders of a data folder
+(torchvision's ImageNet index order is the sorted wnids) and a head of the wrong size is refused
+before it could be silently replaced by a random one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .settings import ModelSource
+
+OPS_DESCRIPTION = {
+    False: "paper's 9 ops (no overlap with ImageNet-C)",
+    True: "all 13 ops: adds color, contrast, brightness, sharpness, which overlap ImageNet-C",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the requested device
+    classes: list[str]  # label i is classes[i]
+    config: dict[str, Any]  # the training config (arch, crop_size, val_resize, aug_type, ...)
+    info: dict[str, Any]  # what was evaluated, for results["model"] (describe_model)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_model(
+    config: dict[str, Any] | None, weights_path: str | os.PathLike | None, **extra: Any
+) -> dict:
+    """What was evaluated: arch, weights file + SHA-256, and the op set it was trained with."""
+    config = config or {}
+    all_ops = config.get("all_ops")
+    info = {
+        "arch": config.get("arch"),
+        "weights": str(weights_path) if weights_path else None,
+        "sha256": file_sha256(weights_path) if weights_path else None,
+        "aug_type": config.get("aug_type"),
+        "all_ops": all_ops,
+        "ops": OPS_DESCRIPTION.get(all_ops, "unknown (not recorded in the checkpoint)"),
+    }
+    info.update(extra)
+    return info
+
+
+def load_model(
+    source: ModelSource, device: str | torch.device = "cpu", *, class_root: Path | None = None
+) -> LoadedModel:
+    """``source.ckpt_path`` or ``source.pretrained`` (exactly one); ``class_root``: the folder of
+    class folders that names ``--pretrained``'s labels (the clean val folder, say)."""
+    if bool(source.ckpt_path) == bool(source.pretrained):
+        raise ValueError("pass exactly one of --ckpt_path or --pretrained")
+    if source.ckpt_path:
+        return load_checkpoint_model(source.ckpt_path, device)
+    if class_root is None:
+        raise ValueError("--pretrained needs a folder of class folders to read the class list from")
+    return load_pretrained(source.pretrained, source.arch, class_root, device)
+
+
+def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device) -> LoadedModel:
+    """The model of a checkpoint of this project (``checkpoint.save_atomic``), in eval mode."""
+    from ..checkpoint import load_checkpoint
+    from ..models import build_model
+
+    state = load_checkpoint(path)
+    config = state.get("config", {})
+    classes = state.get("classes")
+    if not classes:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no class list; it cannot map folders to labels"
+        )
+    model = build_model(config.get("arch", "resnet50"), num_classes=len(classes))
+    model.load_state_dict(state["model"])
+    info = describe_model(config, path, name=Path(path).stem)
+    return LoadedModel(model.to(device).eval(), list(classes), config, info)
+
+
+def load_pretrained(
+    pretrained: str, arch: str, class_root: Path, device: str | torch.device
+) -> LoadedModel:
+    """torchvision weights (a local file, or a cached weights name); labels: the sorted class
+    folders of ``class_root``, torchvision's ImageNet index order."""
+    from ..data import find_classes
+    from ..models import build_model, load_state_dict_file
+
+    classes, _ = find_classes(class_root)
+    weights = Path(pretrained) if Path(pretrained).is_file() else None
+    if weights is not None:  # a head of another size would be silently replaced by a random one
+        expected = {
+            k: tuple(v.shape) for k, v in build_model(arch, len(classes)).state_dict().items()
+        }
+        got = {k: tuple(v.shape) for k, v in load_state_dict_file(weights).items()}
+        # Shapes only: old torchvision files lack BatchNorm's num_batches_tracked, which loads fine.
+        diff = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        if diff:
+            raise ValueError(
+                f"--pretrained {pretrained} does not match --arch {arch} with the "
+                f"{len(classes)} class folders of {str(class_root)!r} (differs at {diff[:3]}): "
+                "evaluate on the dataset and architecture the weights were trained for"
+            )
+    model = build_model(arch, num_classes=len(classes), pretrained=pretrained)
+    config = {"arch": arch, "aug_type": None, "all_ops": None}
+    info = describe_model(config, weights, name=arch)
+    return LoadedModel(model.to(device).eval(), classes, config, info)
