@@ -31,25 +31,19 @@ from augmix_gpu.distributed import cleanup, init_distributed  # noqa: E402
 from augmix_gpu.train.config import Settings, resolve_settings, validate_settings  # noqa: E402
 
 
-def eval_only_argv(settings: Settings, env) -> list[str]:
-    """--eval_only runs evaluate.py (the same code) on this run's data and checkpoint."""
+def evaluate_only(settings: Settings, env) -> int:
+    """--eval_only: evaluate.py's evaluation (the same code) of --ckpt_path or --pretrained on
+    this run's data, reports under <run dir>/eval."""
+    from augmix_gpu.eval.cli import evaluate_checkpoint
+    from augmix_gpu.eval.settings import ModelSource
     from augmix_gpu.train.data import prepare_data
+    from augmix_gpu.train.final_eval import eval_settings
 
-    s, spec = settings, prepare_data(settings, env)
-    run = s.run
-    model = (
-        ["--ckpt_path", run.ckpt_path]
-        if run.ckpt_path
-        else ["--pretrained", s.model.pretrained, "--arch", s.model.arch]
-    )
-    roots = [arg for name, root in spec.roots.items() for arg in (f"--{name}", str(root))]
-    data = ["--val", str(spec.val), *roots]
-    if s.data.is_cifar:  # the test split from the pickles, -C .npy
-        data = ["--cifar", s.data.data, "--cifar_name", s.data.dataset, *roots]
-    opts = ["--batch", str(s.per_rank_batch(env.world_size)), "--workers", str(s.data.workers),
-            "--device", run.device, "--precision", s.model.precision, "--out", str(s.run_dir / "eval"),
-            "--crop_size", str(s.data.crop_size), "--resize_size", str(s.data.val_resize)]  # fmt: skip
-    return model + data + opts + (["--no_progress"] if run.no_progress else [])
+    run, model = settings.run, settings.model
+    source = ModelSource(ckpt_path=run.ckpt_path) if run.ckpt_path else (
+        ModelSource(pretrained=model.pretrained, arch=model.arch))  # fmt: skip
+    data = prepare_data(settings, env)
+    return evaluate_checkpoint(eval_settings(settings, data, env.world_size, source), env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.device.type == "cpu":
             reuse_freed_memory()  # batched CPU AugMix: keep freed pages (2-3x, runtime.py)
         if settings.run.eval_only:
-            import evaluate
-
-            return evaluate.main(eval_only_argv(settings, env))
+            return evaluate_only(settings, env)
         from augmix_gpu.train.run import fit
 
         return fit(settings, env)

@@ -216,17 +216,21 @@ def training_run(args, tmp: Path) -> tuple[dict, object, object, Path]:
 def c_evaluation(net, classes, data: Path, tmp: Path, args) -> dict:
     from augmix_gpu.data import make_corrupted_dataset
     from augmix_gpu.distributed import DistEnv
-    from augmix_gpu.eval.run import evaluate_robustness
+    from augmix_gpu.eval.run import evaluate_model
+    from augmix_gpu.eval.settings import DataSettings, EvalSettings, RunSettings
 
     c_root = make_corrupted_dataset(data / "val", tmp / "c", severities=(3,),
                                     workers=os.cpu_count() or 4, progress=False)  # fmt: skip
     env = DistEnv(0, 0, 1, torch.device("cuda"), None)
     net.model.eval()
     start = time.perf_counter()
-    res = evaluate_robustness(net.model, env, classes=classes, val_dir=data / "val",
-                              imagenet_c_dir=c_root, severities=[3], batch_size=256,
-                              device_kind="gpu", num_threads=args.threads,
-                              amp_dtype=torch.bfloat16, channels_last=True, progress=False)  # fmt: skip
+    settings = EvalSettings(
+        data=DataSettings(val=data / "val", severities=[3], crop_size=224, resize_size=256),
+        run=RunSettings(batch=256, device="cuda", workers=args.threads, precision="bf16",
+                        channels_last=True, no_progress=True),
+        roots={"imagenet_c": c_root},
+    )  # fmt: skip
+    res = evaluate_model(net.model, env, classes=classes, settings=settings)
     seconds = time.perf_counter() - start
     images = 16 * res["clean"]["n"]  # the val images, clean and under 15 corruptions
     return {"images_per_s": images / seconds, "seconds": seconds,

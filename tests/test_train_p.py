@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
-from cli_runner import REPO, ok, run_script
+from cli_runner import ok, run_script
 
 from augmix_gpu.distributed import DistEnv
+from augmix_gpu.eval.settings import ModelSource
 from augmix_gpu.train.config import resolve_settings
 from augmix_gpu.train.data import prepare_data
+from augmix_gpu.train.final_eval import eval_settings
 
 pytest.importorskip("av")
 pytest.importorskip("imagecorruptions")
@@ -37,8 +39,6 @@ def p_tree(tmp_path_factory):
 
 
 def test_data_spec_and_eval_only_forward_the_p_tree(p_tree, monkeypatch, tmp_path):
-    import importlib.util
-
     cache, p = p_tree
     monkeypatch.setenv("AUGMIX_GPU_CACHE", str(cache))
     spec = prepare_data(resolve_settings(SMALL + ["--imagenet_p", str(p)]), ENV)
@@ -47,13 +47,11 @@ def test_data_spec_and_eval_only_forward_the_p_tree(p_tree, monkeypatch, tmp_pat
     assert "imagenet_p" not in no_p.roots
     # The demo's generated set comes with the -C one (SMALL has --no_c_eval: none).
     assert prepare_data(resolve_settings(SMALL), ENV).roots == {}
-    module = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
-    train = importlib.util.module_from_spec(module)
-    module.loader.exec_module(train)
-    argv = train.eval_only_argv(
-        resolve_settings(SMALL + ["--imagenet_p", str(p), "--ckpt_path", "x.ckpt", "--eval_only",
-                               "--ckpt_dir_base", str(tmp_path)]), ENV)  # fmt: skip
-    assert argv[argv.index("--imagenet_p") + 1] == str(p)
+    settings = resolve_settings(SMALL + ["--imagenet_p", str(p), "--ckpt_path", "x.ckpt",
+                                         "--eval_only", "--ckpt_dir_base", str(tmp_path)])  # fmt: skip
+    source = ModelSource(ckpt_path="x.ckpt")
+    options = eval_settings(settings, prepare_data(settings, ENV), 1, source)
+    assert options.roots == {"imagenet_p": str(p)} and options.model.ckpt_path == "x.ckpt"
 
 
 @pytest.mark.slow

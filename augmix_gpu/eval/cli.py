@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..checks import add_flags, flag_fields
-from ..distributed import cleanup, init_distributed
+from ..distributed import DistEnv, cleanup, init_distributed
 from .model import load_model
 from .registry import BENCHMARKS
 from .reports import compare_files, markdown_table, write_reports
@@ -84,31 +84,28 @@ def class_root(settings: EvalSettings) -> Path:
     )
 
 
-def evaluate_checkpoint(settings: EvalSettings) -> int:
-    """Load ``settings.model``, evaluate it on every rank, write the reports on rank 0."""
-    env = init_distributed(settings.run.device)
-    try:
-        root = class_root(settings) if settings.model.pretrained else None
-        loaded = load_model(settings.model, env.device, class_root=root)
-        model = loaded.model
-        if settings.run.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        data = replace(
-            settings.data,
-            crop_size=settings.data.crop_size or loaded.config.get("crop_size") or 224,
-            resize_size=settings.data.resize_size or loaded.config.get("val_resize") or 256,
-        )
-        extra = {"args": command_line_args(settings), "model": loaded.info}
-        results = evaluate_model(
-            model, env, classes=loaded.classes, settings=replace(settings, data=data),
-            extra_info=extra,
-        )  # fmt: skip
-        if env.is_main:
-            paths = write_reports(results, settings.run.out, settings.run.name)
-            print(markdown_table(results))
-            print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    finally:
-        cleanup(env)
+def evaluate_checkpoint(settings: EvalSettings, env: DistEnv) -> int:
+    """Load ``settings.model``, evaluate it on every rank, write the reports on rank 0.
+
+    ``env``: the process group this process joined (``train.py --eval_only`` has one already)."""
+    root = class_root(settings) if settings.model.pretrained else None
+    loaded = load_model(settings.model, env.device, class_root=root)
+    model = loaded.model
+    if settings.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data = replace(
+        settings.data,
+        crop_size=settings.data.crop_size or loaded.card.crop_size or 224,
+        resize_size=settings.data.resize_size or loaded.card.val_resize or 256,
+    )
+    extra = {"args": command_line_args(settings), "model": loaded.info}
+    results = evaluate_model(
+        model, env, classes=loaded.classes, settings=replace(settings, data=data), extra_info=extra
+    )
+    if env.is_main:
+        paths = write_reports(results, settings.run.out, settings.run.name)
+        print(markdown_table(results))
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
 
 
@@ -118,4 +115,8 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     if settings.run.compare:
         print(compare_files(*settings.run.compare))
         return 0
-    return evaluate_checkpoint(settings)
+    env = init_distributed(settings.run.device)
+    try:
+        return evaluate_checkpoint(settings, env)
+    finally:
+        cleanup(env)

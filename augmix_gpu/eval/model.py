@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,29 @@ OPS_DESCRIPTION = {
 }
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What an evaluation needs to know of a trained model: its architecture and image sizes,
+    and how it was augmented. The fields are the training settings of the same names, read from
+    the flat settings a checkpoint stores (a field it lacks stays None)."""
+
+    arch: str | None = None
+    aug_type: str | None = None
+    all_ops: bool | None = None
+    crop_size: int | None = None
+    val_resize: int | None = None
+
+    @classmethod
+    def from_settings(cls, flat: Mapping[str, Any]) -> ModelCard:
+        """The card of the flat ``{setting: value}`` a run saved (``Settings.to_dict()``)."""
+        return cls(**{f.name: flat[f.name] for f in fields(cls) if f.name in flat})
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module  # in eval mode, on the requested device
     classes: list[str]  # label i is classes[i]
-    config: dict[str, Any]  # the training config (arch, crop_size, val_resize, aug_type, ...)
+    card: ModelCard
     info: dict[str, Any]  # what was evaluated, for results["model"] (describe_model)
 
 
@@ -41,19 +60,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def describe_model(
-    config: dict[str, Any] | None, weights_path: str | os.PathLike | None, **extra: Any
-) -> dict:
+def describe_model(card: ModelCard, weights_path: str | os.PathLike | None, **extra: Any) -> dict:
     """What was evaluated: arch, weights file + SHA-256, and the op set it was trained with."""
-    config = config or {}
-    all_ops = config.get("all_ops")
     info = {
-        "arch": config.get("arch"),
+        "arch": card.arch,
         "weights": str(weights_path) if weights_path else None,
         "sha256": file_sha256(weights_path) if weights_path else None,
-        "aug_type": config.get("aug_type"),
-        "all_ops": all_ops,
-        "ops": OPS_DESCRIPTION.get(all_ops, "unknown (not recorded in the checkpoint)"),
+        "aug_type": card.aug_type,
+        "all_ops": card.all_ops,
+        "ops": OPS_DESCRIPTION.get(card.all_ops, "unknown (not recorded in the checkpoint)"),
     }
     info.update(extra)
     return info
@@ -79,16 +94,16 @@ def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device) -
     from ..models import build_model
 
     state = load_checkpoint(path)
-    config = state.get("config", {})
+    card = ModelCard.from_settings(state.get("config", {}))
     classes = state.get("classes")
     if not classes:
         raise ValueError(
             f"checkpoint {str(path)!r} holds no class list; it cannot map folders to labels"
         )
-    model = build_model(config.get("arch", "resnet50"), num_classes=len(classes))
+    model = build_model(card.arch or "resnet50", num_classes=len(classes))
     model.load_state_dict(state["model"])
-    info = describe_model(config, path, name=Path(path).stem)
-    return LoadedModel(model.to(device).eval(), list(classes), config, info)
+    info = describe_model(card, path, name=Path(path).stem)
+    return LoadedModel(model.to(device).eval(), list(classes), card, info)
 
 
 def load_pretrained(
@@ -115,6 +130,7 @@ def load_pretrained(
                 "evaluate on the dataset and architecture the weights were trained for"
             )
     model = build_model(arch, num_classes=len(classes), pretrained=pretrained)
-    config = {"arch": arch, "aug_type": None, "all_ops": None}
-    info = describe_model(config, weights, name=arch)
-    return LoadedModel(model.to(device).eval(), classes, config, info)
+    card = ModelCard(arch=arch)
+    return LoadedModel(
+        model.to(device).eval(), classes, card, describe_model(card, weights, name=arch)
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..augment.augmix import STRATEGIES
 from ..augment.severity import OBJECTIVES
 from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
+from ..eval.registry import BENCHMARKS
 from ..models import check_arch
 from ..protocols import EXTRA_CORRUPTIONS
 from ..runtime import PRECISIONS
@@ -315,30 +316,32 @@ class OptimSettings:
 
 
 @dataclass(frozen=True)
-class RobustnessSettings:
-    """The robustness evaluation after training (the synthetic task generates its own -C / -P)."""
+class _RobustnessOptions:
+    """The robustness evaluation after training: one ``--<benchmark> DIR`` per benchmark of the
+    evaluation's registry (the synthetic task generates its own -C and -P), and these options."""
 
-    imagenet_c: str | None = flag(None, "-C tree to evaluate after training (synthetic: generated)")
     c_severities: list[int] = flag(
         [1, 2, 3, 4, 5],
         check=lambda sevs: (
             None if sevs and all(1 <= s <= 5 for s in sevs) else "severities are 1..5"
         ),
     )
-    no_c_eval: bool = flag(False, "skip the -C evaluation after training")
-    imagenet_p: str | None = flag(None, "-P tree to evaluate after training (synthetic: generated)")
+    no_c_eval: bool = flag(False, "skip the -C evaluation after training (and the generated -P)")
     no_p_eval: bool = flag(False, "skip the -P evaluation after training")
-    cifar_c: str | None = flag(
-        None, "CIFAR-10-C/100-C folder (<corruption>.npy, labels.npy) to evaluate after training"
-    )
 
     def roots(self) -> dict[str, str | None]:
         """Benchmark name -> the root given for it (None: not given)."""
-        return {
-            "imagenet_c": self.imagenet_c,
-            "imagenet_p": self.imagenet_p,
-            "cifar_c": self.cifar_c,
-        }
+        return {b.name: getattr(self, b.name) for b in BENCHMARKS}
+
+
+# One root flag per registered benchmark: a new benchmark needs no edit here.
+RobustnessSettings = make_dataclass(
+    "RobustnessSettings",
+    [(b.name, str | None, flag(None, f"{b.help}; evaluated after training")) for b in BENCHMARKS],
+    bases=(_RobustnessOptions,),
+    frozen=True,
+)
+RobustnessSettings.__doc__ = _RobustnessOptions.__doc__
 
 
 def _problem(check: Any, value: Any) -> str | None:
@@ -556,12 +559,13 @@ def _check_data(s: Settings) -> None:
             None,
             f"--dataset {data.dataset} needs --data pointing at torchvision's CIFAR folder",
         )
-    if data.is_cifar and rob.imagenet_c:
-        raise _bad("imagenet_c", rob.imagenet_c, "a CIFAR run is evaluated with --cifar_c DIR")
-    if data.is_cifar and rob.imagenet_p:
-        raise _bad("imagenet_p", rob.imagenet_p, "a CIFAR run has no -P evaluation here")
-    if rob.cifar_c is not None and not data.is_cifar:
-        raise _bad("cifar_c", rob.cifar_c, "needs --dataset cifar10 or cifar100 (and --data)")
+    family = "cifar" if data.is_cifar else "imagenet"
+    for b in BENCHMARKS:
+        root = getattr(rob, b.name)
+        if root and b.family != family:
+            want = "a CIFAR run is evaluated with --cifar_c DIR" if data.is_cifar else (
+                "needs --dataset cifar10 or cifar100 (and --data)")  # fmt: skip
+            raise _bad(b.name, root, want)
     if rob.cifar_c is not None and not (Path(rob.cifar_c) / "labels.npy").is_file():
         raise _bad(
             "cifar_c", rob.cifar_c, "expected a folder holding labels.npy and <corruption>.npy"

@@ -24,7 +24,7 @@ from ..models import build_model
 from ..runtime import amp_dtype
 from .config import AugmentSettings, Settings, SeveritySettings
 from .data import DataSpec, build_loaders, prepare_data, prepare_heldout
-from .final_eval import evaluate_after_training
+from .final_eval import check_robustness_layouts, evaluate_after_training
 from .heldout_severity import HeldoutSeverityUpdater
 from .resume import BEST, LAST, RunCheckpoints, make_checkpoint, resume_from
 from .schedule import build_optimizer
@@ -102,7 +102,7 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
     heldout = prepare_heldout(settings, env, data)
     train_loader, val_loader, heldout_loader = build_loaders(settings, env, data, heldout)
     classes = train_loader.classes
-    check_robustness_layouts(data, classes)  # a bad tree fails now, not after the training
+    check_robustness_layouts(settings, data, classes)  # a bad tree fails now, not after training
     net = AugmentedClassifier(
         build_model(settings.model.arch, len(classes), settings.model.pretrained),
         settings.augment.aug_type,
@@ -139,16 +139,6 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
             log=lambda message: log(env, message),
         ),  # fmt: skip
     )
-
-
-def check_robustness_layouts(data: DataSpec, classes: list[str]) -> None:
-    """The -P tree is checked before any step (the other benchmarks' checks are folder listings
-    that the evaluation repeats; -P's is the one a long run would otherwise find last)."""
-    root = data.roots.get("imagenet_p")
-    if root is not None:
-        from ..eval.layouts import check_p_layout, present_perturbations
-
-        check_p_layout(root, present_perturbations(root), [1], classes)
 
 
 def describe(run: Run) -> None:
