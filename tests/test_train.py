@@ -328,3 +328,22 @@ def test_compile_trains_and_checkpoints_plain_weights(cache, tmp_path):
     diff = sum(float((compiled[k].double() - eager[k].double()).norm() ** 2) for k in eager) ** 0.5
     norm = sum(float(eager[k].double().norm() ** 2) for k in eager) ** 0.5
     assert diff / norm < 1e-3, diff / norm
+
+
+def test_a_registered_benchmark_is_evaluated_after_training(cache, tmp_path):
+    """A benchmark of the evaluation's registry is a train.py flag too: --imagenet_sketch (the
+    synthetic val folder has its layout, <class>/<image>) is evaluated after the last epoch, and a
+    folder that is not one of the model's classes stops the run before its first step."""
+    val = cache / "synthetic-10c-12tr-4va-64px-seed0" / "val"  # SMALL's set, made before the check
+    args = SMALL + ["--max_steps_per_epoch", "1", "--imagenet_sketch", str(val)]
+    ok(run_train(args + ["--ckpt_dir_base", str(tmp_path)], cache))
+    block = results(tmp_path / "learnable_augmix_jsd")["robustness"]["imagenet_sketch"]
+    assert block["n"] == 40 and 0 <= block["error"] <= 100  # 10 classes x 4 val images
+    bad = tmp_path / "sketch"
+    (bad / "not_a_class").mkdir(parents=True)
+    (bad / "not_a_class" / "x.jpg").write_bytes(b"")
+    proc = run_train(
+        SMALL + ["--imagenet_sketch", str(bad), "--ckpt_dir_base", str(tmp_path)], cache
+    )
+    assert proc.returncode == 2 and "not_a_class" in proc.stderr
+    assert "epoch 1" not in proc.stderr + proc.stdout  # refused before training

@@ -12,8 +12,8 @@ give the same views and gradients for the same draws (tests pin it):
 
 * ``strategy="grouped"``: each op once per step on the images that drew it; one host sync per call.
 * ``strategy="static"``: every op on every image, the drawn one kept by ``torch.where``; nothing is
-  read back to the host, fewer operators, more arithmetic (4.2x the CPU time at 224 px).
-* ``strategy="auto"`` (default): ``grouped`` on the CPU (measured: 4.2x less CPU time), ``static``
+  read back to the host, fewer operators, more arithmetic.
+* ``strategy="auto"`` (default): ``grouped`` on the CPU (less CPU time: docs/benchmarks.md), ``static``
   on any other device. The second half is argued, not measured (no GPU has run this code): a GPU
   training step should not wait on the host (a sync waits for every queued kernel and rules out
   CUDA-graph capture); static's extra arithmetic is memory traffic on a GPU too, so the GPU check

@@ -15,9 +15,8 @@ the same draws (tests pin it):
   keeps the drawn one (an op that is the identity at parameter 0, solarize, needs no select). No
   shape depends on the draw: nothing is read back to the host, the call is the same kernels every
   time (it runs on the ``meta`` device, and compiles with ``torch.compile(fullgraph=True)``), and
-  it dispatches fewer operators (199 vs 251 per call at the defaults; 385 vs 437 for the learnable
-  forward + backward). The price is arithmetic: each op touches N images instead of its group,
-  4.2x the CPU time of ``grouped`` at 224 px (README, AugMix benchmark).
+  it dispatches fewer operators. The price is arithmetic: each op touches N images instead of its
+  group (the operator counts and CPU times of both forms: docs/benchmarks.md).
 
 A new form is one more function ``(x, steps, groups) -> [N,3,H,W]`` added to ``EXECUTORS``; its
 name then is a valid ``strategy`` (``augmix.STRATEGIES`` is read off this dict).
