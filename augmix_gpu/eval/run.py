@@ -13,7 +13,7 @@ The entry point of evaluate.py (``cli.py``) and of the trainer's end-of-run eval
         roots={"imagenet_c": "data/ImageNet-C", "imagenet_p": None},  # None: not evaluated
     )
     results = evaluate_model(model, env, classes=classes, settings=settings,
-                             extra_info={"model": describe_model(config, None), "args": config})
+                             extra_info={"model": describe_model(card, None), "args": flat})
     if env.is_main:
         write_reports(results, "runs/x/eval")
 
@@ -40,12 +40,11 @@ from ..distributed import DistEnv
 from .benchmark import Benchmark, Outcome
 from .clean import evaluate_clean
 from .layouts import check_names
-from .loop import Context, evaluate_loader
+from .loop import Context
 from .registry import BENCHMARKS
 from .settings import EvalSettings
 
-# evaluate_loader: the trainer's per-epoch validation imports it from here (train/run.py).
-__all__ = ["check_layouts", "evaluate_loader", "evaluate_model", "given_benchmarks"]
+__all__ = ["check_layouts", "evaluate_model", "given_benchmarks"]
 
 RESULTS_FORMAT = 1
 
