@@ -10,7 +10,11 @@ raises :class:`CheckpointWriteError` naming the folder; the files already there 
 Reading (:func:`load_checkpoint`): the zip records ``torch.save`` writes carry CRC-32s that
 ``torch.load`` never checks, so a flipped byte in a tensor loads silently as a wrong weight. They
 are checked first: a truncated or garbled file raises :class:`CorruptCheckpointError` naming it,
-and :func:`load_latest` falls back to the previous copy.
+and :func:`load_latest` falls back to the previous copy. Then ``torch.load(weights_only=True)``:
+unpickling may call any importable function a file names, so opening someone else's checkpoint
+(``evaluate.py --ckpt_path``, ``--resume``) could run their code. Only tensors, numbers, strings
+and containers are accepted; a file that needs more raises :class:`UnsafeCheckpointError` before
+anything it names is called. So the run's state is stored in those types (``train/resume.py``).
 
 A run's policy (which checkpoint to continue from, when to save, the injected faults) lives in
 ``train/resume.py``. The checkpoint's content is the caller's dict: add state without touching
@@ -23,6 +27,8 @@ import contextlib
 import errno
 import glob
 import os
+import pickle
+import re
 import shutil
 import signal
 import sys
@@ -35,7 +41,8 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+# 2: every entry loads with weights_only=True (format 1 held numpy RNG states as numpy objects).
+FORMAT_VERSION = 2
 _ENOSPC_AFTER_BYTES = 64 * 1024  # the injected full disk accepts this much, then fails
 
 
@@ -45,6 +52,10 @@ class CheckpointWriteError(RuntimeError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated or garbled."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickled objects other than tensors and plain types: refused unread."""
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -210,7 +221,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`, with a clear error for bad paths.
 
-    A truncated or garbled file raises :class:`CorruptCheckpointError` (a ValueError) naming it.
+    A truncated or garbled file raises :class:`CorruptCheckpointError` (a ValueError) naming it;
+    one whose unpickling would call code raises :class:`UnsafeCheckpointError` (the module doc).
     """
     path = Path(path)
     if not path.is_file():
@@ -218,13 +230,34 @@ def load_checkpoint(
     if verify:
         verify_checkpoint(path)
     try:
-        # weights_only=False: our own files hold numpy RNG states and the config dict.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise UnsafeCheckpointError(_refusal(path, e)) from None
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} could not be read ({e})") from e
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CorruptCheckpointError(f"checkpoint {str(path)!r} could not be read ({e})") from e
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{str(path)!r} is not a checkpoint of this project (no 'model' entry)")
     return state
+
+
+def _refusal(path: Path, error: Exception) -> str:
+    """One line for a refused file: what it would have called, and what to do."""
+    named = re.search(r"GLOBAL (\S+)", str(error))
+    called = named.group(1) if named else ""
+    what = f"would call {called}" if called else "needs more than tensors and plain types"
+    hint = "; load only checkpoints of this project or plain state dicts"
+    if called.startswith("numpy"):
+        hint = (
+            f"; a checkpoint of this project written before format {FORMAT_VERSION} held numpy "
+            "RNG states: retrain, or re-save it from a copy you trust"
+        )
+    return (
+        f"checkpoint {str(path)!r} refused: unpickling it {what}, and a file that names code to "
+        "call could run anything (torch.load weights_only=True loads tensors, numbers, strings "
+        f"and containers only){hint}"
+    )
 
 
 @dataclass
@@ -251,6 +284,8 @@ def load_latest(
             continue
         try:
             state = load_checkpoint(candidate)
+        except UnsafeCheckpointError:
+            raise  # not damaged but refused: never passed over for an older copy in silence
         except ValueError as e:
             found.corrupt.append((candidate, str(e)))
             continue

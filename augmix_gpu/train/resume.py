@@ -44,10 +44,23 @@ CALIBRATION_WARMUP_STEPS, CALIBRATION_STEPS = 5, 20
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU + CUDA) generator states."""
+    """Python, numpy and torch (CPU + CUDA) generator states, in tensors and plain types only:
+    checkpoints load with ``weights_only=True`` (``checkpoint.py``), which refuses numpy objects.
+
+    Python's state is a tuple of ints already; numpy's legacy state tuple is split into its name,
+    its 624 uint32 keys (an int64 tensor: exact) and its three scalars.
+    """
+    # numpy's legacy global generator: the one libraries draw from
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - the legacy global state is what libraries use
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -56,8 +69,12 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the generators to a :func:`capture_rng_state` result."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    n = state["numpy"]
+    legacy = (n["bit_generator"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
+              n["has_gauss"], n["cached_gaussian"])  # fmt: skip
+    np.random.set_state(legacy)  # noqa: NPY002
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
