@@ -7,6 +7,8 @@ edges, a low-amplitude texture and mild sensor noise, with a value range that do
 (so autocontrast and equalize have work to do).
 
 Use the fixtures (``natural_images``), or import the functions: ``from conftest import natural_batch``.
+
+Every test not marked ``cuda`` runs on the CPU, on a GPU machine too (``_cpu_unless_marked_cuda``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+# Asked once, before any test hides the GPU: the CUDA driver reads CUDA_VISIBLE_DEVICES when it
+# starts and torch caches the device count, so a first look made inside a CPU test (where the
+# fixture below empties that variable) would hide the GPU from the later `cuda` tests as well.
+CUDA_AT_START = torch.cuda.is_available()
 
 
 def natural_image(size: int | tuple[int, int] = 64, seed: int = 0) -> np.ndarray:
@@ -76,3 +83,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Pin every test not marked ``cuda`` to the CPU, so ``make test`` means the same on a GPU
+    machine: ``--device auto`` would otherwise train there on CUDA, where cudnn.benchmark and
+    atomic adds break the bit-exact resume checks. In this process ``torch.cuda.is_available()``
+    says False (the library asks nothing else); subprocesses (train.py, evaluate.py, torchrun)
+    inherit an empty CUDA_VISIBLE_DEVICES. The ``cuda`` tests are the only ones on the GPU."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
