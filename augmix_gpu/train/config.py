@@ -113,6 +113,9 @@ class RunSettings:
     max_nonfinite: int = flag(
         20, "stop after this many non-finite steps in a row", check=at_least(1)
     )
+    no_memory_check: bool = flag(
+        False, "CUDA: start even when the memory estimate says the step will not fit"
+    )
     # Faults (README "Faults and restarts"): a fault costs at most the steps since last.ckpt.
     save_every_steps: int = flag(
         0, "write last.ckpt every N global steps (0: every --save_every_minutes)", check=at_least(0)

@@ -26,6 +26,7 @@ from .config import AugmentSettings, Settings, SeveritySettings
 from .data import DataSpec, build_loaders, prepare_data, prepare_heldout
 from .final_eval import check_robustness_layouts, evaluate_after_training
 from .heldout_severity import HeldoutSeverityUpdater
+from .memory import check_memory
 from .resume import BEST, LAST, RunCheckpoints, make_checkpoint, resume_from
 from .schedule import build_optimizer
 from .step import AugmentedClassifier, StepContext, StopFlag, TrainState, train_one_epoch
@@ -222,6 +223,9 @@ def fit(settings: Settings, env: DistEnv) -> int:
     """Train, validating and saving at every epoch's end; then the results and robustness."""
     run = build_run(settings, env)
     describe(run)
+    fits = check_memory(settings, run.net, len(run.classes), env)  # CUDA: stop what won't fit
+    if fits:
+        log(env, fits)
     restore(run)
     ctx = wrap(run)
     run.stop.install()
