@@ -121,6 +121,8 @@ class SequenceLoader:
         chunks = [
             self.own[i : i + self.batch_size] for i in range(0, len(self.own), self.batch_size)
         ]
+        # One batch decoded ahead, in a thread; a GPU decoder's frames are complete when its
+        # decode() returns (video.py waits for its copies before DALI's next run).
         ahead = ThreadPoolExecutor(1)
         try:
             pending: Future | None = (

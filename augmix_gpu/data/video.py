@@ -130,18 +130,25 @@ class DaliVideoDecoder:
                 "use --p_decoder cpu (PyAV), or re-encode the videos"
             ) from None
         frames = []
+        gpu = isinstance(out, TensorListGPU)
+        device = torch.device("cuda", self._args[2]) if gpu else None
         for i, p in enumerate(paths):
             shape = tuple(out[i].shape())
             if shape[0] == 0:
                 raise DatasetError(f"video {str(p)!r} holds no frames: re-extract or delete it")
-            if isinstance(out, TensorListGPU):
-                t = torch.empty(
-                    shape, dtype=torch.uint8, device=torch.device("cuda", self._args[2])
-                )
-                feed_ndarray(out[i], t, cuda_stream=torch.cuda.current_stream(t.device))
+            if gpu:
+                t = torch.empty(shape, dtype=torch.uint8, device=device)
+                feed_ndarray(out[i], t, cuda_stream=torch.cuda.current_stream(device))
             else:
                 t = torch.from_numpy(np.array(out[i]))
             frames.append(t)
+        if gpu:
+            # feed_ndarray only queues the copies. This pipeline runs on the legacy executor
+            # (exec_async=False, exec_pipelined=False), whose output buffers are valid until the
+            # next run(): the next batch's decode (SequenceLoader's read-ahead thread) could
+            # overwrite them while these copies still wait in the queue. Wait for them here, in
+            # the decoding thread, once per batch of sequences.
+            torch.cuda.current_stream(device).synchronize()
         return frames
 
     def close(self) -> None:
