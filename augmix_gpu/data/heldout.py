@@ -172,9 +172,9 @@ def make_heldout_set(
 
     bar = tqdm(total=len(tasks), desc=f"held-out set {out.name}", unit="img", disable=not progress)
     if workers > 0:
-        from concurrent.futures import ProcessPoolExecutor
+        from .pools import process_pool  # forkserver: the trainer calls this after CUDA starts
 
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers, preload=(__name__, "imagecorruptions")) as pool:
             for _ in pool.map(_prepare_one, tasks, chunksize=16):
                 bar.update()
     else:

@@ -135,9 +135,9 @@ def make_corrupted_dataset(
 
     bar = tqdm(total=len(tasks), desc=f"-C {out.name}", unit="img", disable=not progress)
     if workers > 0:
-        from concurrent.futures import ProcessPoolExecutor
+        from .pools import process_pool  # forkserver: the trainer calls this after CUDA starts
 
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers, preload=(__name__, "imagecorruptions")) as pool:
             for _ in pool.map(_work, tasks, chunksize=16):
                 bar.update()
     else:
@@ -204,10 +204,13 @@ def make_cifar_c(
     bar = tqdm(total=len(tasks), desc=f"CIFAR-C {out.name}", unit="block", disable=not progress)
     blocks: list[np.ndarray] = []
     if workers > 0:
-        from concurrent.futures import ProcessPoolExecutor
+        from .pools import process_pool  # forkserver: the trainer calls this after CUDA starts
 
-        with ProcessPoolExecutor(
-            workers, initializer=_init_worker, initargs=(test.images,)
+        with process_pool(
+            workers,
+            preload=(__name__, "imagecorruptions"),
+            initializer=_init_worker,
+            initargs=(test.images,),
         ) as pool:
             for block in pool.map(_worker_block, tasks):
                 blocks.append(block)

@@ -1,0 +1,72 @@
+"""The makers' worker processes start clean (forkserver), not as forks of a caller whose CUDA,
+NCCL and DALI threads a fork would leave behind, and they make the same files as one process."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from augmix_gpu.data import make_corrupted_dataset, make_synthetic_dataset, pools
+from augmix_gpu.data.heldout import make_heldout_set
+
+STATE = "as imported"  # changed by a test in this process: a fork would carry the change over
+
+
+def _state_seen_by_a_worker() -> str:
+    return STATE
+
+
+def test_a_worker_does_not_inherit_the_callers_state(monkeypatch):
+    """The hazard itself: whatever this process set up after its imports (a CUDA context, NCCL's
+    threads) is not in the worker. A fork would return the changed value."""
+    monkeypatch.setattr(f"{__name__}.STATE", "changed by the caller")
+    with pools.process_pool(1) as pool:
+        assert pool.submit(_state_seen_by_a_worker).result() == "as imported"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pools") / "syn"
+    return make_synthetic_dataset(
+        root, num_classes=2, train_per_class=4, val_per_class=2, size=48, progress=False
+    )
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[str]:
+    """The start method of every pool the makers open."""
+    methods: list[str] = []
+    real = pools.process_pool
+
+    def recording(workers, **kwargs):
+        pool = real(workers, **kwargs)
+        methods.append(pool._mp_context.get_start_method())
+        return pool
+
+    monkeypatch.setattr(pools, "process_pool", recording)
+    return methods
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.JPEG"))
+    }
+
+
+def test_the_c_maker_with_workers_equals_one_process(src, tmp_path, started):
+    kw = dict(severities=(2,), corruptions=("gaussian_noise", "frost"), seed=1, progress=False)
+    one = make_corrupted_dataset(src / "val", tmp_path / "one", workers=0, **kw)
+    two = make_corrupted_dataset(src / "val", tmp_path / "two", workers=2, **kw)
+    assert started == ["forkserver"]
+    assert len(_files(one)) == 2 * 4 and _files(one) == _files(two)
+
+
+def test_the_heldout_maker_with_workers_equals_one_process(src, tmp_path, started):
+    kw = dict(images=4, seed=2, crop_size=32, resize_size=40, progress=False)
+    one = make_heldout_set(src / "train", tmp_path / "one", workers=0, **kw)
+    two = make_heldout_set(src / "train", tmp_path / "two", workers=2, **kw)
+    assert started == ["forkserver"]
+    assert len(_files(one.root)) == 4 and _files(one.root) == _files(two.root)
