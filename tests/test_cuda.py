@@ -52,6 +52,20 @@ def test_mixed_decoder_matches_the_cpu_decoder(jpegs: Path, recipe: str) -> None
     assert diff.mean() < 1.0, f"{recipe}: mean |GPU - CPU| = {diff.mean():.2f} levels"
 
 
+# AugMix on two devices, same draws: ImageNet-normalised units (one grey level ~ 0.017). A 1-ulp
+# difference in the sampler's coordinates moves a pixel across a posterize/solarize/equalize
+# threshold now and then, a whole level or more; so the bound is on the share of elements beyond
+# ATOL, not on every element. tests/test_cuda_bounds.py holds both sides on the CPU: a last-bit
+# sampler stays far inside, one sample of 16 drawn differently is far outside.
+ATOL = 0.02
+MAX_OUTSIDE = 1e-3  # share of elements beyond ATOL
+
+
+def share_outside(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> float:
+    """The share of elements of ``a`` and ``b`` further apart than ``atol``."""
+    return float(((a.float() - b.float()).abs() > atol).float().mean())
+
+
 @pytest.mark.parametrize("strategy", ["grouped", "static"])
 def test_augmix_on_cuda_matches_the_cpu_with_the_same_draws(strategy) -> None:
     from augmix_gpu.augment.augmix import AugMixBatch
@@ -61,12 +75,13 @@ def test_augmix_on_cuda_matches_the_cpu_with_the_same_draws(strategy) -> None:
     params = aug.sample_params(16, generator=torch.Generator().manual_seed(0))
     cpu = aug.apply(x, params, 3.0)
     gpu = aug.to(CUDA).apply(x.to(CUDA), params.to(CUDA), 3.0)
-    for a, b in zip(cpu, gpu):
-        # bilinear sampling rounds differently on the GPU; ImageNet-normalised units (1/255 ~ 0.017)
-        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0.02)
+    for view, (a, b) in enumerate(zip(cpu, gpu)):
+        outside = share_outside(b.cpu(), a)
+        assert outside <= MAX_OUTSIDE, f"view {view}: {outside:.2%} of elements beyond {ATOL}"
 
 
-def _step_context(precision: str, channels_last: bool, objective: str = "minimize"):
+def _step_context(precision: str, channels_last: bool, objective: str = "minimize", *,
+                  arch: str = "resnet18", batch: int = 16, crop: int = 64):  # fmt: skip
     from augmix_gpu.augment.augmix import AugMixBatch
     from augmix_gpu.augment.severity import LearnableSeverity
     from augmix_gpu.distributed import DistEnv
@@ -77,15 +92,16 @@ def _step_context(precision: str, channels_last: bool, objective: str = "minimiz
     from augmix_gpu.train.step import AugmentedClassifier, StepContext, StopFlag
 
     torch.manual_seed(0)
-    config = resolve_settings(["--precision", precision]).replace(batch=16, epochs=1)
+    config = resolve_settings(["--precision", precision])
+    config = config.replace(batch=batch, epochs=1, arch=arch, crop_size=crop)
     aug = AugMixBatch(severity=LearnableSeverity(3.0, objective=objective))
     net = AugmentedClassifier(
-        build_model("resnet18", 10), "learnable_augmix_jsd", aug,
+        build_model(arch, 10), "learnable_augmix_jsd", aug,
         amp_dtype=amp_dtype(config.model.precision), channels_last=channels_last,
     ).to(CUDA)  # fmt: skip
     if channels_last:
         net.model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(net, config.optim, 16, config.severity.severity_lr_mult)
+    opt = build_optimizer(net, config.optim, batch, config.severity.severity_lr_mult)
     scaler = torch.amp.GradScaler("cuda", enabled=config.model.precision == "16")
     env = DistEnv(0, 0, 1, CUDA, None)
     gen = torch.Generator(CUDA).manual_seed(0)
@@ -154,3 +170,67 @@ def test_nccl_two_ranks(tmp_path) -> None:
     ok(run_script("train.py", args, torchrun=2, env={"AUGMIX_GPU_CACHE": str(tmp_path / "cache")}))
     a, b = results(tmp_path / "learnable_augmix_jsd")["replica_checksums"]
     assert a == b
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_the_memory_estimate_against_the_measured_peak(precision) -> None:
+    """ResNet-50 at 224 px, 8 images x 3 views, learnable severity: the peak of a step (the
+    optimizer's state made by the step before) within [0.75, 1.1] of the pre-flight estimate,
+    less its loader allowance (no DALI here). The ratio is printed for docs/gpu.md."""
+    from augmix_gpu.train.memory import LOADER_BYTES_PER_IMAGE, estimate_memory
+    from augmix_gpu.train.step import TrainState, train_step
+
+    ctx = _step_context(precision, True, arch="resnet50", batch=8, crop=224)
+    images, labels = natural_batch(8, 224).to(CUDA), torch.arange(8, device=CUDA) % 10
+    state = TrainState()
+    train_step(ctx, state, images, labels)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    state.global_step += 1
+    train_step(ctx, state, images, labels)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    est = estimate_memory(ctx.settings, ctx.net, 10, CUDA)
+    ratio = peak / (est.total(8) - 8 * LOADER_BYTES_PER_IMAGE)
+    print(f"memory estimate, {precision}: measured peak / estimate = {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.1, ratio
+
+
+def _h264_420(path: str, seed: int) -> None:
+    """12 frames of a drifting natural image, H.264 4:2:0 (NVDEC reads it; not 4:4:4 before
+    Blackwell, which is what the -P maker writes)."""
+    import av
+
+    img = natural_batch(1, (224, 240), seed=seed)[0].permute(1, 2, 0).numpy()
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 224, 224, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(img[:, i : i + 224].copy(), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_dali_video_frames_survive_the_next_decode(tmp_path) -> None:
+    """video.py waits for its frame copies before DALI's next run reuses its output buffers: a
+    batch decoded, the next one (the videos swapped) decoded at once, and the first batch still
+    equals what a fresh decoder gives."""
+    pytest.importorskip("av")
+    from augmix_gpu.data.video import DaliVideoDecoder
+
+    paths = [str(tmp_path / f"{seed}.mp4") for seed in range(2)]
+    for seed, path in enumerate(paths):
+        _h264_420(path, seed)
+
+    def decoder() -> DaliVideoDecoder:
+        return DaliVideoDecoder(batch_size=2, device="mixed", device_id=0, num_threads=2)
+
+    reused = decoder()
+    first = reused.decode(paths)
+    reused.decode(paths[::-1])  # the next run, into the same output buffers
+    fresh = decoder().decode(paths)
+    assert not torch.equal(fresh[0], fresh[1])  # an overwrite would show
+    for got, want in zip(first, fresh):
+        assert got.is_cuda and torch.equal(got, want)
