@@ -234,3 +234,42 @@ def test_dali_video_frames_survive_the_next_decode(tmp_path) -> None:
     assert not torch.equal(fresh[0], fresh[1])  # an overwrite would show
     for got, want in zip(first, fresh):
         assert got.is_cuda and torch.equal(got, want)
+
+
+def test_the_collectives_on_a_one_rank_nccl_group(tmp_path) -> None:
+    """NCCL on one GPU (train.py starts no group for a world of one): the group started as
+    init_distributed starts it (device bound), the gloo side group for host flags, the
+    collectives on counts, and a DDP step whose gradients equal the plain module's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from augmix_gpu.distributed import (
+        DistEnv,
+        all_gather_cat,
+        all_gather_objects,
+        all_reduce_sum,
+        any_rank,
+        broadcast_object,
+    )
+
+    device = torch.device("cuda", 0)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
+    try:
+        env = DistEnv(0, 0, 1, device, "nccl", dist.new_group(backend="gloo"))
+        counts = torch.arange(4.0, device=device)
+        assert all_reduce_sum(counts, env).tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert all_gather_cat(torch.tensor([5, 6], device=device), env).tolist() == [5, 6]
+        assert any_rank(True, env) and not any_rank(False, env)
+        assert broadcast_object({"a": 1}, env) == {"a": 1} and all_gather_objects(2, env) == [2]
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(8, 3).to(device)
+        ddp = DDP(torch.nn.Linear(8, 3).to(device), device_ids=[0])
+        ddp.module.load_state_dict(plain.state_dict())
+        x = torch.randn(16, 8, device=device)
+        plain(x).square().sum().backward()
+        ddp(x).square().sum().backward()
+        for a, b in zip(plain.parameters(), ddp.module.parameters()):
+            torch.testing.assert_close(b.grad, a.grad)
+    finally:
+        dist.destroy_process_group()
