@@ -175,9 +175,10 @@ def test_nccl_two_ranks(tmp_path) -> None:
 @pytest.mark.parametrize("precision", ["32", "bf16"])
 def test_the_memory_estimate_against_the_measured_peak(precision) -> None:
     """ResNet-50 at 224 px, 8 images x 3 views, learnable severity: the peak of a step (the
-    optimizer's state made by the step before) within [0.75, 1.1] of the pre-flight estimate,
-    less its loader allowance (no DALI here). The ratio is printed for docs/gpu.md."""
-    from augmix_gpu.train.memory import LOADER_BYTES_PER_IMAGE, estimate_memory
+    optimizer's state made by the step before) within [0.7, 1.2] of the pre-flight estimate,
+    less its allowances for DALI and workspaces (no DALI here, no cudnn.benchmark). The ratio is
+    printed: it is what the first GPU run learns about PEAK_OVER_SAVED."""
+    from augmix_gpu.train.memory import LOADER_BYTES_PER_IMAGE, WORKSPACE_BYTES, estimate_memory
     from augmix_gpu.train.step import TrainState, train_step
 
     ctx = _step_context(precision, True, arch="resnet50", batch=8, crop=224)
@@ -191,9 +192,9 @@ def test_the_memory_estimate_against_the_measured_peak(precision) -> None:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     est = estimate_memory(ctx.settings, ctx.net, 10, CUDA)
-    ratio = peak / (est.total(8) - 8 * LOADER_BYTES_PER_IMAGE)
+    ratio = peak / (est.total(8) - 8 * LOADER_BYTES_PER_IMAGE - WORKSPACE_BYTES)
     print(f"memory estimate, {precision}: measured peak / estimate = {ratio:.2f}")
-    assert 0.75 <= ratio <= 1.1, ratio
+    assert 0.7 <= ratio <= 1.2, ratio
 
 
 def _h264_420(path: str, seed: int) -> None:
