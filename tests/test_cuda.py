@@ -176,8 +176,8 @@ def test_nccl_two_ranks(tmp_path) -> None:
 def test_the_memory_estimate_against_the_measured_peak(precision) -> None:
     """ResNet-50 at 224 px, 8 images x 3 views, learnable severity: the peak of a step (the
     optimizer's state made by the step before) within [0.7, 1.2] of the pre-flight estimate,
-    less its allowances for DALI and workspaces (no DALI here, no cudnn.benchmark). The ratio is
-    printed: it is what the first GPU run learns about PEAK_OVER_SAVED."""
+    less its allowances for DALI and workspaces (no DALI here, no cudnn.benchmark). A failure
+    says the ratio: what the first GPU run learns about PEAK_OVER_SAVED."""
     from augmix_gpu.train.memory import LOADER_BYTES_PER_IMAGE, WORKSPACE_BYTES, estimate_memory
     from augmix_gpu.train.step import TrainState, train_step
 
@@ -193,8 +193,7 @@ def test_the_memory_estimate_against_the_measured_peak(precision) -> None:
     peak = torch.cuda.max_memory_allocated()
     est = estimate_memory(ctx.settings, ctx.net, 10, CUDA)
     ratio = peak / (est.total(8) - 8 * LOADER_BYTES_PER_IMAGE - WORKSPACE_BYTES)
-    print(f"memory estimate, {precision}: measured peak / estimate = {ratio:.2f}")
-    assert 0.7 <= ratio <= 1.2, ratio
+    assert 0.7 <= ratio <= 1.2, f"{precision}: measured peak / estimate = {ratio:.2f}"
 
 
 def _h264_420(path: str, seed: int) -> None:
