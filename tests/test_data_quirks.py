@@ -129,7 +129,9 @@ def test_the_decoder_bound_is_below_the_chroma_effect(photos):
     test's bound on these very images."""
     from bench_loader import cpu_chroma_variants
 
-    diffs = [np.abs(f - n).mean() for f, n in map(cpu_chroma_variants, sorted(photos.rglob("*.JPEG")))]
+    diffs = [
+        np.abs(f - n).mean() for f, n in map(cpu_chroma_variants, sorted(photos.rglob("*.JPEG")))
+    ]
     assert min(diffs) > 2 * DECODER_BOUND, diffs  # ~0.45 each
 
 
