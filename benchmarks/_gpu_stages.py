@@ -302,7 +302,9 @@ def sigterm_resume(ctx: Context) -> dict:
 def evaluate_args(ctx: Context) -> list[str]:
     """evaluate.py on the train stage's checkpoint: clean, -C, -P, on the GPU in bf16."""
     return ["--ckpt_path", str(ctx.checkpoint), "--val", str(ctx.syn / "val"), "--imagenet_c",
-            str(ctx.data / "c"), "--imagenet_p", str(ctx.data / "p"), "--device", "cuda",
+            str(ctx.data / "c"), "--corruptions", *C_CORRUPTIONS, "--severities", "3",
+            "--imagenet_p", str(ctx.data / "p"), "--perturbations", *P_PERTURBATIONS,
+            "--device", "cuda",
             "--precision", "bf16", "--channels_last", "--batch", "100", "--workers",
             str(ctx.workers), "--out", str(ctx.scratch / "eval"), "--no_progress"]  # fmt: skip
 
@@ -315,10 +317,9 @@ def evaluate(ctx: Context) -> dict:
     if row["exit_code"] != 0:
         return _finish(row)
     results = json.loads((ctx.scratch / "eval" / "results.json").read_text())
-    decoder = results.get("imagenet_p", {}).get("decoder")
-    return _finish(row, summary=f"clean, -C, -P (decoder: {decoder})", decoder=decoder,
-                   benchmarks=sorted(k for k, v in results.items()
-                                     if isinstance(v, dict)))  # fmt: skip
+    decoder = results["imagenet_p"]["decoder"]
+    return _finish(row, summary=f"clean, -C, -P (-P decoder: {', '.join(decoder)})",
+                   clean_top1=results["clean"].get("top1"), p_decoder=decoder)  # fmt: skip
 
 
 DATA = ("data",)
