@@ -11,9 +11,14 @@ Use the fixtures (``natural_images``), or import the functions: ``from conftest 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# The fused AugMix form's Triton kernels run on the CPU under Triton's interpreter (test_fused.py).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
 def natural_image(size: int | tuple[int, int] = 64, seed: int = 0) -> np.ndarray:

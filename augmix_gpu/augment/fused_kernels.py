@@ -104,6 +104,18 @@ def _clamp_unit(y, dy):
 
 
 @triton.jit
+def _cast(y, kind: tl.constexpr):
+    """``y`` in ``kind``, rounded to nearest even as torch casts (bfloat16 by hand: the
+    interpreter's cast truncates)."""
+    if kind == tl.bfloat16:
+        bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(kind)
+
+
+@triton.jit
 def _grey(x, ch):
     """Kornia's grey of a ``[4, BLOCK]`` tile: ``(r 0.299 + g 0.587) + b 0.114``, ``[1, BLOCK]``."""
     c = ch[:, None]
@@ -472,7 +484,7 @@ def _mix_kernel(src, buf, tan, depth, weights, mix, norm, out, tout, s_n, s_c, s
             if TANGENT:
                 dy = dy + tl.load(tan + at, mask=has, other=0).to(CT) * k
     at = o.to(tl.int64) * s_n + ch[:, None] * s_c + ((offs // W) * s_h + (offs % W) * s_w)[None, :]
-    tl.store(out + at, y.to(out.dtype.element_ty), mask=live)
+    tl.store(out + at, _cast(y, out.dtype.element_ty), mask=live)
     if TANGENT:
         row = (o - (1 - FIRST) * B).to(tl.int64) * (3 * HW)  # tangent rows: the views only
         tl.store(tout + row + tile, dy, mask=live & (view > 0))
