@@ -104,7 +104,7 @@ def test_a_call_reads_nothing_back_and_launches_few_kernels():
 
     from augmix_gpu.augment.severity import LearnableSeverity
 
-    x = natural_batch(2, 8)
+    x = natural_batch(1, 8)
     aug = AugMixBatch(strategy="fused")
     aug(x)  # the first call builds the kernels' op table
     with counting() as fixed:
@@ -131,7 +131,9 @@ def test_without_cuda_or_the_interpreter_it_stops_with_one_line():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode != 0
-    assert "RuntimeError: strategy 'fused' on the CPU runs under Triton's interpreter" in done.stderr
+    assert (
+        "RuntimeError: strategy 'fused' on the CPU runs under Triton's interpreter" in done.stderr
+    )
     assert "TRITON_INTERPRET=1" in done.stderr.strip().splitlines()[-1]
 
 
