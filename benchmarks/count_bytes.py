@@ -1,6 +1,6 @@
 """Bytes every kernel of one AugMix call reads and writes, counted on the CPU: a model of its GPU cost.
 
-    python benchmarks/count_bytes.py            # 224 px, 2 source images: table + results/bytes.json
+    python benchmarks/count_bytes.py            # 224 px, 4 source images: table + results/bytes.json
     python benchmarks/count_bytes.py --quick    # 64 px (the fused rows run Triton's interpreter)
 
 Why bytes: on a GPU AugMix is bandwidth-bound (< 0.3 operations per byte), so a call costs about
@@ -280,6 +280,7 @@ def count_torchvision(x: torch.Tensor, severity: float) -> Tally:
 
     tv2 = v2.AugMix(severity=int(severity), mixture_width=3, chain_depth=-1, alpha=1.0)
     normalize_images(x)  # the constants on the device once, as a training loop has them
+    torch.manual_seed(0)
     with counting() as tally:
         for view in (x, tv2(x), tv2(x)):
             normalize_images(view)
@@ -298,6 +299,7 @@ def count_form(strategy: str, mode: str, x: torch.Tensor, severity: float) -> Ta
     net_kw = {"dtype": torch.bfloat16, "channels_last": True}
     shape = aug.network_input(x, **net_kw).detach()
     grad = torch.ones_like(shape)  # the network's gradient for the backward, made beforehand
+    torch.manual_seed(0)  # every form and call counts the same draws
     with counting() as tally:
         if mode == "forward":
             aug(x)
@@ -390,7 +392,7 @@ def goals(rows: list[dict]) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
-    parser.add_argument("--batch", type=int, default=2, help="source images per counted call")
+    parser.add_argument("--batch", type=int, default=4, help="source images per counted call")
     parser.add_argument("--severity", type=float, default=3.0)
     parser.add_argument(
         "--forms", default="grouped,static,fused", help="AugMixBatch forms to count"
@@ -410,7 +412,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from augmix_gpu.augment.execute import fused_unavailable
 
-    torch.manual_seed(0)
     x = _batch(args.size, args.batch)
     rows = [
         row(
