@@ -61,6 +61,19 @@ def test_each_op_and_its_severity_gradient_equal_the_reference_in_float64(name):
     assert OPS[name].gradient == "none" or (grads["static"] != 0).all()
 
 
+@pytest.mark.parametrize("name", [n for n, op in OPS.items() if op.gradient == "exact"])
+def test_exact_ops_pass_gradcheck_through_the_fused_kernels(name):
+    """test_severity's gradcheck of each exact op in s, on the fused call: the tangents the
+    kernels carry forward and the one-reduction backward against finite differences."""
+    fused, _ = _one_op(name)
+    x = natural_batch(1, 12, seed=11).double() / 255
+    p = fixed_params(fused, 1, [name], u=0.7, sign=-1.0)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda sev: fused.apply(x, p, sev)[1], (s,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+    )
+
+
 @pytest.mark.parametrize("name", AUGMENTATIONS_ALL)
 def test_each_op_on_uint8_is_the_reference_within_float16_storage(name):
     """One op on a uint8 image: read exactly, computed in float32, stored once in float16."""
@@ -95,6 +108,24 @@ def test_the_network_input_is_written_in_its_dtype_and_layout():
     assert torch.equal(batch, torch.cat(views).to(torch.bfloat16))
     only_views = aug.network_input(x, torch.Generator().manual_seed(3), clean=False)
     assert only_views.dtype == torch.float32 and torch.equal(only_views, torch.cat(views[1:]))
+
+
+def test_the_trainer_feeds_the_network_the_input_the_fused_form_writes():
+    """AugmentedClassifier.views: the network's input in its amp dtype and layout, straight from
+    the mix kernel (the JSD modes: [clean; v1; v2]; ``augmix``: the one view)."""
+    from augmix_gpu.train.step import AugmentedClassifier
+
+    x = natural_batch(2, 8, seed=8)
+    for aug_type, views in (("augmix_jsd", 2), ("augmix", 1)):
+        aug = AugMixBatch(strategy="fused", num_views=views)
+        net = AugmentedClassifier(torch.nn.Identity(), aug_type, aug, amp_dtype=torch.bfloat16,
+                                  channels_last=True)  # fmt: skip
+        batch = net.views(x, torch.Generator().manual_seed(1))
+        outputs = aug(x, torch.Generator().manual_seed(1))  # (clean, view_1, ...)
+        expected = torch.cat(outputs if aug_type == "augmix_jsd" else outputs[1:])
+        assert batch.dtype == torch.bfloat16 and batch.shape == expected.shape
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(batch, expected.to(torch.bfloat16))
 
 
 def test_a_call_reads_nothing_back_and_launches_few_kernels():

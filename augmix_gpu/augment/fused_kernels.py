@@ -17,8 +17,8 @@ uint8 or float) and writes slot t % 2 for the chains still running; a finished c
 touched again, so its last image stays in slot (depth - 1) % 2, where the mix reads it.
 
 Intermediates are float16 holding ``255 x`` (level units): float16 is exact on every integer
-0..255, so an image on the uint8 grid (the input, equalize's output, posterize's bins) is stored
-exactly and PIL's integer thresholds (posterize, solarize, equalize) see the same level as the
+0..255, so an image on the uint8 grid (the input, equalize's output, posterize's bins at PIL's
+integer bits) is stored exactly and PIL's integer thresholds (posterize, solarize, equalize) see the same level as the
 float32 reference; elsewhere the rounding is at most 1/16 of a level (1/8 above 128). bfloat16
 (8 significant bits) cannot even hold 255 levels. All arithmetic is float32; a float64 batch runs
 everything in float64 (the reference forms' float64 path, for gradient checks).
