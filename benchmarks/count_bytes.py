@@ -1,7 +1,7 @@
 """Bytes every kernel of one AugMix call reads and writes, counted on the CPU: a model of its GPU cost.
 
     python benchmarks/count_bytes.py            # 224 px, 4 source images: table + results/bytes.json
-    python benchmarks/count_bytes.py --quick    # 64 px (the fused rows run Triton's interpreter)
+    python benchmarks/count_bytes.py --quick    # 64 px smoke run (fused runs Triton's interpreter)
 
 Why bytes: on a GPU AugMix is bandwidth-bound (< 0.3 operations per byte), so a call costs about
 the bytes its kernels move over the memory bandwidth, plus a launch per kernel. ``ByteCounter``
@@ -397,7 +397,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--forms", default="grouped,static,fused", help="AugMixBatch forms to count"
     )
-    parser.add_argument("--quick", action="store_true", help="64 px, 1 source image")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="64 px, 1 source image: a smoke run (the shares are priced against 224 px anchors)",
+    )  # fmt: skip
     parser.add_argument(
         "--out", default="bytes.json", help="JSON (bare names: benchmarks/results/)"
     )
