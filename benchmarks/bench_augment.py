@@ -11,7 +11,8 @@ Rows (each: clean + 2 views, float32, ImageNet-normalised, for every image):
   b   torchvision.transforms.v2.AugMix on a batched uint8 tensor (ONE op chain shared by the
       batch: faster, but not per-sample AugMix), ``--threads`` torch threads;
   c   AugMixBatch (ours) on the CPU, ``--threads`` torch threads, per-sample chains;
-  d   AugMixBatch on CUDA, when a GPU is present (strategy auto = static), and d-grouped beside it;
+  d   AugMixBatch on CUDA, when a GPU is present (strategy auto = fused), d-static and d-grouped
+      beside it;
   e   AugMixBatch with LearnableSeverity: forward + backward (issue 3's target: <= 1.5x row c);
   f   the library as a user meets it: a fresh Python process with no environment settings (no
       OMP_*, MALLOC_*, AUGMIX_GPU_* variables; only PATH, HOME and PYTHONPATH to find the package),
@@ -255,21 +256,21 @@ def _ours(
 
 
 def our_rows(args, cpu_x: torch.Tensor, calls: int, notes: list[str]) -> dict[str, dict]:
-    """Rows c (CPU), d and d-grouped (CUDA) and e (learnable, forward + backward)."""
+    """Rows c (CPU), d, d-static and d-grouped (CUDA) and e (learnable, forward + backward)."""
     rows: dict[str, dict] = {}
     sev = args.severity
     label = "AugMixBatch (ours), per-sample chains"
     if "c" in args.rows:
         rows["c"] = {"label": label, "device": "cpu", "run": _ours(AugMixBatch(severity=sev), cpu_x, calls), "in_process": True}  # fmt: skip
     if "d" in args.rows:
-        if torch.cuda.is_available():  # auto = static on CUDA; grouped beside it to compare
-            for key, strategy in (("d", "auto"), ("d-grouped", "grouped")):
+        if torch.cuda.is_available():  # auto = fused on CUDA; the other forms beside it
+            for key, strategy in (("d", "auto"), ("d-static", "static"), ("d-grouped", "grouped")):
                 run = _ours(
                     AugMixBatch(severity=sev, strategy=strategy).cuda(), cpu_x.cuda(), calls
                 )
                 rows[key] = {"label": f"{label}, strategy={strategy}", "device": "cuda", "run": run, "sync": torch.cuda.synchronize, "in_process": True}  # fmt: skip
         else:
-            notes.append("row d (CUDA, strategy auto = static, and grouped) skipped: no GPU here")
+            notes.append("row d (CUDA: auto = fused, static, grouped) skipped: no GPU here")
     if "e" in args.rows:
         try:
             from augmix_gpu.augment.severity import LearnableSeverity

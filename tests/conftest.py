@@ -13,6 +13,8 @@ Every test not marked ``cuda`` runs on the CPU, on a GPU machine too (``_cpu_unl
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,9 @@ import torch
 # starts and torch caches the device count, so a first look made inside a CPU test (where the
 # fixture below empties that variable) would hide the GPU from the later `cuda` tests as well.
 CUDA_AT_START = torch.cuda.is_available()
+
+# The fused AugMix form's Triton kernels run on the CPU under Triton's interpreter (test_fused.py).
+os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA_AT_START else "1")
 
 
 def natural_image(size: int | tuple[int, int] = 64, seed: int = 0) -> np.ndarray:

@@ -15,6 +15,7 @@ from augmix_gpu.augment.augmix import (
     STRATEGIES,
     AugMixBatch,
     AugMixParams,
+    normalize_images,
 )
 from augmix_gpu.augment.ops import AUGMENTATIONS, AUGMENTATIONS_ALL, OPS
 from augmix_gpu.augment.severity import LearnableSeverity
@@ -303,17 +304,22 @@ def test_static_reads_nothing_back_to_the_host(learnable):
     )
 
 
-def test_auto_picks_grouped_on_the_cpu_and_static_elsewhere():
+def test_auto_picks_grouped_on_the_cpu_fused_on_cuda_and_static_elsewhere(monkeypatch):
+    from augmix_gpu.augment import augmix
+
     aug = AugMixBatch()
     assert aug.strategy == "auto" and "strategy=auto" in repr(aug)
     assert aug.strategy_for("cpu") == "grouped"
-    assert aug.strategy_for("cuda") == aug.strategy_for(torch.device("cuda", 1)) == "static"
-    assert aug.strategy_for("meta") == "static"
-    for strategy in ("grouped", "static"):
+    monkeypatch.setattr(augmix, "fused_unavailable", lambda device: None)  # Triton usable
+    assert aug.strategy_for("cuda") == aug.strategy_for(torch.device("cuda", 1)) == "fused"
+    assert aug.strategy_for("meta") == aug.strategy_for("mps") == "static"
+    monkeypatch.setattr(augmix, "fused_unavailable", lambda device: "no Triton")
+    assert aug.strategy_for("cuda") == "static"
+    for strategy in ("grouped", "static", "fused"):
         assert {AugMixBatch(strategy=strategy).strategy_for(d) for d in ("cpu", "cuda")} == {
             strategy
         }
-    assert STRATEGIES == ("auto", "grouped", "static")
+    assert STRATEGIES == ("auto", "grouped", "static", "fused")
 
 
 @pytest.mark.parametrize("all_ops", [False, True])
@@ -337,6 +343,82 @@ def test_the_forms_agree_on_the_same_draws(all_ops):
             torch.testing.assert_close(v, w.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(grads["grouped"], grads["static"], atol=1e-7, rtol=1e-5)
         assert (grads["static"] != 0).all()
+
+
+def _fused_available() -> bool:
+    from augmix_gpu.augment.execute import fused_unavailable
+
+    return fused_unavailable("cpu") is None
+
+
+@pytest.mark.skipif(not _fused_available(), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+@pytest.mark.parametrize("all_ops", [False, True])
+def test_the_fused_form_agrees_with_the_reference_forms_on_the_same_draws(all_ops):
+    """float64 in: the same views and severity gradients as static, to rounding (the kernels'
+    logic). uint8 in: the chain images are stored in float16 (1/8 of a level), so a view is
+    static's within that rounding, except where a threshold op (posterize, solarize, equalize's
+    rounding to a level) flips on it: such pixels are bounded, not every pixel's tolerance."""
+    fused, static = (AugMixBatch(all_ops=all_ops, strategy=k) for k in ("fused", "static"))
+    x = natural_batch(4, 16, seed=11)
+    p = static.sample_params(4, gen(12))
+    s = 1.0 + 9.0 * torch.rand(4, generator=gen(13))  # per-sample severity
+    views, grads = {}, {}
+    for key, aug in (("fused", fused), ("static", static)):
+        sk = s.double().requires_grad_(True)
+        views[key] = aug.apply(x.double() / 255, p, sk)
+        torch.stack([(v * v).mean() for v in views[key][1:]]).sum().backward()
+        grads[key] = sk.grad
+    for u, v in zip(views["fused"], views["static"]):
+        torch.testing.assert_close(u.detach(), v.detach(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(grads["fused"], grads["static"], atol=1e-9, rtol=1e-9)
+    for key, aug in (("fused", fused), ("static", static)):  # uint8 in, float32 severity
+        sk = s.clone().requires_grad_(True)
+        out = aug.apply(x, p, sk)
+        torch.stack([(v * v).mean() for v in out[1:]]).sum().backward()
+        views[key], grads[key] = [v.detach() for v in out], sk.grad
+    far = [(u - v).abs() > 5e-3 for u, v in zip(views["fused"], views["static"])]
+    assert not far[0].any()  # the clean view has no chain
+    assert max(float(f.float().mean()) for f in far[1:]) <= 0.02
+    torch.testing.assert_close(grads["fused"], grads["static"], atol=1e-5, rtol=1e-2)
+
+
+@pytest.mark.skipif(not _fused_available(), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+@pytest.mark.parametrize("name", AUGMENTATIONS)
+def test_a_fused_view_of_one_op_matches_pil(name):
+    """test_ops' PIL parity of a one-op view (grouped and static there), in the fused form."""
+    from test_ops import test_an_augmix_view_of_one_op_matches_pil
+
+    test_an_augmix_view_of_one_op_matches_pil(name, "fused")
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Counts copies of CPU tensors to another device (``torch.tensor(..., device=cuda)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sources = [a for a in args if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
+        if isinstance(out, torch.Tensor) and out.device.type != "cpu" and sources:
+            self.copies += 1
+        return out
+
+
+def test_normalize_images_copies_its_constants_to_a_device_once():
+    """On a GPU a host-to-device copy waits for the queued kernels: a second call makes none."""
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)  # constants no other test has copied
+    with _HostToDevice() as first:
+        normalize_images(x, mean, std)
+    with _HostToDevice() as second:
+        out = normalize_images(x, mean, std)
+    assert first.copies == 2 and second.copies == 0
+    assert out.shape == x.shape and out.dtype == torch.float32
+    cpu = torch.tensor([[[[0]], [[51]], [[255]]]], dtype=torch.uint8)
+    expected = torch.tensor([-0.2, (0.2 - 0.2) / 0.6, (1.0 - 0.3) / 0.7]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize_images(cpu, mean, std), expected)
 
 
 def test_static_clamps_a_float_batch_instead_of_reading_its_range():

@@ -1,23 +1,24 @@
 """Batched AugMix in which every sample draws its own chains: sample, then apply.
 
 ``AugMixBatch(x)`` returns ``(clean, view_1, ..., view_V)`` for a uint8 or float ``[B,3,H,W]`` batch
-on any device. Every random choice (ops, depths, levels, signs, Dirichlet weights, Beta mix) is
-drawn per sample by ``sample_params`` up front on the device; ``apply`` is deterministic given them.
+on any device; ``network_input`` returns the same as one batch ``[clean; view_1; ...]`` in the
+dtype and memory format the network takes. Every random choice (ops, depths, levels, signs,
+Dirichlet weights, Beta mix) is drawn per sample by ``sample_params`` up front on the device;
+``apply`` is deterministic given them.
 
-The ``V * width * B`` chains are flattened into N images and run step by step (depth 1..3), with
-no Python loop over samples. Per call, once: each application's op parameter (one table lookup),
-each warp's PIL matrix and sampling-grid terms, each op's parameter-only coefficients
-(``Op.prepare``). Then one of the forms in ``execute.py`` (``EXECUTORS``) runs the chains; they
-give the same views and gradients for the same draws (tests pin it):
+The ``V * width * B`` chains run step by step (depth 1..3), with no Python loop over samples, in
+one of the forms of ``execute.py`` (``EXECUTORS``); they give the same views and gradients for the
+same draws (tests pin it):
 
 * ``strategy="grouped"``: each op once per step on the images that drew it; one host sync per call.
 * ``strategy="static"``: every op on every image, the drawn one kept by ``torch.where``; nothing is
-  read back to the host, fewer operators, more arithmetic.
-* ``strategy="auto"`` (default): ``grouped`` on the CPU (less CPU time: docs/benchmarks.md), ``static``
-  on any other device. The second half is argued, not measured (no GPU has run this code): a GPU
-  training step should not wait on the host (a sync waits for every queued kernel and rules out
-  CUDA-graph capture); static's extra arithmetic is memory traffic on a GPU too, so the GPU check
-  decides (benchmark rows d and d-grouped); pass ``strategy="grouped"`` to compare.
+  read back to the host, more arithmetic and memory traffic.
+* ``strategy="fused"``: Triton kernels, one per depth step and one mix that writes the network's
+  input; each chain image read and written once per step, nothing read back to the host. CUDA, or
+  the CPU under ``TRITON_INTERPRET=1`` (tests).
+* ``strategy="auto"`` (default): ``grouped`` on the CPU (the least CPU time), ``fused`` on CUDA
+  when Triton is usable, ``static`` on any other device. On a GPU the cost of a call is the bytes
+  its kernels move (counted per form in docs/benchmarks.md; ``make gpu-check`` measures them).
 
 The operator counts of a call do not depend on B (a test counts them at B=8 and B=256). Mixing
 happens in [0,1] space, ``mixed = (1-m) x + m sum_i w_i chain_i(x)``, which equals the official
@@ -29,13 +30,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..checks import check_image_batch, check_in_range, check_int_at_least, check_positive
 from ..runtime import tune_for_cpu_augmentation
-from .execute import EXECUTORS, OpGroups, Steps, coefficients, op_tables, warp_terms
+from .execute import (
+    CHAIN_RUNNERS,
+    EXECUTORS,
+    Call,
+    OpGroups,
+    Output,
+    fused_unavailable,
+    op_tables,
+    reference_chains,
+)
 from .ops import Op, get_ops
 
 __all__ = [
@@ -50,9 +59,8 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STRATEGIES = ("auto", *EXECUTORS)  # ("auto", "grouped", "static")
+STRATEGIES = ("auto", *EXECUTORS)  # ("auto", "grouped", "static", "fused")
 MAX_SEVERITY = 10.0  # the level scale is 0..10 (official PARAMETER_MAX)
-_LEVEL_LOW = 0.1  # official sample_level: U(0.1, severity)
 
 
 def to_unit_float(x: Tensor, name: str = "x", check_values: bool = True) -> Tensor:
@@ -69,15 +77,29 @@ def to_unit_float(x: Tensor, name: str = "x", check_values: bool = True) -> Tens
     return x.to(torch.float32)
 
 
+# (mean, std, device, dtype) -> the constants [1,3,1,1] on that device: built once per device,
+# since torch.tensor(..., device=cuda) is a host-to-device copy that waits for the GPU.
+_NORMALIZE_CONSTANTS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _normalize_constants(mean, std, device: torch.device, dtype: torch.dtype):
+    key = (tuple(mean), tuple(std), device, dtype)
+    if key not in _NORMALIZE_CONSTANTS:
+        m = torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1).to(device)
+        s = torch.tensor(std, dtype=dtype).view(1, 3, 1, 1).to(device)
+        _NORMALIZE_CONSTANTS[key] = (m, s)
+    return _NORMALIZE_CONSTANTS[key]
+
+
 def normalize_images(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
     """uint8 (0..255) or float [0,1] ``[B,3,H,W]`` -> float32, ``(x - mean) / std`` per channel.
 
     The input the network sees without AugMix (``--aug_type none``, evaluation): the same
-    constants AugMixBatch folds into its mixing, so clean views agree everywhere.
+    constants AugMixBatch folds into its mixing, so clean views agree everywhere. The constants
+    are copied to a device once, not at every call.
     """
     x = to_unit_float(x).to(torch.float32)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m, s = _normalize_constants(mean, std, x.device, x.dtype)
     return (x - m) / s
 
 
@@ -119,23 +141,22 @@ class AugMixParams:
         )
 
 
-def _dirichlet_last(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Dirichlet over the last dim as normalised Gammas (reproducible with ``generator``).
+def _mixing_draws(
+    alpha: float, shape: tuple[int, int], width: int, generator: torch.Generator | None, device
+) -> tuple[Tensor, Tensor]:
+    """The Dirichlet(alpha) weights ``[V, B, width]`` and the Beta(alpha, alpha) mix ``[V, B]``,
+    both normalised Gammas, from one Gamma draw of ``width + 2`` variables per (view, sample).
 
     For tiny alpha all Gammas can underflow to 0 in float32; adding the smallest normal float
     makes that case uniform and leaves every Gamma above ~1e-31 unchanged (it is below half
     their last bit).
     """
-    g = torch._standard_gamma(alpha, generator=generator).add_(torch.finfo(alpha.dtype).tiny)
-    return g / g.sum(dim=-1, keepdim=True)
-
-
-def _level_span(severity: float, dtype: torch.dtype) -> float:
-    """``severity - 0.1`` as a ``dtype`` tensor computes it (float32 rounds both, then subtracts),
-    so a float severity gives the same levels as the same severity in a tensor."""
-    if dtype == torch.float64:
-        return severity - _LEVEL_LOW
-    return float(np.float32(severity) - np.float32(_LEVEL_LOW))
+    concentration = torch.full((*shape, width + 2), alpha, device=device)
+    g = torch._standard_gamma(concentration, generator=generator)
+    g = g.add_(torch.finfo(g.dtype).tiny)
+    weights = g[..., :width] / g[..., :width].sum(dim=-1, keepdim=True)
+    pair = g[..., width:]
+    return weights, pair[..., 0] / pair.sum(dim=-1)
 
 
 def _check_severity(severity: float | nn.Module) -> float | nn.Module:
@@ -155,12 +176,14 @@ def _check_severity(severity: float | nn.Module) -> float | nn.Module:
     return severity
 
 
-def _mix_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Tensor]:
-    """The normalisation folded into the mix, ``x / std - mean / std``, per channel ``[3,1,1]``."""
-    return {
-        "_inv_std": 1.0 / torch.tensor(std).view(3, 1, 1),
-        "_bias": -torch.tensor(mean).view(3, 1, 1) / torch.tensor(std).view(3, 1, 1),
-    }
+def _check_severity_tensor(severity: Tensor | float, batch: int) -> None:
+    """A tensor severity is a scalar or one per sample."""
+    if isinstance(severity, Tensor) and (
+        severity.dim() > 1 or (severity.dim() == 1 and severity.shape[0] not in (1, batch))
+    ):
+        raise ValueError(
+            f"severity: expected a scalar or a [B={batch}] tensor, got shape {tuple(severity.shape)}"
+        )
 
 
 class AugMixBatch(nn.Module):
@@ -177,8 +200,9 @@ class AugMixBatch(nn.Module):
         normalize: subtract ``mean`` and divide by ``std`` (per channel) on every output.
         num_views: augmented views per call (2 for the JSD loss).
         strategy: ``"grouped"`` (each op on its group; one host sync per call), ``"static"``
-            (every op on every image; nothing read back to the host) or ``"auto"`` (grouped on
-            the CPU, static elsewhere); the same views and gradients (module docstring).
+            (every op on every image; nothing read back to the host), ``"fused"`` (Triton
+            kernels; CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"auto"`` (grouped on the
+            CPU, fused on CUDA, static elsewhere); the same views and gradients (module docstring).
     Shape:
         input ``[B,3,H,W]`` uint8 (0..255) or float in [0,1]; outputs ``num_views + 1`` tensors
         ``[B,3,H,W]`` float32 (float64 in, float64 out): clean first, then the views.
@@ -186,13 +210,12 @@ class AugMixBatch(nn.Module):
 
     last_params: AugMixParams | None
     last_severity: Tensor | None
-    _group_of_op: Tensor  # op_tables and _mix_tables, non-persistent buffers (__init__)
+    _group_of_op: Tensor  # op_tables, non-persistent buffers (__init__)
     _group_onehot: Tensor
     _term_onehot: Tensor
     _op_coef: Tensor
     _op_coef64: Tensor
-    _inv_std: Tensor
-    _bias: Tensor
+    _norm: Tensor
 
     def __init__(
         self,
@@ -226,14 +249,14 @@ class AugMixBatch(nn.Module):
 
         if strategy not in STRATEGIES:
             raise ValueError(
-                f"strategy: expected one of {STRATEGIES}, got {strategy!r} ('auto' picks 'static' "
-                "on an accelerator and 'grouped' on the CPU)"
+                f"strategy: expected one of {STRATEGIES}, got {strategy!r} ('auto' picks 'grouped' "
+                "on the CPU, 'fused' on CUDA and 'static' on other devices)"
             )
         self.strategy = strategy
 
         self.ops: tuple[Op, ...] = get_ops(self.all_ops)
         self._groups = OpGroups.of(self.ops)
-        for name, table in {**op_tables(self.ops, self._groups), **_mix_tables(mean, std)}.items():
+        for name, table in op_tables(self.ops, self._groups, mean, std).items():
             self.register_buffer(name, table, persistent=False)
         self.mean, self.std = tuple(mean), tuple(std)
         self.last_params = None
@@ -273,16 +296,16 @@ class AugMixBatch(nn.Module):
         dev = generator.device if generator is not None else (target or torch.device("cpu"))
         v, w, d, b = self.num_views, self.width, self.max_depth, batch_size
         kw = {"generator": generator, "device": dev}
+        # 12 kernels in all (a call's budget counts them): each draw once, no arithmetic after
         ops = torch.randint(len(self.ops), (v, w, d, b), **kw)
         if self.depth == -1:
             depth = torch.randint(1, 4, (v, w, b), **kw)
         else:
             depth = torch.full((v, w, b), self.depth, dtype=torch.long, device=dev)
         level_u = torch.rand((v, w, d, b), **kw)
-        signs = torch.randint(0, 2, (v, w, d, b), dtype=torch.float32, **kw).mul_(2.0).sub_(1.0)
-        alpha = torch.full((v, b, w + 2), self.alpha, device=dev)  # the weights' and the mix's
-        weights = _dirichlet_last(alpha[..., :w], generator)
-        mix = _dirichlet_last(alpha[..., w:], generator)[..., 0]
+        coin = torch.randint(0, 2, (v, w, d, b), dtype=torch.float32, **kw)
+        signs = torch.pow(-1.0, coin)  # (-1)^0 = 1, (-1)^1 = -1, exactly
+        weights, mix = _mixing_draws(self.alpha, (v, b), w, generator, dev)
         params = AugMixParams(ops, depth, level_u, signs, weights, mix)
         return params.to(target) if target is not None and target != dev else params
 
@@ -302,13 +325,34 @@ class AugMixBatch(nn.Module):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """Sample (severity first, then params) and apply: ``(clean, view_1, ..., view_V)``."""
+        return self._sample_and_run(x, generator, Output())
+
+    def network_input(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        clean: bool = True,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> Tensor:
+        """Sample and apply, as the network takes it: one batch ``[clean; view_1; ...]`` (the
+        views only without ``clean``) in ``dtype`` (default float32) and, if asked, channels_last.
+
+        The fused form writes it directly (no concatenation, no cast, no copy); the reference
+        forms concatenate and cast their views. The same draws as ``forward``.
+        """
+        out = Output(batch=True, clean=clean, dtype=dtype, channels_last=channels_last)
+        return self._sample_and_run(x, generator, out)
+
+    def _sample_and_run(self, x: Tensor, generator: torch.Generator | None, output: Output):
         check_image_batch(x, "x", check_values=False)
         if isinstance(self.severity, nn.Module):
             s = self.severity_value(x.shape[0], generator=generator, device=x.device)
         else:  # a Python float: no tensor to build on the device (a blocking copy on a GPU)
             s = self.severity
         params = self.sample_params(x.shape[0], generator=generator, device=x.device)
-        out = self.apply(x, params, s)
+        out = self._run(x, params, s, output)
         self.last_params = params
         self.last_severity = s.detach() if isinstance(s, Tensor) else torch.tensor(s)
         return out
@@ -318,20 +362,49 @@ class AugMixBatch(nn.Module):
     ) -> tuple[Tensor, ...]:
         """Deterministic AugMix given ``params``: ``(clean, view_1, ..., view_V)``, normalised if set.
 
-        Under the ``static`` strategy a float batch is not range-checked (the check reads the
-        device) but clamped to [0, 1].
+        Under the ``static`` and ``fused`` strategies a float batch is not range-checked (the
+        check reads the device) but clamped to [0, 1].
         """
-        x = self._unit_float(x)
-        chains = self._chains(x, params, severity)  # [V, width, B, 3, H, W]
-        return self._mix(x, chains, params)
+        return self._run(x, params, severity, Output())
 
     def chains(self, x: Tensor, params: AugMixParams, severity: Tensor | float) -> Tensor:
-        """Every chain's output before mixing, ``[V, width, B, 3, H, W]`` in [0,1] (for plots)."""
-        return self._chains(self._unit_float(x), params, severity)
+        """Every chain's output before mixing, ``[V, width, B, 3, H, W]`` in [0,1] (for plots).
 
-    def _unit_float(self, x: Tensor) -> Tensor:
-        if self.strategy_for(getattr(x, "device", "cpu")) != "static":
+        The fused form keeps no chain in memory: under it this runs the reference form of the
+        device (grouped on the CPU, static elsewhere), which gives the same chains.
+        """
+        strategy = self.strategy_for(getattr(x, "device", "cpu"))
+        if strategy not in CHAIN_RUNNERS:
+            strategy = "grouped" if x.device.type == "cpu" else "static"
+        call = self._call(self._unit_float(x, strategy), params, severity, Output())
+        return reference_chains(call, CHAIN_RUNNERS[strategy])
+
+    def _run(self, x: Tensor, params: AugMixParams, severity: Tensor | float, output: Output):
+        strategy = self.strategy_for(getattr(x, "device", "cpu"))
+        call = self._call(self._unit_float(x, strategy), params, severity, output)
+        return EXECUTORS[strategy](call)
+
+    def _call(
+        self, x: Tensor, params: AugMixParams, severity: Tensor | float, output: Output
+    ) -> Call:
+        """Check the draws and the severity against the batch; the tables on its device."""
+        self._check_params(x, params)
+        _check_severity_tensor(severity, x.shape[0])
+        self._tables(x.device)
+        if x.device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
+            tune_for_cpu_augmentation()
+        tables = {name[1:]: table for name, table in self.named_buffers(recurse=False)}
+        return Call(x, params, severity, tables, self.ops, self._groups, self.normalize, output)
+
+    def _unit_float(self, x: Tensor, strategy: str) -> Tensor:
+        """The batch as a form takes it: grouped, float in [0,1], range-checked; static, the
+        same without the check (it reads the device), clamped instead; fused, as given (its
+        kernels read uint8 or float, and clamp)."""
+        if strategy == "grouped":
             return to_unit_float(x)
+        if strategy == "fused":
+            check_image_batch(x, "x", check_values=False)
+            return x
         was_float = isinstance(x, Tensor) and x.is_floating_point()
         x = to_unit_float(x, check_values=False)
         return x.clamp(0.0, 1.0) if was_float else x
@@ -348,84 +421,24 @@ class AugMixBatch(nn.Module):
 
     def strategy_for(self, device: torch.device | str) -> str:
         """The form a call on ``device`` runs: ``strategy``, or for ``"auto"`` ``"grouped"`` on the
-        CPU and ``"static"`` on any other device (the module docstring says why)."""
+        CPU, ``"fused"`` on CUDA when Triton is usable, ``"static"`` on any other device."""
         if self.strategy != "auto":
             return self.strategy
-        return "grouped" if torch.device(device).type == "cpu" else "static"
+        kind = torch.device(device).type
+        if kind == "cpu":
+            return "grouped"
+        return "fused" if kind == "cuda" and fused_unavailable(kind) is None else "static"
 
     def _tables(self, device: torch.device) -> None:
         """Move the op tables to ``device`` once (a module left on the CPU would copy them, and on
-        a GPU wait for the copy, at every call)."""
-        if self._group_of_op.device != device:
+        a GPU wait for the copy, at every call); the fused form's op table is built on first use."""
+        if not hasattr(self, "_fused_op") and self.strategy_for(device) == "fused":
+            reason = fused_unavailable(device)
+            if reason is not None:
+                raise RuntimeError(reason)
+            from .fused_kernels import op_table  # imports Triton
+
+            self.register_buffer("_fused_op", op_table(self.ops), persistent=False)
+        if any(table.device != device for table in self.buffers(recurse=False)):
             for name, table in list(self.named_buffers(recurse=False)):
                 setattr(self, name, table.to(device))
-
-    def _op_parameters(self, level: Tensor, ops: Tensor, signs: Tensor) -> Tensor:
-        """Each application's op parameter, ``Op.parameter(level)`` of its op, signed if the op is."""
-        coef = (self._op_coef64 if level.dtype == torch.float64 else self._op_coef)[
-            torch.add(signs > 0, ops, alpha=2)
-        ]
-        return level * coef[..., 0] + coef[..., 1]
-
-    def _chains(self, x: Tensor, params: AugMixParams, severity: Tensor | float) -> Tensor:
-        self._check_params(x, params)
-        v, w, _, b = params.ops.shape
-        self._tables(x.device)
-        if x.device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
-            tune_for_cpu_augmentation()
-        # Parameter of every application, differentiable in s: level -> op.parameter -> sign.
-        span = self._severity_span(x, severity)
-        level = _LEVEL_LOW + params.level_u.to(x.dtype) * span  # [V, w, D, B]
-        param = self._op_parameters(level, params.ops, params.signs)
-        steps = self._steps(x, params, param)
-        out = EXECUTORS[self.strategy_for(x.device)](x, steps, self._groups)
-        return out.view(v, w, b, *x.shape[1:])
-
-    def _severity_span(self, x: Tensor, severity: Tensor | float) -> Tensor | float:
-        """``severity - 0.1``, the span of the levels ``U(0.1, severity)``."""
-        if isinstance(severity, (int, float)) and not isinstance(severity, bool):
-            return _level_span(float(severity), x.dtype)  # rounded as a tensor s would be
-        b = x.shape[0]
-        s = torch.as_tensor(severity, device=x.device).to(x.dtype)
-        if s.dim() > 1 or (s.dim() == 1 and s.shape[0] not in (1, b)):
-            raise ValueError(
-                f"severity: expected a scalar or a [B={b}] tensor, got shape {tuple(s.shape)}"
-            )
-        return s - _LEVEL_LOW
-
-    def _steps(self, x: Tensor, params: AugMixParams, param: Tensor) -> Steps:
-        """The chains flattened for the executors: image n = (view * width + chain) * B + sample,
-        steps first; which applications run, each one's group, and every op's terms, once."""
-        v, w, d, b = params.ops.shape
-        n, (h, wd) = v * w * b, x.shape[-2:]
-        param_f = param.permute(2, 0, 1, 3).reshape(d, n)
-        ops_f = params.ops.permute(2, 0, 1, 3).reshape(d, n)
-        # which applications run (the chain has not finished) and each one's group
-        active = params.depth.reshape(1, n) > torch.arange(d, device=x.device).unsqueeze(1)
-        drawn = self._group_onehot[ops_f].permute(2, 0, 1) & active  # [groups, D, N]
-        grid = None  # every warp's grid terms, built once for all steps (grid_terms)
-        if self._groups.has_warp:
-            grid = warp_terms(param_f, ops_f, self._term_onehot, h, wd)
-        coefs = coefficients(self._groups, param_f, drawn)
-        return Steps(ops_f, active, drawn, param_f, grid, coefs, self._group_of_op)
-
-    def _mix(self, x: Tensor, chains: Tensor, params: AugMixParams) -> tuple[Tensor, ...]:
-        dtype, device = x.dtype, x.device
-        if self.normalize:
-            inv_std = self._inv_std.to(device=device, dtype=dtype)  # [3,1,1]
-            bias = self._bias.to(device=device, dtype=dtype)
-        else:
-            inv_std = torch.ones((3, 1, 1), dtype=dtype, device=device)
-            bias = torch.zeros((3, 1, 1), dtype=dtype, device=device)
-        m = params.mix.to(dtype)[..., None]  # [V, B, 1]
-        # normalise(mixed) = bias + inv_std * ((1-m) x + sum_i m w_i chain_i), one pass per term:
-        # the coefficients [V, B, 1 + width, 3, 1, 1] of x and of each chain, per channel.
-        coef = torch.cat((1.0 - m, m * params.weights.to(dtype)), dim=-1)[..., None, None, None]
-        coef = coef * inv_std
-        views = torch.addcmul(bias, x.unsqueeze(0), coef[:, :, 0])  # [V, B, 3, H, W]
-        # unbind, not chains[:, i]: in backward, each indexing would zero-fill a gradient of the
-        # full chains size (3 passes over every chain image); unbind's backward is one stack.
-        for i, chain in enumerate(chains.unbind(1)):
-            views = views.addcmul_(chain, coef[:, :, i + 1])
-        clean = torch.addcmul(bias, x, inv_std)
-        return (clean, *views.unbind(0))

@@ -1,39 +1,64 @@
-"""The forms that run AugMix's chains: each one function, registered once in ``EXECUTORS``.
+"""The forms that run an AugMix call: each one function, registered once in ``EXECUTORS``.
 
-``AugMixBatch`` draws, computes every application's op parameter and flattens the chains into
-``Steps`` (image n = (view * width + chain) * B + sample, steps first); a form maps the clean
-batch and the ``Steps`` to every chain's output. The forms give the same views and gradients for
-the same draws (tests pin it):
+``AugMixBatch`` draws and validates; a form maps a ``Call`` (the batch, the draws, the severity,
+the module's tables and the ``Output`` asked for) to the outputs. The forms give the same views
+and gradients for the same draws (tests pin it):
 
-* ``"grouped"`` (``run_grouped``): at each step the images are grouped by the op they drew (one
-  ``argsort``, and ONE host sync per call, ``.tolist()`` of all group sizes); each op runs once on
-  its group, all geometric ops of the step as one warp. Each image is touched by one op per step:
-  the least arithmetic. Without a gradient each group is gathered and written back in place
-  (``run_in_place``); with one, each step regroups the images with one gather (``_GatherGroups``)
-  and concatenates the groups (``run_permuted``).
-* ``"static"`` (``run_static``): every op runs on every image at every step and ``torch.where``
-  keeps the drawn one (an op that is the identity at parameter 0, solarize, needs no select). No
-  shape depends on the draw: nothing is read back to the host, the call is the same kernels every
-  time (it runs on the ``meta`` device, and compiles with ``torch.compile(fullgraph=True)``), and
-  it dispatches fewer operators. The price is arithmetic: each op touches N images instead of its
-  group (the operator counts and CPU times of both forms: docs/benchmarks.md).
+* ``"grouped"`` and ``"static"``, the reference forms (``reference``): every application's op
+  parameter, warp grid terms and op coefficients are computed once per call (``steps_of``), a chain
+  runner maps the clean batch and the ``Steps`` to every chain's output, and ``mix_views`` mixes.
 
-A new form is one more function ``(x, steps, groups) -> [N,3,H,W]`` added to ``EXECUTORS``; its
-name then is a valid ``strategy`` (``augmix.STRATEGIES`` is read off this dict).
+  - ``run_grouped``: at each step the images are grouped by the op they drew (one ``argsort``,
+    and ONE host sync per call, ``.tolist()`` of all group sizes); each op runs once on its group,
+    all geometric ops of the step as one warp. Each image is touched by one op per step: the least
+    arithmetic. Without a gradient each group is gathered and written back in place
+    (``run_in_place``); with one, each step regroups the images with one gather
+    (``_GatherGroups``) and concatenates the groups (``run_permuted``).
+  - ``run_static``: every op runs on every image at every step and ``torch.where`` keeps the drawn
+    one (an op that is the identity at parameter 0, solarize, needs no select). No shape depends
+    on the draw: nothing is read back to the host, the call is the same kernels every time (it
+    runs on the ``meta`` device, and compiles with ``torch.compile(fullgraph=True)``), and it
+    dispatches fewer operators. The price is arithmetic and memory traffic: each op writes N full
+    images instead of its group's.
+
+* ``"fused"`` (``run_fused``, kernels in ``fused_kernels.py``): per depth step one Triton kernel
+  applies each image's own op, reading and writing each running chain's image once, and one
+  kernel mixes and writes the network's input. No host read, no shape that depends on the draw.
+  CUDA, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The operator counts, bytes and CPU times of the forms are in docs/benchmarks.md. A new form is one
+more function ``(Call) -> outputs`` added to ``EXECUTORS``; its name then is a valid ``strategy``
+(``augmix.STRATEGIES`` is read off this dict).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .ops import AFFINE_TERMS, Op, grid_terms, pil_affine, warp_grid_terms
 
-__all__ = ["EXECUTORS", "OpGroups", "Steps", "op_tables", "run_grouped", "run_static"]
+__all__ = [
+    "EXECUTORS",
+    "LEVEL_LOW",
+    "Call",
+    "OpGroups",
+    "Output",
+    "Steps",
+    "fused_unavailable",
+    "op_tables",
+    "run_grouped",
+    "run_static",
+]
 
+LEVEL_LOW = 0.1  # official sample_level: level ~ U(0.1, severity)
 Grid = list[tuple[Tensor, Tensor]]  # per step: grid terms ([N,2,1,W], [N,2,H,1]) of every warp
 Coefs = list[tuple[Tensor, ...]]  # per non-geometric op, per step: its Op.prepare coefficients
 
@@ -64,12 +89,15 @@ class OpGroups:
         return self.n_groups - 1
 
 
-def op_tables(ops: tuple[Op, ...], groups: OpGroups) -> dict[str, Tensor]:
-    """The op tables looked up per application, by the module's buffer names: each op's group,
+def op_tables(
+    ops: tuple[Op, ...], groups: OpGroups, mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, Tensor]:
+    """The tables looked up per application, by the module's buffer names: each op's group,
     its (non-idle) group one-hot, the ``pil_affine`` term its parameter sets (none for the
     non-geometric ops), and its magnitude map as (scale, offset) of ``parameter = level * scale +
     offset`` (``Op.parameter``) at row ``2 * op + (sign > 0)``: a signed op's scale is negated in
-    its negative row."""
+    its negative row. And the normalisation folded into the mix, ``x / std - mean / std``:
+    ``_norm [2, 3]`` = (1 / std, -mean / std)."""
     group = torch.tensor(groups.group)
     terms = torch.zeros(len(ops), len(AFFINE_TERMS))
     coef = []
@@ -78,13 +106,53 @@ def op_tables(ops: tuple[Op, ...], groups: OpGroups) -> dict[str, Tensor]:
             terms[i, op.affine_term] = 1.0
         scale = op.max_param / 10.0 if op.max_param is not None else 0.0
         coef += [[-scale if op.signed else scale, op.offset], [scale, op.offset]]
+    std_t, mean_t = torch.tensor(std), torch.tensor(mean)
     return {
         "_group_of_op": group,
         "_group_onehot": torch.eye(groups.n_groups - 1, dtype=torch.bool)[group],
         "_term_onehot": terms,
         "_op_coef": torch.tensor(coef, dtype=torch.float32),
         "_op_coef64": torch.tensor(coef, dtype=torch.float64),
+        "_norm": torch.stack((1.0 / std_t, -mean_t / std_t)),
     }
+
+
+class Draws(Protocol):
+    """Every random choice of a call (``augmix.AugMixParams`` is one)."""
+
+    ops: Tensor  # long [V, width, D, B]
+    depth: Tensor  # long [V, width, B]
+    level_u: Tensor  # [V, width, D, B] in [0, 1]
+    signs: Tensor  # [V, width, D, B] in {-1, +1}
+    weights: Tensor  # [V, B, width]
+    mix: Tensor  # [V, B]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a call returns: the tuple ``(clean, view_1, ...)`` in the batch's float type, or
+    (``batch``) the network's input, one tensor ``[clean; view_1; ...]`` (without the clean images
+    if not ``clean``) in ``dtype`` (default: the batch's float type), channels_last if asked."""
+
+    batch: bool = False
+    clean: bool = True
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class Call:
+    """One AugMixBatch call as a form receives it; the tables are the module's buffers (the
+    ``op_tables`` names without the underscore), on the batch's device."""
+
+    x: Tensor  # [B,3,H,W]: float in [0,1] for the reference forms, the batch as given for fused
+    params: Draws
+    severity: Tensor | float  # [] or [B] tensor, or a float
+    tables: dict[str, Tensor]
+    ops: tuple[Op, ...]
+    groups: OpGroups
+    normalize: bool
+    output: Output
 
 
 @dataclass(frozen=True)
@@ -302,6 +370,147 @@ def run_permuted(
     return _permute_rows(cur, restore)
 
 
-Executor = Callable[[Tensor, Steps, OpGroups], Tensor]
-# The one registry of forms, in the order ``augmix.STRATEGIES`` lists them after "auto".
-EXECUTORS: dict[str, Executor] = {"grouped": run_grouped, "static": run_static}
+# -- what the reference forms share: parameters, steps, the mix -------------------------------
+
+
+def level_span(severity: Tensor | float, x: Tensor) -> Tensor | float:
+    """``severity - 0.1``, the span of the levels ``U(0.1, severity)``, in ``x``'s float type (a
+    float severity is rounded as a tensor of that type would be, so both give the same levels)."""
+    if isinstance(severity, Tensor):
+        return severity.to(device=x.device, dtype=x.dtype) - LEVEL_LOW
+    if x.dtype == torch.float64:
+        return severity - LEVEL_LOW
+    return float(np.float32(severity) - np.float32(LEVEL_LOW))
+
+
+def op_parameters(call: Call) -> Tensor:
+    """Every application's op parameter ``[V, width, D, B]``, differentiable in the severity:
+    level ``0.1 + u (s - 0.1)``, then ``Op.parameter`` of its op, signed if the op is."""
+    p, x = call.params, call.x
+    span = level_span(call.severity, x)
+    if isinstance(span, Tensor) and span.dim() == 1:
+        span = span.view(1, 1, 1, -1)
+    level = LEVEL_LOW + p.level_u.to(x.dtype) * span
+    table = call.tables["op_coef64" if x.dtype == torch.float64 else "op_coef"]
+    coef = table[torch.add(p.signs > 0, p.ops, alpha=2)]
+    return level * coef[..., 0] + coef[..., 1]
+
+
+def steps_of(call: Call) -> Steps:
+    """The chains flattened for the chain runners: image n = (view * width + chain) * B + sample,
+    steps first; which applications run, each one's group, and every op's terms, once."""
+    p, x, tables = call.params, call.x, call.tables
+    v, w, d, b = p.ops.shape
+    n, (h, wd) = v * w * b, x.shape[-2:]
+    param = op_parameters(call).permute(2, 0, 1, 3).reshape(d, n)
+    ops = p.ops.permute(2, 0, 1, 3).reshape(d, n)
+    # which applications run (the chain has not finished) and each one's group
+    active = p.depth.reshape(1, n) > torch.arange(d, device=x.device).unsqueeze(1)
+    drawn = tables["group_onehot"][ops].permute(2, 0, 1) & active  # [groups, D, N]
+    grid = None  # every warp's grid terms, built once for all steps (grid_terms)
+    if call.groups.has_warp:
+        grid = warp_terms(param, ops, tables["term_onehot"], h, wd)
+    coefs = coefficients(call.groups, param, drawn)
+    return Steps(ops, active, drawn, param, grid, coefs, tables["group_of_op"])
+
+
+def mix_views(call: Call, chains: Tensor) -> tuple[Tensor, ...]:
+    """``(clean, view_1, ...)``: ``mixed = (1 - m) x + m sum_i w_i chain_i``, normalised; the
+    normalisation folded into the coefficients (it is affine and the weights sum to 1)."""
+    x, p = call.x, call.params
+    dtype = x.dtype
+    norm = call.tables["norm"].to(dtype)
+    inv_std, bias = (
+        norm if call.normalize else (torch.ones_like(norm[0]), torch.zeros_like(norm[1]))
+    )
+    inv_std, bias = inv_std.view(3, 1, 1), bias.view(3, 1, 1)
+    m = p.mix.to(dtype)[..., None]  # [V, B, 1]
+    # normalise(mixed) = bias + inv_std * ((1-m) x + sum_i m w_i chain_i), one pass per term:
+    # the coefficients [V, B, 1 + width, 3, 1, 1] of x and of each chain, per channel.
+    coef = torch.cat((1.0 - m, m * p.weights.to(dtype)), dim=-1)[..., None, None, None]
+    coef = coef * inv_std
+    views = torch.addcmul(bias, x.unsqueeze(0), coef[:, :, 0])  # [V, B, 3, H, W]
+    # unbind, not chains[:, i]: in backward, each indexing would zero-fill a gradient of the
+    # full chains size (3 passes over every chain image); unbind's backward is one stack.
+    for i, chain in enumerate(chains.unbind(1)):
+        views = views.addcmul_(chain, coef[:, :, i + 1])
+    clean = torch.addcmul(bias, x, inv_std)
+    return (clean, *views.unbind(0))
+
+
+ChainRunner = Callable[[Tensor, Steps, OpGroups], Tensor]  # (x, steps, groups) -> [N,3,H,W]
+
+
+def reference_chains(call: Call, run: ChainRunner) -> Tensor:
+    """Every chain's output ``[V, width, B, 3, H, W]``, by a chain runner."""
+    v, w, _, b = call.params.ops.shape
+    return run(call.x, steps_of(call), call.groups).view(v, w, b, *call.x.shape[1:])
+
+
+def _as_output(outputs: tuple[Tensor, ...], output: Output) -> tuple[Tensor, ...] | Tensor:
+    """The tuple, or the network's input made from it (what the trainer did before the fused
+    form wrote it directly: concatenate, cast, channels_last)."""
+    if not output.batch:
+        return outputs
+    batch = torch.cat(outputs if output.clean else outputs[1:])
+    if output.dtype is not None:
+        batch = batch.to(output.dtype)
+    return batch.contiguous(memory_format=torch.channels_last) if output.channels_last else batch
+
+
+def reference(run: ChainRunner) -> Callable[[Call], tuple[Tensor, ...] | Tensor]:
+    """A reference form: the chains by ``run``, then ``mix_views``."""
+
+    def form(call: Call) -> tuple[Tensor, ...] | Tensor:
+        return _as_output(mix_views(call, reference_chains(call, run)), call.output)
+
+    form.__doc__ = f"The reference form that runs its chains with ``{run.__name__}``."
+    return form
+
+
+# -- the fused form ---------------------------------------------------------------------------
+
+
+def fused_unavailable(device: torch.device | str) -> str | None:
+    """Why the fused form cannot run on ``device`` (one line), or None if it can."""
+    kind = torch.device(device).type
+    if importlib.util.find_spec("triton") is None:
+        return (
+            "strategy 'fused' needs Triton (it ships with torch's Linux wheels: pip install triton)"
+        )
+    if kind == "cuda":
+        return None
+    if kind == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return None
+        return (
+            "strategy 'fused' on the CPU runs under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before importing torch (or use a CUDA device, or strategy 'grouped')"
+        )
+    return f"strategy 'fused' runs on CUDA (or the CPU under TRITON_INTERPRET=1), not on {kind!r}"
+
+
+def run_fused(call: Call) -> tuple[Tensor, ...] | Tensor:
+    """The fused form (``fused.py``): the network's input written by Triton kernels."""
+    reason = fused_unavailable(call.x.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    from .fused import run_fused_call  # Triton is imported only when the form runs
+
+    t, out = call.tables, call.output
+    coef = t["op_coef64"] if call.x.dtype == torch.float64 else t["op_coef"]
+    batch = run_fused_call(
+        call.x, call.params, call.severity, (t["fused_op"], coef, t["norm"]), call.normalize,
+        clean=out.clean or not out.batch, dtype=out.dtype, channels_last=out.channels_last,
+    )  # fmt: skip
+    return batch if out.batch else batch.split(call.x.shape[0])
+
+
+# The reference forms' chain runners, and the one registry of forms, in the order
+# ``augmix.STRATEGIES`` lists them after "auto".
+CHAIN_RUNNERS: dict[str, ChainRunner] = {"grouped": run_grouped, "static": run_static}
+Form = Callable[[Call], "tuple[Tensor, ...] | Tensor"]
+EXECUTORS: dict[str, Form] = {
+    **{name: reference(run) for name, run in CHAIN_RUNNERS.items()},
+    "fused": run_fused,
+}

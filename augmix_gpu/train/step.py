@@ -37,7 +37,8 @@ class AugmentedClassifier(nn.Module):
     ``none`` feeds the normalised clean batch; ``augmix`` one AugMix view (the official
     no-JSD recipe); the JSD modes one concatenated ``[clean; view1; view2]`` batch, so that
     BatchNorm sees all three views and the network runs once.
-    AugMix runs in fp32 outside autocast; only the network runs under ``amp_dtype``.
+    AugMix computes in fp32 outside autocast and hands the network its input already in
+    ``amp_dtype`` (and channels_last if set); only the network runs under autocast.
     """
 
     def __init__(
@@ -70,7 +71,8 @@ class AugmentedClassifier(nn.Module):
         *,
         severity_grad: bool | None = None,
     ) -> torch.Tensor:
-        """The batch the network sees: [B] clean or one view, or [3B] for the JSD modes.
+        """The batch the network sees: [B] clean or one view, or [3B] for the JSD modes (in
+        ``amp_dtype`` and channels_last as configured, except the hypergradient's float32 views).
 
         ``severity_grad``: whether the views carry a gradient to a learnable severity. Default:
         yes, unless the severity follows the held-out objective, which the training loss must not
@@ -82,9 +84,18 @@ class AugmentedClassifier(nn.Module):
             return normalize_images(images)
         if severity_grad is None:
             severity_grad = not self.severity_follows_heldout
+        # The batch as the network takes it (amp dtype, channels_last): the fused form writes it
+        # directly, the others concatenate and cast. The hypergradient's views stay float32: its
+        # input-gradient difference is taken in the views' dtype.
+        hyper = severity_grad and self.severity_follows_heldout
         with torch.set_grad_enabled(torch.is_grad_enabled() and severity_grad):
-            views = self.augmenter(images, generator=generator)
-        return views[1] if self.aug_type == "augmix" else torch.cat(views)
+            return self.augmenter.network_input(
+                images,
+                generator=generator,
+                clean=self.aug_type != "augmix",
+                dtype=None if hyper else self.amp_dtype,
+                channels_last=self.channels_last,
+            )
 
     def classify(
         self, x: torch.Tensor, model: Callable[[torch.Tensor], torch.Tensor] | None = None
