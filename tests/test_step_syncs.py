@@ -120,10 +120,11 @@ def _batch(step: int):
     return natural_batch(B, 24, seed=step), torch.arange(B) % CLASSES
 
 
-@pytest.mark.parametrize(("strategy", "expected"), [("grouped", 1), ("static", 0)])
+@pytest.mark.parametrize(("strategy", "expected"), [("grouped", 1), ("static", 0), ("fused", 0)])
 @pytest.mark.parametrize("objective", ["minimize", "heldout"])
 def test_a_step_reads_the_host_once_at_most(objective: str, strategy: str, expected: int) -> None:
-    """grouped AugMix reads its group sizes (once per step, update steps included); static nothing."""
+    """grouped AugMix reads its group sizes (once per step, update steps included); static and fused
+    nothing."""
     ctx = _context(objective, strategy)
     state = TrainState()
     train_step(ctx, state, *_batch(0))  # warm-up (lazy optimiser state, first allocations)

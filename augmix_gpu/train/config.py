@@ -217,8 +217,8 @@ class AugmentSettings:
     all_ops: bool = flag(False, "add color/contrast/brightness/sharpness (overlap -C)")
     augmix_strategy: str = flag(
         "auto",
-        "AugMix's form: grouped (one host sync per call), static (none), auto (grouped on the "
-        "CPU, static on a GPU)",
+        "AugMix's form: grouped (one host sync per call), static (none), fused (Triton kernels, "
+        "none), auto (grouped on the CPU, fused on CUDA, static on other accelerators)",
         choices=STRATEGIES,
     )
     beta_jsd: float = flag(12.0, check=at_least(0))
