@@ -79,7 +79,7 @@ def test_the_fused_kernels_count_only_the_chains_still_running():
         aug.apply(x, p, 3.0)
     image = 3 * 8 * 8  # bytes of one uint8 image
     table = {"ops": 6 * 8, "depth": 2 * 8, "level_u": 6 * 4, "signs": 6 * 4}
-    table |= {"optab": 9 * 2 * 4, "coef": 18 * 2 * 4, "weights": 2 * 4, "mix": 4, "norm": 6 * 4}
+    table |= {"optab": 9 * 2 * 4, "coef": 18 * 3 * 4, "weights": 2 * 4, "mix": 4, "norm": 6 * 4}
     stats_small = table["ops"] + table["depth"] + table["optab"]
     step_small = stats_small + table["level_u"] + table["signs"] + table["coef"]
     mix_small = table["depth"] + table["weights"] + table["mix"] + table["norm"]

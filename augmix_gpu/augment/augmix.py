@@ -176,6 +176,21 @@ def _check_severity(severity: float | nn.Module) -> float | nn.Module:
     return severity
 
 
+LEVELS = ("continuous", "official")
+
+
+def _check_levels(levels: str, severity: float | nn.Module) -> str:
+    """Official levels are truncated, so they carry no gradient: a fixed severity only."""
+    if levels not in LEVELS:
+        raise ValueError(f"levels: expected one of {LEVELS}, got {levels!r}")
+    if levels == "official" and isinstance(severity, nn.Module):
+        raise ValueError(
+            "levels='official' truncates magnitudes as the official code does, which carries no "
+            "gradient to a learnable severity: use a fixed severity, or levels='continuous'"
+        )
+    return levels
+
+
 def _check_severity_tensor(severity: Tensor | float, batch: int) -> None:
     """A tensor severity is a scalar or one per sample."""
     if isinstance(severity, Tensor) and (
@@ -203,6 +218,10 @@ class AugMixBatch(nn.Module):
             (every op on every image; nothing read back to the host), ``"fused"`` (Triton
             kernels; CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"auto"`` (grouped on the
             CPU, fused on CUDA, static elsewhere); the same views and gradients (module docstring).
+        levels: ``"continuous"`` (magnitudes ``level * max / 10``, no rounding between ops: they
+            carry the severity's gradient) or ``"official"`` (the official code's ops: magnitudes
+            truncated as its ``int_parameter`` does, every op's output rounded to a uint8 level
+            as PIL stores it; for a fixed severity only).
     Shape:
         input ``[B,3,H,W]`` uint8 (0..255) or float in [0,1]; outputs ``num_views + 1`` tensors
         ``[B,3,H,W]`` float32 (float64 in, float64 out): clean first, then the views.
@@ -229,6 +248,7 @@ class AugMixBatch(nn.Module):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         strategy: str = "auto",
+        levels: str = "continuous",
     ) -> None:
         super().__init__()
         self.width = check_int_at_least(width, "width", 1)
@@ -253,6 +273,7 @@ class AugMixBatch(nn.Module):
                 "on the CPU, 'fused' on CUDA and 'static' on other devices)"
             )
         self.strategy = strategy
+        self.levels = _check_levels(levels, self.severity)
 
         self.ops: tuple[Op, ...] = get_ops(self.all_ops)
         self._groups = OpGroups.of(self.ops)
@@ -275,7 +296,7 @@ class AugMixBatch(nn.Module):
         return (
             f"width={self.width}, depth={self.depth}, alpha={self.alpha}, all_ops={self.all_ops}, "
             f"severity={sev}, normalize={self.normalize}, num_views={self.num_views}, "
-            f"strategy={self.strategy}"
+            f"strategy={self.strategy}, levels={self.levels}"
         )
 
     # -- sampling ---------------------------------------------------------------------------
@@ -394,7 +415,8 @@ class AugMixBatch(nn.Module):
         if x.device.type == "cpu":  # keep freed memory for the next call (runtime.py): ~2x
             tune_for_cpu_augmentation()
         tables = {name[1:]: table for name, table in self.named_buffers(recurse=False)}
-        return Call(x, params, severity, tables, self.ops, self._groups, self.normalize, output)
+        return Call(x, params, severity, tables, self.ops, self._groups, self.normalize, output,
+                    official=self.levels == "official")  # fmt: skip
 
     def _unit_float(self, x: Tensor, strategy: str) -> Tensor:
         """The batch as a form takes it: grouped, float in [0,1], range-checked; static, the

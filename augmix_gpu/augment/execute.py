@@ -43,7 +43,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import AFFINE_TERMS, Op, grid_terms, pil_affine, warp_grid_terms
+from .ops import (
+    _TIE_MARGIN,
+    AFFINE_TERMS,
+    OFFICIAL_CODES,
+    Op,
+    grid_terms,
+    pil_affine,
+    warp_grid_terms,
+)
 
 __all__ = [
     "EXECUTORS",
@@ -94,9 +102,10 @@ def op_tables(
 ) -> dict[str, Tensor]:
     """The tables looked up per application, by the module's buffer names: each op's group,
     its (non-idle) group one-hot, the ``pil_affine`` term its parameter sets (none for the
-    non-geometric ops), and its magnitude map as (scale, offset) of ``parameter = level * scale +
-    offset`` (``Op.parameter``) at row ``2 * op + (sign > 0)``: a signed op's scale is negated in
-    its negative row. And the normalisation folded into the mix, ``x / std - mean / std``:
+    non-geometric ops), and its magnitude map as (scale, offset, official unit code) of
+    ``parameter = level * scale + offset`` (``Op.parameter``; ``Op.official_parameter`` truncates
+    ``level * scale`` to whole units) at row ``2 * op + (sign > 0)``: a signed op's scale is
+    negated in its negative row. And the normalisation folded into the mix, ``x / std - mean / std``:
     ``_norm [2, 3]`` = (1 / std, -mean / std)."""
     group = torch.tensor(groups.group)
     terms = torch.zeros(len(ops), len(AFFINE_TERMS))
@@ -105,7 +114,8 @@ def op_tables(
         if op.affine_term is not None:
             terms[i, op.affine_term] = 1.0
         scale = op.max_param / 10.0 if op.max_param is not None else 0.0
-        coef += [[-scale if op.signed else scale, op.offset], [scale, op.offset]]
+        code = OFFICIAL_CODES[op.official]
+        coef += [[-scale if op.signed else scale, op.offset, code], [scale, op.offset, code]]
     std_t, mean_t = torch.tensor(std), torch.tensor(mean)
     return {
         "_group_of_op": group,
@@ -153,6 +163,7 @@ class Call:
     groups: OpGroups
     normalize: bool
     output: Output
+    official: bool = False  # levels="official": truncated magnitudes, uint8 after every op
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,16 @@ class Steps:
     grid: Grid | None  # None without geometric ops
     coefs: Coefs
     group_of_op: Tensor  # long [ops]: the group table, on the batch's device
+    round_levels: bool = False  # levels="official": every op's output rounded to a uint8 level
+
+    def settle(self, images: Tensor) -> Tensor:
+        """A step's images as the next step reads them: as they are, or (official levels) on
+        the uint8 grid as PIL stores every op's output: its float results are truncated (the
+        bilinear sampler's and ImageEnhance's ``(UINT8) v``, autocontrast's ``int()``), with the
+        tie margin so that a level computed as k - 1e-6 stays k."""
+        if not self.round_levels:
+            return images
+        return torch.floor(images * 255.0 + _TIE_MARGIN) / 255.0
 
 
 def warp_terms(param: Tensor, ops: Tensor, term_onehot: Tensor, h: int, w: int) -> Grid:
@@ -236,7 +257,7 @@ def run_static(x: Tensor, steps: Steps, groups: OpGroups) -> Tensor:
         if tracked:  # every op's output and the input (idle), selected by one function
             outs = [warp_grid_terms(cur, *grid[t])] if grid is not None else []
             outs += [op.apply_prepared(cur, coefs[j][t]) for j, op in enumerate(groups.other_ops)]
-            cur = _Select.apply(every[:, t], *outs, cur)
+            cur = steps.settle(_Select.apply(every[:, t], *outs, cur))
             continue
         out = cur
         if grid is not None:
@@ -246,7 +267,7 @@ def run_static(x: Tensor, steps: Steps, groups: OpGroups) -> Tensor:
                 out = op.apply_prepared(out, coefs[j][t])
             else:
                 out = torch.where(masks[first + j], op.apply_prepared(cur, coefs[j][t]), out)
-        cur = out
+        cur = steps.settle(out)
     return cur
 
 
@@ -338,7 +359,7 @@ def run_in_place(
                     cur.index_copy_(0, idx, x.index_select(0, idx.remainder(b)))
                 continue
             src = x.index_select(0, idx.remainder(b)) if t == 0 else cur.index_select(0, idx)
-            cur.index_copy_(0, idx, apply_group(groups, g, src, steps, t, idx))
+            cur.index_copy_(0, idx, steps.settle(apply_group(groups, g, src, steps, t, idx)))
     return cur
 
 
@@ -361,7 +382,7 @@ def run_permuted(
         for g, src in enumerate(group_imgs):
             # chains already finished (or of depth 0) pass through
             outs.append(src if g == groups.idle else apply_group(groups, g, src, steps, t, rows[g]))
-        cur = torch.cat(outs)
+        cur = steps.settle(torch.cat(outs))
         if t + 1 < d:  # regroup by the next step's op
             perm = torch.argsort(key[t + 1].index_select(0, chain_at), stable=True)
             chain_at = chain_at.index_select(0, perm)
@@ -393,7 +414,13 @@ def op_parameters(call: Call) -> Tensor:
     level = LEVEL_LOW + p.level_u.to(x.dtype) * span
     table = call.tables["op_coef64" if x.dtype == torch.float64 else "op_coef"]
     coef = table[torch.add(p.signs > 0, p.ops, alpha=2)]
-    return level * coef[..., 0] + coef[..., 1]
+    scaled = level * coef[..., 0]
+    if call.official:  # int_parameter: whole units (degrees, bits, levels, pixels of a side)
+        code = coef[..., 2]
+        h, w = x.shape[-2:]
+        unit = code.clamp_min(0.0) + (code == -1.0) * w + (code == -2.0) * h
+        scaled = torch.where(unit > 0, torch.trunc(scaled * unit) / unit.clamp_min(1.0), scaled)
+    return scaled + coef[..., 1]
 
 
 def steps_of(call: Call) -> Steps:
@@ -411,7 +438,7 @@ def steps_of(call: Call) -> Steps:
     if call.groups.has_warp:
         grid = warp_terms(param, ops, tables["term_onehot"], h, wd)
     coefs = coefficients(call.groups, param, drawn)
-    return Steps(ops, active, drawn, param, grid, coefs, tables["group_of_op"])
+    return Steps(ops, active, drawn, param, grid, coefs, tables["group_of_op"], call.official)
 
 
 def mix_views(call: Call, chains: Tensor) -> tuple[Tensor, ...]:
@@ -502,6 +529,7 @@ def run_fused(call: Call) -> tuple[Tensor, ...] | Tensor:
     batch = run_fused_call(
         call.x, call.params, call.severity, (t["fused_op"], coef, t["norm"]), call.normalize,
         clean=out.clean or not out.batch, dtype=out.dtype, channels_last=out.channels_last,
+        official=call.official,
     )  # fmt: skip
     return batch if out.batch else batch.split(call.x.shape[0])
 

@@ -40,7 +40,8 @@ def _severity(
 class _Plan:
     """One fused call's fixed inputs: the batch, the draws, the tables and the output wanted."""
 
-    def __init__(self, x, params, optab, coef, norm, normalize, clean, dtype, channels_last):
+    def __init__(self, x, params, optab, coef, norm, normalize, clean, dtype, channels_last,
+                 official=False):  # fmt: skip
         self.x = x.contiguous()
         self.ops, self.depth = params.ops.contiguous(), params.depth.contiguous()
         self.level_u, self.signs = params.level_u.contiguous(), params.signs.contiguous()
@@ -52,6 +53,7 @@ class _Plan:
         self.first = 0 if clean else 1
         self.dtype = dtype or self.compute
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.official = official
 
     def run(
         self, severity: Tensor | None, span: float, tracked: bool
@@ -65,7 +67,7 @@ class _Plan:
         for t in range(depth):
             K.fused_stats(x, buf, tangent, stats, self.ops, self.depth, self.optab, t)
             K.fused_step(x, buf, tangent, stats, self.ops, self.depth, self.level_u, self.signs,
-                         severity, span, self.optab, self.coef, t)  # fmt: skip
+                         severity, span, self.optab, self.coef, t, self.official)  # fmt: skip
         rows = (v + 1 - self.first) * b
         out = torch.empty((rows, 3, h, w), dtype=self.dtype, device=x.device,
                           memory_format=self.layout)  # fmt: skip
@@ -106,18 +108,20 @@ def run_fused_call(
     clean: bool = True,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    official: bool = False,
 ) -> Tensor:
     """The network's input ``[clean; view_1; ...]`` (``clean=False``: the views only) of one
     call, from the batch as given (uint8, or float in [0,1], clamped), the draws
     (``AugMixParams``), the severity and ``tables`` = (op table, magnitude table, normalisation
-    ``[2, 3]``), all on the batch's device."""
+    ``[2, 3]``), all on the batch's device; ``official``: the official code's truncated magnitudes
+    and uint8 after every op (``AugMixBatch(levels="official")``)."""
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError(
             "strategy 'fused': the batch requires grad, but the fused form carries a gradient to "
             "the severity only: use strategy 'static' or 'grouped'"
         )
     optab, coef, norm = tables
-    plan = _Plan(x, params, optab, coef, norm, normalize, clean, dtype, channels_last)
+    plan = _Plan(x, params, optab, coef, norm, normalize, clean, dtype, channels_last, official)
     sev, span = _severity(severity, x, plan.compute)
     tracked = sev is not None and torch.is_grad_enabled() and sev.requires_grad
     if tracked:

@@ -294,17 +294,26 @@ def _images(src, buf, tan, n, b, t, N, HW, FROM_BATCH: tl.constexpr):
 
 
 @triton.jit
-def _parameter(coef, op, positive, u, span, LEVEL_LOW: tl.constexpr):
-    """``execute.op_parameters`` of one application, and its derivative in the severity."""
+def _parameter(coef, op, positive, u, span, H, W, LEVEL_LOW: tl.constexpr,
+               OFFICIAL: tl.constexpr):  # fmt: skip
+    """``execute.op_parameters`` of one application, and its derivative in the severity; with
+    ``OFFICIAL`` truncated to whole units (the table's code: 1 units, -1 / -2 pixels of W / H)."""
     row = 2 * op + positive.to(tl.int32)
-    scale = tl.load(coef + 2 * row)
-    return (LEVEL_LOW + u * span) * scale + tl.load(coef + 2 * row + 1), u * scale
+    scale = tl.load(coef + 3 * row)
+    scaled = (LEVEL_LOW + u * span) * scale
+    if OFFICIAL:
+        code = tl.load(coef + 3 * row + 2)
+        unit = tl.where(code == -1.0, W, tl.where(code == -2.0, H, code)).to(scaled.dtype)
+        whole = (scaled * unit).to(tl.int32).to(scaled.dtype)  # toward zero, as int()
+        scaled = tl.where(unit > 0.0, whole / tl.maximum(unit, 1.0), scaled)
+    return scaled + tl.load(coef + 3 * row + 1), u * scale
 
 
 @triton.jit
 def _step_kernel(src, buf, tan, stats, ops, depth, level_u, signs, sev, sev_stride, span, optab,
                  coef, t, N, B, D, H, W, FROM_BATCH: tl.constexpr, SRC_U8: tl.constexpr,
-                 HAS_SEV: tl.constexpr, TANGENT: tl.constexpr, LEVEL_LOW: tl.constexpr,
+                 HAS_SEV: tl.constexpr, TANGENT: tl.constexpr, OFFICIAL: tl.constexpr,
+                 LEVEL_LOW: tl.constexpr,
                  MARGIN: tl.constexpr, THRESHOLD_TOP: tl.constexpr, GAIN: tl.constexpr,
                  BLOCK: tl.constexpr):  # fmt: skip
     """One depth step: each running chain's image, through the op it drew, read once, written once."""
@@ -319,7 +328,8 @@ def _step_kernel(src, buf, tan, stats, ops, depth, level_u, signs, sev, sev_stri
             span_b = tl.load(sev + b * sev_stride).to(CT) - LEVEL_LOW
         else:
             span_b = tl.cast(span, CT)
-        param, dparam = _parameter(coef, op, tl.load(signs + at) > 0, u, span_b, LEVEL_LOW)
+        param, dparam = _parameter(coef, op, tl.load(signs + at) > 0, u, span_b, H, W, LEVEL_LOW,
+                                   OFFICIAL)  # fmt: skip
         HW = H * W
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < HW
@@ -340,7 +350,10 @@ def _step_kernel(src, buf, tan, stats, ops, depth, level_u, signs, sev, sev_stri
         else:
             y, e = _pointwise(branch, x, d, param, dparam, stats + n.to(tl.int64) * 768,
                               tl.arange(0, 4), live, MARGIN, THRESHOLD_TOP, GAIN)  # fmt: skip
-        tl.store(out + tile, (y * LEVEL_MAX).to(out.dtype.element_ty), mask=live)
+        level = y * LEVEL_MAX
+        if OFFICIAL:  # PIL stores every op's output on the uint8 grid, truncated (execute.Steps)
+            level = tl.floor(level + MARGIN * 255.0)
+        tl.store(out + tile, level.to(out.dtype.element_ty), mask=live)
         if TANGENT:
             tl.store(tout + tile, e.to(tout.dtype.element_ty), mask=live)
 
@@ -543,10 +556,11 @@ def fused_stats(
 def fused_step(
     src: Tensor, buf: Tensor, tangent: Tensor | None, stats: Tensor, ops: Tensor, depth: Tensor,
     level_u: Tensor, signs: Tensor, severity: Tensor | None, span: float, optab: Tensor,
-    coef: Tensor, t: int,
+    coef: Tensor, t: int, official: bool = False,
 ) -> None:  # fmt: skip
     """Depth step t of every running chain: ``buf`` slot t % 2 (and its tangent) written. The
-    severity is ``severity`` (``[]``, ``[1]`` or ``[B]``) or, without it, ``span`` = s - 0.1."""
+    severity is ``severity`` (``[]``, ``[1]`` or ``[B]``) or, without it, ``span`` = s - 0.1;
+    ``official``: the official code's truncated magnitudes and uint8 after every op."""
     n, (b, d), (h, w) = depth.numel(), (src.shape[0], ops.shape[2]), src.shape[-2:]
     block = _block(STEP_BLOCK, h * w)
     sev = level_u if severity is None else severity  # never read without a severity
@@ -554,7 +568,7 @@ def fused_step(
         src, buf, buf if tangent is None else tangent, stats, ops, depth, level_u, signs, sev,
         int(sev.numel() > 1), span, optab, coef, t, n, b, d, h, w, FROM_BATCH=t == 0,
         SRC_U8=src.dtype == torch.uint8, HAS_SEV=severity is not None,
-        TANGENT=tangent is not None, LEVEL_LOW=0.1, MARGIN=_TIE_MARGIN / 255.0,
+        TANGENT=tangent is not None, OFFICIAL=official, LEVEL_LOW=0.1, MARGIN=_TIE_MARGIN / 255.0,
         THRESHOLD_TOP=256.0 - _TIE_MARGIN, GAIN=255.0 / SOLARIZE_TEMPERATURE, BLOCK=block,
     )  # fmt: skip
 

@@ -49,6 +49,11 @@ _TIE_MARGIN = 1e-3
 SOLARIZE_TEMPERATURE = 4.0
 
 
+# ``Op.official`` as a code in the magnitude tables (execute.op_tables, read by the kernels too):
+# 0 none (float_parameter), 1 whole units, -1 / -2 whole pixels of the width / height.
+OFFICIAL_CODES = {"float": 0.0, "int": 1.0, "width": -1.0, "height": -2.0}
+
+
 @dataclass(frozen=True)
 class Op:
     """One AugMix op: its batched function and how its magnitude is defined.
@@ -74,12 +79,24 @@ class Op:
     kernel: Callable[[Tensor, Tensor], Tensor] | None = None
     # prepare(0) makes apply_prepared the exact identity on [0,1] (no gradient tracked)
     identity_at_zero: bool = False
+    # How the official code maps a level to this op's parameter: "float" (float_parameter, as
+    # ours), "int" (int_parameter: truncated to whole units of the parameter: degrees, bits,
+    # levels) or "width" / "height" (int_parameter of a translation in whole pixels of that side).
+    official: str = "float"
 
     def parameter(self, level: Tensor) -> Tensor:
         """Map ``level`` (0..10 scale, any shape) to this op's parameter, continuously."""
         if self.max_param is None:
             return torch.zeros_like(level)
         return level * (self.max_param / 10.0) + self.offset
+
+    def official_parameter(self, level: Tensor, h: int, w: int) -> Tensor:
+        """The official code's parameter at ``level`` on an ``h x w`` image (``levels="official"``):
+        ``int_parameter`` truncates ``level * max / 10`` to whole units (``self.official``)."""
+        unit = {"int": 1, "width": w, "height": h}.get(self.official)
+        if self.max_param is None or unit is None:
+            return self.parameter(level)
+        return torch.trunc(level * (self.max_param / 10.0) * unit) / unit + self.offset
 
     def prepare(self, param: Tensor) -> Tensor:
         """The per-sample coefficient ``apply_prepared`` takes (the parameter itself by default)."""
@@ -310,7 +327,7 @@ def pil_affine(terms: Tensor, h: int, w: int) -> Tensor:
     return torch.stack(rows, dim=-1).view(*terms.shape[:-1], 2, 3)
 
 
-def _geometric(name: str, max_param: float) -> Op:
+def _geometric(name: str, max_param: float, official: str = "float") -> Op:
     """A geometric op: its parameter is the ``name`` term of ``pil_affine``, applied by one warp."""
     term = AFFINE_TERMS.index(name)
 
@@ -323,7 +340,8 @@ def _geometric(name: str, max_param: float) -> Op:
         return warp_affine(x, affine(param.to(x.dtype), x.shape[-2], x.shape[-1]))
 
     apply.__doc__ = affine.__doc__ = pil_affine.__doc__
-    return Op(name, apply, max_param, True, False, "exact", affine, affine_term=term)
+    return Op(name, apply, max_param, True, False, "exact", affine, affine_term=term,
+              official=official)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,9 +407,10 @@ OPS: dict[str, Op] = {
             "straight_through",
             coefficient=_posterize_step,
             kernel=_posterize_kernel,
+            official="int",
         ),
         # degrees, counter-clockwise; official: int_parameter(level, 30)
-        _geometric("rotate", 30.0),
+        _geometric("rotate", 30.0, official="int"),
         # threshold = 256 - param (0..255 units); official: int_parameter(level, 256)
         Op(
             "solarize",
@@ -403,12 +422,13 @@ OPS: dict[str, Op] = {
             coefficient=_solarize_threshold,
             kernel=_solarize_kernel,
             identity_at_zero=True,
+            official="int",
         ),
         _geometric("shear_x", 0.3),
         _geometric("shear_y", 0.3),
         # fraction of the width/height; official: int_parameter(level, IMAGE_SIZE / 3) pixels
-        _geometric("translate_x", 1.0 / 3.0),
-        _geometric("translate_y", 1.0 / 3.0),
+        _geometric("translate_x", 1.0 / 3.0, official="width"),
+        _geometric("translate_y", 1.0 / 3.0, official="height"),
         Op("color", color, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),
         Op("contrast", contrast, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),
         Op("brightness", brightness, _ENHANCE_MAX, False, True, "exact", offset=_ENHANCE_OFFSET),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..augment.augmix import STRATEGIES
+from ..augment.augmix import LEVELS, STRATEGIES
 from ..augment.severity import OBJECTIVES
 from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
@@ -222,6 +222,13 @@ class AugmentSettings:
         choices=STRATEGIES,
     )
     beta_jsd: float = flag(12.0, check=at_least(0))
+    op_levels: str = flag(
+        "continuous",
+        "continuous: magnitudes level x max / 10, no rounding between ops (they carry the "
+        "severity's gradient); official: the official code's ops, magnitudes truncated as its "
+        "int_parameter and uint8 after every op (a fixed severity only)",
+        choices=LEVELS,
+    )
 
     @property
     def jsd(self) -> bool:
@@ -516,6 +523,13 @@ def validate_settings(s: Settings, world_size: int) -> None:
             "initial_aug_severity",
             s.augment.initial_aug_severity,
             f"must be in (0, {s.severity.max_severity}]",
+        )
+    if s.augment.op_levels == "official" and s.augment.learnable:
+        raise _bad(
+            "op_levels",
+            "official",
+            "truncated magnitudes carry no gradient to a learnable severity: use --op_levels "
+            "continuous, or a fixed severity (--aug_type augmix_jsd)",
         )
     if s.optim.nesterov and (s.optim.optimizer != "sgd" or s.optim.momentum <= 0):
         raise _bad("nesterov", True, "needs --optimizer sgd and --momentum > 0")

@@ -60,6 +60,7 @@ def build_augmenter(augment: AugmentSettings, severity: SeveritySettings) -> Aug
         severity=s,
         num_views=1 if augment.aug_type == "augmix" else 2,
         strategy=augment.augmix_strategy,
+        levels=augment.op_levels,
     )
 
 
