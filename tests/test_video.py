@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import natural_image
+from conftest import CUDA_AT_START, natural_image
 
 from augmix_gpu.data import DatasetError
 from augmix_gpu.data.make_p import write_video
@@ -60,8 +60,9 @@ def test_dali_cpu_decoder_gives_the_pyav_frames(tmp_path):
     assert np.abs(ref[0].astype(int) - np.stack(fr)).max() <= 2  # lossless up to RGB<->YUV
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
-    not torch.cuda.is_available(),
+    not CUDA_AT_START,
     reason="DALI decodes H.264 on the GPU only (NVDEC; its CPU backend reads VP8/VP9/MJPEG): "
     "no CUDA device here",
 )

@@ -375,9 +375,9 @@ def make_perturbed_dataset(
     bar = tqdm(total=len(tasks), desc=f"-P {out.name}", unit="video", disable=not progress)
     try:
         if workers > 0:
-            from concurrent.futures import ProcessPoolExecutor
+            from .pools import process_pool  # forkserver: the trainer calls this after CUDA starts
 
-            with ProcessPoolExecutor(workers) as pool:
+            with process_pool(workers, preload=(__name__,)) as pool:
                 for _ in pool.map(_work, tasks, chunksize=4):
                     bar.update()
         else:
