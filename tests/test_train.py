@@ -335,21 +335,33 @@ def test_compile_trains_and_checkpoints_plain_weights(cache, tmp_path):
 def test_ddp_with_compile_on_two_gloo_ranks(cache, tmp_path):
     """torchrun, 2 gloo ranks, --compile: the DDP-wrapped module compiled (dynamo's DDP optimiser
     splits the graph at the gradient buckets). The replicas stay identical and the steps agree
-    with eager DDP on the same draws, within the single-process compile test's bounds."""
-    args = SMALL + ["--max_steps_per_epoch", "2", "--no_train_antialias", "--device", "cpu"]
-    for name, extra in (("c", ["--compile"]), ("e", [])):
+    with eager DDP on the same draws.
+
+    SGD, not AdamW: Adam's normalised first step turns a last-bit difference of a near-zero
+    gradient into a whole step of the other sign (2 % of the elements here), which says nothing
+    about the gradients. Measured against the two steps' travel (a third, lr ~ 0 run gives the
+    initial weights): compiled and eager differ by 0.6 % of it (2 % with the learnable severity,
+    whose steps move the views), against 0.001 % in one process or without the JSD batch; a
+    missing all-reduce or a gradient scaled by the world size would differ by ~100 %."""
+    args = SMALL + ["--max_steps_per_epoch", "2", "--no_train_antialias", "--device", "cpu",
+                    "--optimizer", "sgd", "--aug_type", "augmix_jsd"]  # fmt: skip
+    for name, extra in (("c", ["--compile"]), ("e", []), ("z", ["--lr", "1e-12"])):
         base = ["--ckpt_dir_base", str(tmp_path / name)]
         ok(run_train(args + extra + base, cache, torchrun=2, timeout=600))
-    res = results(tmp_path / "c" / "learnable_augmix_jsd")
+    res = results(tmp_path / "c" / "augmix_jsd")
     assert res["config"]["compile"] and res["world_size"] == 2
     a, b = res["replica_checksums"]
     assert a == b and math.isfinite(res["final"]["loss"])
-    compiled = _weights(tmp_path / "c" / "learnable_augmix_jsd" / "last.ckpt")
-    eager = _weights(tmp_path / "e" / "learnable_augmix_jsd" / "last.ckpt")
+    compiled, eager, start = (_weights(tmp_path / n / "augmix_jsd" / "last.ckpt") for n in "cez")
     assert compiled.keys() == eager.keys()  # plain names: no _orig_mod. or module. prefix
-    diff = sum(float((compiled[k].double() - eager[k].double()).norm() ** 2) for k in eager) ** 0.5
-    norm = sum(float(eager[k].double().norm() ** 2) for k in eager) ** 0.5
-    assert diff / norm < 1e-3, diff / norm
+    learned = [k for k, v in eager.items() if v.is_floating_point() and "running" not in k]
+
+    def norm(delta) -> float:
+        return sum(float(delta(k).double().norm() ** 2) for k in learned) ** 0.5
+
+    travel = norm(lambda k: eager[k] - start[k])
+    assert travel > 1e-3  # the steps moved the weights
+    assert norm(lambda k: compiled[k] - eager[k]) < 0.03 * travel
 
 
 def test_a_registered_benchmark_is_evaluated_after_training(cache, tmp_path):
