@@ -102,6 +102,7 @@ def local_sequence_counts(
     channels_last: bool = False,
     bar: Any = None,
     max_frames: int = 64,
+    normalization: str = "imagenet",
 ) -> dict[str, Tensor]:
     """This rank's slot tensors (zeros for sequences it does not own), before the all-reduce."""
     n, dev = loader.num_sequences, env.device
@@ -116,9 +117,8 @@ def local_sequence_counts(
         "predictions": torch.zeros(n, max_frames, dtype=torch.long, device=dev),
     }
     pair_cache: dict[int, Tensor] = {}
-    run = model_outputs(
-        model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last, bar=bar
-    )
+    run = model_outputs(model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last,
+                        bar=bar, normalization=normalization)  # fmt: skip
     for logits, labels, index, lengths in run:
         starts = torch.cumsum(lengths, 0) - lengths
         for j, (i, start, length) in enumerate(
@@ -181,6 +181,7 @@ def evaluate_sequences(
     desc: str | None = None,
     progress: bool = True,
     pbar: Any = None,
+    normalization: str = "imagenet",
 ) -> SequenceResult:
     """Flips and rank distances of every sequence of ``loader`` (a ``SequenceLoader``)."""
     desc = desc or f"{perturbation}/{difficulty}"
@@ -190,7 +191,7 @@ def evaluate_sequences(
     try:
         slots = local_sequence_counts(
             model, loader, env, perturbation, difficulty,
-            amp_dtype=amp_dtype, channels_last=channels_last, bar=bar,
+            amp_dtype=amp_dtype, channels_last=channels_last, bar=bar, normalization=normalization,
         )  # fmt: skip
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
@@ -346,7 +347,7 @@ def evaluate_folder(
     try:
         res = evaluate_sequences(
             model, loader, env, p, d, amp_dtype=context.amp_dtype,
-            channels_last=context.channels_last, pbar=bar,
+            channels_last=context.channels_last, pbar=bar, normalization=context.normalization,
         )  # fmt: skip
     finally:
         bar.close()

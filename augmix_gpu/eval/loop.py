@@ -1,7 +1,8 @@
-"""The one evaluation loop: batches -> ImageNet normalisation -> model -> float32 logits.
+"""The one evaluation loop: batches -> the model's normalisation -> model -> float32 logits.
 
 The clean set and every benchmark read their batches through :func:`model_outputs`, so the
-preprocessing after decoding (uint8 -> ImageNet mean/std), autocast, ``channels_last`` and the
+preprocessing after decoding (uint8 -> the mean/std the model was trained with, one of
+:data:`NORMALIZATIONS`), autocast, ``channels_last`` and the
 progress bar are written once. Each caller then counts what it needs: :func:`evaluate_loader`
 top-1/top-5/NLL per image (this module), ``imagenet_p.evaluate_sequences`` flips and rank
 distances per sequence. A :class:`Context` carries what every evaluation of a run shares (where,
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from ..distributed import DistEnv, all_gather_cat, all_reduce_sum
 from . import metrics as rb
-from .settings import DataSettings, RunSettings
+from .settings import NORMALIZATIONS, DataSettings, RunSettings
 
 
 @dataclass
@@ -84,11 +85,11 @@ class EvalResult:
         }
 
 
-def normalize_uint8(images: Tensor) -> Tensor:
-    """uint8 [B,3,H,W] -> float, ImageNet mean/std: the trainer's own function (one definition)."""
+def normalize_uint8(images: Tensor, normalization: str = "imagenet") -> Tensor:
+    """uint8 [B,3,H,W] -> float, ``NORMALIZATIONS[normalization]``: the trainer's own function."""
     from ..augment.augmix import normalize_images
 
-    return normalize_images(images)
+    return normalize_images(images, *NORMALIZATIONS[normalization])
 
 
 def max_over_ranks(value: float, env: DistEnv) -> float:
@@ -115,10 +116,12 @@ def model_outputs(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     bar: Any = None,
+    normalization: str = "imagenet",
 ) -> Iterator[tuple[Tensor, ...]]:
     """Yield ``(logits, *rest)`` for each batch ``(images, *rest)`` of ``loader.epoch(0)``.
 
-    ``images``: uint8 ``[..., 3, H, W]`` (any leading dims: ``[B]`` images, ``[F]`` frames);
+    ``images``: uint8 ``[..., 3, H, W]`` (any leading dims: ``[B]`` images, ``[F]`` frames),
+    normalised with ``NORMALIZATIONS[normalization]``;
     ``logits``: float32 ``[..., classes]`` on ``env.device`` with the same leading dims. Tensors in
     ``rest`` are moved to the device. Runs under ``inference_mode``; ``bar`` advances per batch.
     """
@@ -128,7 +131,7 @@ def model_outputs(
         for images, *rest in loader.epoch(0):
             images = images.to(device)
             lead = images.shape[:-3]
-            x = normalize_uint8(images.reshape(-1, *images.shape[-3:]))
+            x = normalize_uint8(images.reshape(-1, *images.shape[-3:]), normalization)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
@@ -185,6 +188,7 @@ def evaluate_loader(
     progress: bool = True,
     channels_last: bool = False,
     pbar: Any = None,
+    normalization: str = "imagenet",
 ) -> EvalResult:
     """Run ``model`` over one epoch of an eval ``loader`` and count, padding masked out.
 
@@ -200,9 +204,8 @@ def evaluate_loader(
     bar = progress_bar(len(loader), desc, env, progress) if own_bar else pbar
     start = time.perf_counter()
     try:
-        run = model_outputs(
-            model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last, bar=bar
-        )
+        run = model_outputs(model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last,
+                            bar=bar, normalization=normalization)  # fmt: skip
         for logits, labels, valid in run:
             local.add(logits, labels, valid)
         if device.type == "cuda":
@@ -245,10 +248,12 @@ class Context:
     crop_size: int  # centre crop of every ImageNet-style image
     resize_size: int  # clean resize (shorter side) before the crop
     clean_error: float | None = None  # top-1 error (percent) of the clean set, once evaluated
+    normalization: str = "imagenet"  # the model's input normalisation (NORMALIZATIONS)
 
     @classmethod
     def create(cls, env: DistEnv, run: RunSettings, data: DataSettings) -> Context:
-        """The context of ``run`` on ``env``; crop 224 / resize 256 unless ``data`` says."""
+        """The context of ``run`` on ``env``; crop 224 / resize 256 and ImageNet's
+        normalisation unless ``data`` says."""
         from ..runtime import amp_dtype
 
         kind = run.device
@@ -259,6 +264,7 @@ class Context:
             num_threads=run.workers, amp_dtype=amp_dtype(run.precision),
             channels_last=run.channels_last, progress=not run.no_progress,
             crop_size=data.crop_size or 224, resize_size=data.resize_size or 256,
+            normalization=data.normalization or "imagenet",
         )  # fmt: skip
 
     def loader(self, source: Any, recipe: str, **kw: Any) -> Any:
@@ -275,5 +281,5 @@ class Context:
         """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed."""
         return evaluate_loader(
             model, loader, self.env, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-            desc=desc, progress=self.progress, pbar=pbar,
+            desc=desc, progress=self.progress, pbar=pbar, normalization=self.normalization,
         )  # fmt: skip
