@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import DistEnv, all_gather_cat, all_reduce_sum
+from ..distributed import DistEnv, all_gather_cat, all_gather_objects, all_reduce_sum
 from . import metrics as rb
 from .settings import NORMALIZATIONS, DataSettings, RunSettings
 
@@ -249,6 +249,8 @@ class Context:
     resize_size: int  # clean resize (shorter side) before the crop
     clean_error: float | None = None  # top-1 error (percent) of the clean set, once evaluated
     normalization: str = "imagenet"  # the model's input normalisation (NORMALIZATIONS)
+    on_corrupt: str = "skip"  # a file that cannot be decoded: "skip" it (named) or "error"
+    skipped: list[str] = field(default_factory=list)  # this rank's files skipped so far
 
     @classmethod
     def create(cls, env: DistEnv, run: RunSettings, data: DataSettings) -> Context:
@@ -264,7 +266,7 @@ class Context:
             num_threads=run.workers, amp_dtype=amp_dtype(run.precision),
             channels_last=run.channels_last, progress=not run.no_progress,
             crop_size=data.crop_size or 224, resize_size=data.resize_size or 256,
-            normalization=data.normalization or "imagenet",
+            normalization=data.normalization or "imagenet", on_corrupt=data.on_corrupt,
         )  # fmt: skip
 
     def loader(self, source: Any, recipe: str, **kw: Any) -> Any:
@@ -274,12 +276,22 @@ class Context:
         return build_loader(
             source, recipe, batch_size=self.batch_size, device=self.loader_device,
             rank=self.env.rank, world_size=self.env.world_size, crop_size=self.crop_size,
-            resize_size=self.resize_size, num_threads=self.num_threads, **kw,
+            resize_size=self.resize_size, num_threads=self.num_threads,
+            on_corrupt=self.on_corrupt, **kw,
         )  # fmt: skip
 
+    def skipped_files(self) -> list[str]:
+        """Every file skipped as undecodable so far, on any rank, each named once (sorted).
+        A collective: every rank calls it."""
+        gathered = all_gather_objects(self.skipped, self.env)
+        return sorted({p for rank in gathered for p in rank})
+
     def count(self, model: nn.Module, loader: Any, desc: str, pbar: Any = None) -> EvalResult:
-        """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed."""
-        return evaluate_loader(
+        """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed;
+        the files the loader skipped as undecodable are noted (``skipped_files``)."""
+        result = evaluate_loader(
             model, loader, self.env, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
             desc=desc, progress=self.progress, pbar=pbar, normalization=self.normalization,
         )  # fmt: skip
+        self.skipped.extend(getattr(loader, "skipped", []))
+        return result

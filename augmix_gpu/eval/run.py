@@ -118,6 +118,7 @@ def evaluate_model(
         outcome = benchmark.evaluate(model, context, plan)
         results[benchmark.name] = outcome.block
         outcomes.append(outcome)
+    results["skipped_files"] = context.skipped_files()  # --on_corrupt skip: not counted anywhere
     return _finish(results, outcomes)
 
 

@@ -116,6 +116,12 @@ class DataSettings:
         "checkpoint or weights file says, else imagenet",
         choices=tuple(NORMALIZATIONS),
     )
+    on_corrupt: str = flag(
+        "skip",
+        "a file that cannot be decoded (any benchmark): skip it (named in a warning and in "
+        "results.json's skipped_files) or stop with an error naming it",
+        choices=("skip", "error"),
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)

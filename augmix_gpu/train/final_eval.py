@@ -41,6 +41,7 @@ def eval_settings(
     options = DataSettings(
         **clean,
         normalization=None if model else s.data.normalization,
+        on_corrupt=s.data.on_corrupt,
         severities=s.robustness.c_severities,
         perturbations=present_perturbations(p) if p else [],  # a partial -P set: what it holds
     )
