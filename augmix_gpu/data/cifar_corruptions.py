@@ -262,8 +262,13 @@ def spatter(x: np.ndarray, c: tuple) -> np.ndarray:
     return _to255(_mud(x, liquid, threshold, strength) if mud else _water(x, liquid, strength))
 
 
-def _water(x: np.ndarray, liquid: np.ndarray, strength: float) -> np.ndarray:
-    """Pale turquoise (175, 238, 238) drops shaded by the distance to their edges."""
+WATER = np.array([175, 238, 238], np.float32) / 255  # pale turquoise
+
+
+def drop_shading(liquid: np.ndarray) -> np.ndarray:
+    """Spatter's water drops: the liquid layer (in [0, 1]) as 8 bits times an embossed,
+    equalised distance to the drops' edges (the official spatter's, ImageNet-C's and CIFAR-C's);
+    float32, unnormalised. Also the -P maker's spatter frames (``make_p.py``)."""
     import cv2
 
     liquid = (liquid * 255).astype(np.uint8)
@@ -272,11 +277,15 @@ def _water(x: np.ndarray, liquid: np.ndarray, strength: float) -> np.ndarray:
     dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
     emboss = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
     dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, emboss), (3, 3)).astype(np.float32)
-    m = liquid * dist
+    return (liquid * dist).astype(np.float32)
+
+
+def _water(x: np.ndarray, liquid: np.ndarray, strength: float) -> np.ndarray:
+    """Pale turquoise drops shaded by the distance to their edges, at most ``strength``."""
+    m = drop_shading(liquid)
     # The official code divides by the maximum unguarded (NaN without drops); no drops: no water.
     m = m / m.max() * strength if m.max() > 0 else m
-    colour = np.array([175, 238, 238], np.float32) / 255
-    return x + m[..., None] * colour
+    return x + m[..., None] * WATER
 
 
 def _mud(x: np.ndarray, liquid: np.ndarray, threshold: float, sigma: float) -> np.ndarray:
