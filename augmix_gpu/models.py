@@ -2,8 +2,9 @@
 CIFAR networks of the AugMix literature (WRN-d-k, a CIFAR ResNet-18).
 
 Pretrained weights cannot be downloaded at run time on every machine, so ``pretrained`` is a
-local file (a state dict or a checkpoint of this project) or a torchvision weights name that is
-already in the torch hub cache; anything else fails with a message that says how to get the file.
+local file (a torchvision state dict, an official AugMix checkpoint or a checkpoint of this
+project: ``weights.load_weights`` reads them all) or a torchvision weights name that is already in
+the torch hub cache; anything else fails with a message that says how to get the file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
+
+from .weights import Weights, load_weights
 
 # Project-local architectures, for CPU demos and tests on small images, and CIFAR's (32 px).
 # `wrn<depth>_<width>` names any Wide ResNet; wrn40_2 is listed as the AugMix paper's CIFAR net.
@@ -263,14 +266,16 @@ def _weights_file(arch: str, pretrained: str) -> Path:
     )
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict, or the bare model inside a checkpoint of this project."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+def pretrained_weights(arch: str | None, pretrained: str) -> Weights:
+    """``--pretrained`` (a file, or a cached torchvision weights name of ``arch``, resnet50 if
+    None) read for ``arch`` (None: whatever the file holds)."""
+    return load_weights(_weights_file(arch or "resnet50", pretrained), arch)
+
+
+def _new_model(arch: str, num_classes: int) -> nn.Module:
+    if arch in LOCAL_ARCHS or _parse_wrn(arch) is not None:
+        return _build_local(arch, num_classes)
+    return torchvision.models.get_model(arch, num_classes=num_classes)
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
@@ -280,18 +285,13 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> n
     the head is replaced by a fresh one of the right size and the rest of the weights are kept.
     """
     check_arch(arch)
-    if arch in LOCAL_ARCHS or _parse_wrn(arch) is not None:
-        model: nn.Module = _build_local(arch, num_classes)
-        if pretrained:
-            model.load_state_dict(load_state_dict_file(_weights_file(arch, pretrained)))
-        return model
+    model = _new_model(arch, num_classes)
     if not pretrained:
-        return torchvision.models.get_model(arch, num_classes=num_classes)
-    model = torchvision.models.get_model(arch)
-    state = load_state_dict_file(_weights_file(arch, pretrained))
+        return model
+    state = pretrained_weights(arch, pretrained).state
     head_name, head = _classifier(model)
     pretrained_classes = state.get(f"{head_name}.weight", head.weight).shape[0]
-    if pretrained_classes != head.out_features:
+    if pretrained_classes != num_classes:
         _set_module(model, head_name, nn.Linear(head.in_features, pretrained_classes))
     model.load_state_dict(state)
     if pretrained_classes != num_classes:

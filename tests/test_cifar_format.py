@@ -71,7 +71,7 @@ def test_cifar_c_layout_and_pixels(tmp_path):
     # Severity s occupies rows (s-1)*n .. s*n-1, each image seeded by (seed, corruption, s, i).
     for c, s, i in (("fog", 1, 0), ("fog", 5, 9), ("gaussian_noise", 3, 4)):
         seed = make_c.image_seed(7, c, s, i)
-        expected = make_c.corrupt_image(test.images[i], c, s, seed)
+        expected = make_c.corrupt_image(test.images[i], c, s, seed, "cifar")
         assert np.array_equal(np.load(out / f"{c}.npy")[(s - 1) * n + i], expected)
         assert np.array_equal(load_cifar_c(out, c, s).images[i], expected)
     assert not np.array_equal(

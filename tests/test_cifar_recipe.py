@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -74,6 +75,8 @@ OFFICIAL = {
     "initial_aug_severity": 3.0,  # --aug-severity 3
     "beta_jsd": 12.0,
     "all_ops": False,
+    "normalization": "half",  # transforms.Normalize([0.5] * 3, [0.5] * 3)
+    "last_batch": "keep",  # DataLoader(drop_last=False): 391 steps, the last of 80
 }
 PAPER_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
              "shear_x", "shear_y", "translate_x", "translate_y")  # fmt: skip
@@ -83,7 +86,7 @@ def _preset(*flags: str):
     from augmix_gpu.train.config import resolve_settings, validate_settings
 
     c = resolve_settings(["--config", "augmix_cifar.toml", "--data", "/data/cifar", *flags])
-    validate_settings(c.replace(data=None, dataset="synthetic"), world_size=1)  # all but the path
+    validate_settings(c.replace(data=str(Path(__file__).parent)), world_size=1)  # a folder there
     return c
 
 
@@ -94,7 +97,8 @@ def _official_net_and_optimizer(c):
     from augmix_gpu.train.step import AugmentedClassifier
 
     model = build_model(c.model.arch, 100)
-    net = AugmentedClassifier(model, c.augment.aug_type, build_augmenter(c.augment, c.severity))
+    augmenter = build_augmenter(c.augment, c.severity, c.data.normalization)
+    net = AugmentedClassifier(model, c.augment.aug_type, augmenter)
     return net, build_optimizer(net, c.optim, c.run.batch, c.severity.severity_lr_mult)
 
 
@@ -125,6 +129,7 @@ def test_preset_builds_the_official_optimizer_and_augmenter():
     aug = net.augmenter
     assert (aug.width, aug.depth, aug.severity, aug.alpha, aug.num_views) == (3, -1, 3.0, 1.0, 2)
     assert aug.op_names == PAPER_OPS
+    assert (aug.mean, aug.std) == ((0.5,) * 3, (0.5,) * 3)  # cifar.py's preprocess
 
 
 def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
@@ -134,8 +139,8 @@ def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
     from augmix_gpu.train.step import _set_lr
 
     c = _preset()
-    spe = train_steps(50_000, c.run.batch, 1)
-    assert spe == 390  # the ragged 80 images are dropped (cifar.py: 391 steps, the last of 80)
+    spe = train_steps(50_000, c.run.batch, 1, keep_last=c.data.last_batch == "keep")
+    assert spe == 391  # cifar.py's len(train_loader): 390 batches of 128 and one of 80
     total = spe * c.run.epochs
     _, opt = _official_net_and_optimizer(c)
     ctx = SimpleNamespace(settings=c, steps_per_epoch=spe, optimizer=opt)
@@ -145,8 +150,26 @@ def test_preset_lr_curve_is_cifar_py_lambda_lr_step_by_step():
         theirs, lr_lambda=lambda step: official_get_lr(step, total, 1, 1e-6 / 0.1)
     )
     for step in range(total):
-        if step % 97 == 0 or step in (1, 389, 390, total - 1):
+        if step % 97 == 0 or step in (1, 389, 390, 391, total - 1):
             assert _set_lr(ctx, step) == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9), step
         theirs.step()
         sched.step()
     assert _set_lr(ctx, total - 1) == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_preset_normalisation_reaches_the_clean_batch_and_the_evaluation_loop():
+    """--aug_type none feeds (x / 255 - 0.5) / 0.5 under the preset; evaluation normalises alike."""
+    from augmix_gpu.eval.loop import normalize_uint8
+    from augmix_gpu.eval.settings import NORMALIZATIONS
+    from augmix_gpu.models import build_model
+    from augmix_gpu.train.step import AugmentedClassifier
+
+    c = _preset("--aug_type", "none")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    want = (x.double() / 255 - 0.5) / 0.5
+    net = AugmentedClassifier(build_model("wrn10_1", 10), "none", None,
+                              normalization=NORMALIZATIONS[c.data.normalization])  # fmt: skip
+    torch.testing.assert_close(net.views(x).double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(normalize_uint8(x, "half").double(), want, rtol=0, atol=1e-6)
+    imagenet = normalize_uint8(x, "imagenet").double()
+    assert (imagenet - want).abs().max() > 0.1  # the default is another affine map

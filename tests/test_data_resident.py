@@ -99,6 +99,47 @@ def test_resume_mid_epoch_is_exact_and_shards_partition():
     assert other_epoch != [y for _, labels, _ in loaders[0].epoch(2) for y in labels.tolist()]
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_kept_last_batch_is_split_evenly_and_extends_the_dropping_epoch(world):
+    """keep_last: 55 images at batch 4 (x world) -> the full steps as without it, then one more
+    step holding each rank's equal share of the tail, (55 mod 4 world) // world images (1 rank:
+    3; 3 ranks: 7 // 3 = 2 each, 1 left out); every image at most once, under world left out."""
+    arrays = _arrays(55, seed=4, labels=np.arange(55))
+    taken = []
+    for rank in range(world):
+        kw = dict(batch_size=4, rank=rank, world_size=world, seed=6, device="cpu")
+        kept, dropped = ResidentLoader(arrays, "train", keep_last=True, **kw), (
+            ResidentLoader(arrays, "train", **kw))  # fmt: skip
+        share = {1: 3, 3: 2}[world]
+        assert len(kept) == len(dropped) + (1 if share else 0)
+        batches = list(kept.epoch(1))
+        for (x1, y1, _), (x2, y2, _) in zip(dropped.epoch(1), batches, strict=False):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)  # the same full steps
+        if share:
+            x, y, valid = batches[-1]
+            assert x.shape == (share, 3, 32, 32) and valid.shape == (share,) and valid.all()
+            assert list(kept.epoch(1, start_step=len(kept) - 1))[0][1].tolist() == y.tolist()
+        assert kept.num_samples == sum(len(b[1]) for b in batches)
+        taken += [i for _, labels, _ in batches for i in labels.tolist()]
+    assert len(taken) == len(set(taken)) == 55 - {1: 0, 3: 1}[world]
+
+
+def test_kept_last_batch_of_cifar_py():
+    """cifar.py's DataLoader over 50,000 images at batch 128: 391 steps, the last of 80; on 2
+    ranks at 64 each: 390 full steps and a last one of 40 per rank (no image left out)."""
+    from augmix_gpu.data.sharding import last_batch_size, train_indices, train_steps
+
+    assert (train_steps(50_000, 128, 1, keep_last=True), last_batch_size(50_000, 128, 1)) == (
+        391,
+        80,
+    )
+    assert train_steps(50_000, 128, 1) == 390
+    assert (train_steps(50_000, 64, 2, keep_last=True), last_batch_size(50_000, 64, 2)) == (391, 40)
+    shards = [train_indices(50_000, 64, r, 2, 0, 0, keep_last=True) for r in range(2)]
+    assert [len(s) for s in shards] == [390 * 64 + 40] * 2
+    assert sorted(np.concatenate(shards).tolist()) == list(range(50_000))
+
+
 def test_errors_name_the_argument():
     arrays = _arrays(20)
     with pytest.raises(ValueError, match="recipe must be one of"):

@@ -288,7 +288,7 @@ def test_pretrained_reads_its_classes_from_a_folder_of_every_class(data, tmp_pat
     base = ["--pretrained", str(tmp_path / "w.pth"), "--arch", "tiny_resnet", "--crop_size", "48",
             "--resize_size", "48", "--device", "cpu", "--no_progress", "--out", str(tmp_path)]  # fmt: skip
     with pytest.raises(
-        ValueError, match="needs --val, --imagenet_c, --imagenet_p or --imagenet_sketch"
+        ValueError, match="needs --val, --cifar, --imagenet_c, --imagenet_p or --imagenet_sketch"
     ):
         evaluate_main(base + ["--imagenet_r", str(data["r"])])
     sets = ["--imagenet_r", str(data["r"]), "--imagenet_sketch", str(data["sketch"])]

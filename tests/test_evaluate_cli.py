@@ -237,7 +237,7 @@ def test_pretrained_weights_file(data, tmp_path):
     wrong_head = build_model("tiny_resnet", num_classes=5).state_dict()
     torch.save(wrong_head, tmp_path / "w5.pth")
     proc = run(["--pretrained", str(tmp_path / "w5.pth")] + args[2:])
-    assert proc.returncode == 1 and "3 class folders" in proc.stderr and "fc.weight" in proc.stderr
+    assert proc.returncode == 1 and "with 3 classes" in proc.stderr and "fc.weight" in proc.stderr
 
 
 def _counts(data: dict[str, Path]) -> dict[str, dict[int, dict[str, int]]]:

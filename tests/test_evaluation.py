@@ -167,13 +167,11 @@ def test_layout_root_missing(tmp_path):
 # ----------------------------------------------------------------------------- reports
 
 
-def _results(mce_scale: float = 0.5, partial: bool = False) -> dict:
+def _results(mce_scale: float = 0.5, partial: bool = False, extras: bool = False) -> dict:
+    alexnet = {**protocols.ALEXNET_ERRORS, **(protocols.ALEXNET_EXTRA_ERRORS if extras else {})}
     counts = {
-        c: {
-            s: (round(protocols.ALEXNET_ERRORS[c] * mce_scale * 1_000_000), 1_000_000)
-            for s in protocols.SEVERITIES
-        }
-        for c in protocols.CORRUPTIONS
+        c: {s: (round(a * mce_scale * 1_000_000), 1_000_000) for s in protocols.SEVERITIES}
+        for c, a in alexnet.items()
     }
     if partial:
         del counts["fog"]
@@ -220,6 +218,19 @@ def test_compare_table_side_by_side():
     assert "| metric | base | augmix | augmix - base |" in text
     assert "| mCE | 50.00 | 60.00 | 10.00 |" in text
     assert "| CE gaussian_noise | 50.00 | 60.00 | 10.00 |" in text
+
+
+def test_extras_have_their_own_mce_line_beside_the_mce():
+    """Every corruption at scale x AlexNet's error: the 15 give mCE 100 x scale, the 4 extras
+    CE and mCE (extra) 100 x scale; the two lines stay apart in the report and in --compare."""
+    md = markdown_table(_results(0.5, extras=True))
+    assert "| mCE | 50.00 |" in md and "| mCE (extra) | 50.00 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| spatter (extra) |"))
+    assert row.count("35.88") == 6 and row.endswith("| 50.00 | – |")  # 71.7512 / 2; CE 50
+    assert "mCE (extra)" not in markdown_table(_results(0.5))  # no extras evaluated: no line
+    text = compare_table(_results(0.5, extras=True), _results(0.7, extras=True))
+    assert "| mCE (extra) | 50.00 | 70.00 | 20.00 |" in text
+    assert "| CE saturate | 50.00 | 70.00 | 20.00 |" in text
 
 
 def test_write_reports_json_markdown_and_valid_png(tmp_path):

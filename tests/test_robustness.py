@@ -117,6 +117,29 @@ def test_extras_are_reported_apart():
     assert out["mean_corruption_error"] == pytest.approx(39.449653, abs=1e-5)
     assert out["extra_mean_corruption_error"] == pytest.approx(90.0)
     assert "spatter" not in out["ce"] and out["corruptions"][-1] == "spatter"
+    # one extra of four: its CE (90 / 0.717512), an mCE (extra) only as partial
+    assert out["extra_ce"] == {"spatter": pytest.approx(125.433442, abs=1e-6)}
+    assert out["mce_extra"] is None
+    assert out["mce_extra_partial"] == pytest.approx(125.433442, abs=1e-6)
+
+
+def test_extras_ce_and_mce_extra_hand_computed():
+    """AlexNet's published extras (84.5388, 78.7108, 71.7512, 65.8248 %) against errors of half,
+    the same, half and 0.3 times them: CE 50, 100, 50, 30; mCE (extra) = 230 / 4 = 57.5."""
+    counts = _half_alexnet_table()
+    # wrong of 10,000,000 at every severity
+    wrong = {"speckle_noise": 4226940, "gaussian_blur": 7871080, "spatter": 3587560,
+             "saturate": 1974744}  # fmt: skip
+    for c, w in wrong.items():
+        counts[c] = {s: (w, 10_000_000) for s in range(1, 6)}
+    out = rb.summarize_corruptions(counts, clean_error=20.0)
+    want = {"speckle_noise": 50.0, "gaussian_blur": 100.0, "spatter": 50.0, "saturate": 30.0}
+    assert out["extra_ce"] == {c: pytest.approx(v, abs=1e-9) for c, v in want.items()}
+    assert out["mce_extra"] == pytest.approx(57.5, abs=1e-9) and "mce_extra_partial" not in out
+    assert out["mce"] == pytest.approx(50.0, abs=1e-9)
+    assert set(out["ce"]) == set(protocols.CORRUPTIONS)
+    assert protocols.ALEXNET_EXTRA_ERRORS == {"speckle_noise": 0.845388, "gaussian_blur": 0.787108,
+                                              "spatter": 0.717512, "saturate": 0.658248}  # fmt: skip
 
 
 def test_cifar_mode_has_no_alexnet_columns():

@@ -1,8 +1,9 @@
 """The CIFAR path end to end: `train.py --config augmix_cifar.toml --data D --cifar_c C` on the
 generated CIFAR-100-format set and its CIFAR-C, then resume across loaders and --eval_only.
 
-Everything of the preset is kept but the budget: 2 epochs of 2 steps, batch 32, and a WRN-10-1
-for the WRN-40-2 (same code, 1/60 of the compute; the 40-2 is pinned in test_models_cifar).
+Everything of the preset is kept but the budget: 2 epochs of 80 images at batch 32 (3 steps: the
+last of 16, kept as cifar.py keeps it), and a WRN-10-1 for the WRN-40-2 (same code, 1/60 of the
+compute; the 40-2 is pinned in test_models_cifar).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ def test_one_command_trains_the_preset_and_reports_cifar_c(straight):
         "cifar100", "cosine", "sgd", "augmix_jsd",
     )  # fmt: skip
     assert (c["initial_aug_severity"], c["beta_jsd"], c["beta_net"]) == (3.0, 12.0, 5e-4)
-    # The lr the trainer set at the last step of each epoch: get_lr over 2 epochs x 2 steps.
-    assert [h["global_step"] for h in res["history"]] == [2, 4]
+    assert (c["normalization"], c["last_batch"]) == ("half", "keep")
+    # The lr the trainer set at the last step of each epoch: get_lr over 2 epochs x 3 steps
+    # (cifar.py's len(train_loader) for 80 images at batch 32: 32, 32, 16).
+    assert [h["global_step"] for h in res["history"]] == [3, 6]
     for h in res["history"]:
-        assert h["lr"] == pytest.approx(official_get_lr(h["global_step"] - 1, 4), rel=1e-12)
+        assert h["lr"] == pytest.approx(official_get_lr(h["global_step"] - 1, 6), rel=1e-12)
     rob = res["robustness"]
     block = rob["cifar_c"]
     assert block["dataset"] == "CIFAR100-C" and not block["partial"]
@@ -75,17 +78,19 @@ def test_one_command_trains_the_preset_and_reports_cifar_c(straight):
 
 
 @pytest.mark.slow
-def test_dali_run_stopped_mid_epoch_resumes_on_the_resident_loader_exactly(
-    cifar, straight, tmp_path
-):
-    """Both loaders draw the same batches, and a resumed epoch repeats the straight one."""
+def test_dali_run_stopped_mid_epoch_resumes_on_the_resident_loader_exactly(cifar, tmp_path):
+    """Both loaders draw the same batches, and a resumed epoch repeats the straight one (the DALI
+    loader drops the ragged last batch: --last_batch drop, against a straight resident run)."""
     data, _ = cifar
     args = ["--config", "augmix_cifar.toml", "--data", str(data), "--no_c_eval", *BUDGET,
-            "--ckpt_dir_base", str(tmp_path)]  # fmt: skip
-    ok(run_script("train.py", args + ["--cifar_loader", "dali", "--debug_stop_at_step", "3"]))
+            "--last_batch", "drop"]  # fmt: skip
+    ref, out = ["--ckpt_dir_base", str(tmp_path / "ref")], ["--ckpt_dir_base", str(tmp_path)]
+    stop = ["--cifar_loader", "dali", "--debug_stop_at_step", "3"]
+    ok(run_script("train.py", args + out + stop))
     assert load_checkpoint(tmp_path / "augmix_jsd" / "last.ckpt")["train_state"]["global_step"] == 3
-    ok(run_script("train.py", args + ["--resume", "auto"]))
-    a = load_checkpoint(straight[0] / "last.ckpt")["model"]
+    ok(run_script("train.py", args + out + ["--resume", "auto"]))
+    ok(run_script("train.py", args + ref))
+    a = load_checkpoint(tmp_path / "ref" / "augmix_jsd" / "last.ckpt")["model"]
     b = load_checkpoint(tmp_path / "augmix_jsd" / "last.ckpt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
@@ -103,6 +108,36 @@ def test_eval_only_reproduces_the_end_of_run_report(cifar, straight, tmp_path):
     first = json.loads((run / "results.json").read_text())["robustness"]
     assert again["cifar_c"]["error"] == first["cifar_c"]["error"]
     assert again["clean"]["top1"] == first["clean"]["top1"]
+
+
+@pytest.mark.slow
+def test_half_normalisation_flows_to_validation_checkpoint_and_evaluate_py(
+    cifar, straight, tmp_path
+):
+    """The preset's 0.5 / 0.5: the trainer's validation NLL and evaluate.py's clean NLL of the
+    final weights both equal cifar.py's preprocess ((x / 255 - 0.5) / 0.5) through the network,
+    computed here by hand; evaluate.py reads the normalisation from the checkpoint's settings."""
+    from augmix_gpu.data import load_cifar
+    from augmix_gpu.models import build_model
+
+    data, _ = cifar
+    run, _ = straight
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["config"]["normalization"] == "half"
+    model = build_model("wrn10_1", len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    test = load_cifar(data, "cifar100", train=False)
+    x = (torch.from_numpy(test.images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model.eval()(x), torch.from_numpy(test.labels))
+    res = json.loads((run / "results.json").read_text())
+    assert res["final"]["val_nll"] == pytest.approx(nll.item(), rel=1e-4)
+    args = ["--ckpt_path", str(run / "last.ckpt"), "--cifar", str(data), "--cifar_name",
+            "cifar100", "--device", "cpu", "--no_progress", "--out", str(tmp_path)]  # fmt: skip
+    ok(run_script("evaluate.py", args))
+    evaluated = json.loads((tmp_path / "results.json").read_text())
+    assert evaluated["clean"]["nll"] == pytest.approx(nll.item(), rel=1e-4)
+    assert evaluated["preprocessing"]["normalization"].startswith("half")
 
 
 def test_cifar_arguments_fail_before_any_work(cifar, tmp_path):

@@ -16,9 +16,9 @@ compilation per process, then about 1 ms per 64 px image (10 ms at 224 px) on th
 
 `--cifar cifar10|cifar100` reads the test split of a CIFAR folder (`load_cifar`) and writes the
 CIFAR-10-C / CIFAR-100-C layout instead: `OUT/<corruption>.npy`, uint8 `[5N, 32, 32, 3]` with
-severity 1 to 5 stacked in that order, and `OUT/labels.npy` uint8 `[5N]`. A format fixture: the
-corruptions run with `imagecorruptions`' ImageNet-C constants at 32 px, not with the constants
-Hendrycks & Dietterich re-tuned for CIFAR-C, so the images are not CIFAR-C's corruptions.
+severity 1 to 5 stacked in that order, and `OUT/labels.npy` uint8 `[5N]`, corrupted with the
+constants the published CIFAR-C sets were made with (`cifar_corruptions.py`: hendrycks/robustness
+`make_cifar_c.py`'s, much milder than ImageNet-C's).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ import numpy as np
 
 # One list for the whole project (protocols.py holds it beside the AlexNet reference errors).
 from ..protocols import CORRUPTIONS, EXTRA_CORRUPTIONS
+from . import cifar_corruptions
 from .folders import DatasetError, find_classes, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
 _ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
 _SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")  # they take `seed=`; the rest use np.random
 JPEG_QUALITY = 85  # ImageNet-C's save quality
+CONSTANTS = ("imagenet", "cifar")  # imagecorruptions' (ImageNet-C) or CIFAR-C's (make_cifar_c.py)
 
 
 def image_seed(seed: int, corruption: str, severity: int, index: int) -> int:
@@ -46,15 +48,23 @@ def image_seed(seed: int, corruption: str, severity: int, index: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """One `[H, W, 3]` uint8 image corrupted deterministically for `seed`."""
+def corrupt_image(
+    image: np.ndarray, corruption: str, severity: int, seed: int, constants: str = "imagenet"
+) -> np.ndarray:
+    """One `[H, W, 3]` uint8 image corrupted deterministically for `seed`, with ImageNet-C's
+    constants (`imagecorruptions`) or, `constants="cifar"`, CIFAR-C's (32 px images only)."""
+    if constants not in CONSTANTS:
+        raise ValueError(f"constants must be one of {CONSTANTS}, got {constants!r}")
     from imagecorruptions import corrupt
 
     kwargs = {"seed": seed} if corruption in _SEEDED_BY_ARGUMENT else {}
-    state = np.random.get_state()  # noqa: NPY002  the package draws from the global generator:
+    state = np.random.get_state()  # noqa: NPY002  both draw from the global generator:
     np.random.seed(seed)  # noqa: NPY002  seed it, and give the caller its state back
     try:
-        out = corrupt(image, severity=int(severity), corruption_name=corruption, **kwargs)
+        if constants == "cifar":
+            out = cifar_corruptions.corrupt(image, corruption, int(severity))
+        else:
+            out = corrupt(image, severity=int(severity), corruption_name=corruption, **kwargs)
     finally:
         np.random.set_state(state)  # noqa: NPY002
     return out[: image.shape[0], : image.shape[1]]  # some corruptions can overshoot by a pixel
@@ -149,9 +159,9 @@ def make_corrupted_dataset(
 
 
 def _corrupt_block(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """Every image of `images` `[N, H, W, 3]` at one corruption and severity."""
+    """Every image of `images` `[N, 32, 32, 3]` at one corruption and severity, CIFAR-C's way."""
     return np.stack(
-        [corrupt_image(im, corruption, severity, image_seed(seed, corruption, severity, i))
+        [corrupt_image(im, corruption, severity, image_seed(seed, corruption, severity, i), "cifar")
          for i, im in enumerate(images)]
     )  # fmt: skip
 
@@ -193,8 +203,9 @@ def make_cifar_c(
     if int(test.labels.max()) > 255:
         raise DatasetError(f"labels up to {int(test.labels.max())} do not fit CIFAR-C's uint8")
     out = Path(out)
+    # version 2: CIFAR-C's constants (version 1 used ImageNet-C's at 32 px: such a set is redone)
     params = dict(src=str(Path(cifar_root).resolve()), name=name, n=len(test),
-                  corruptions=list(corruptions), seed=int(seed), format="cifar-c", version=1)  # fmt: skip
+                  corruptions=list(corruptions), seed=int(seed), format="cifar-c", version=2)  # fmt: skip
     tmp = begin(out, params, overwrite, "CIFAR-C set")
     if tmp is None:
         return out

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..protocols import EXTRA_PERTURBATIONS, PERTURBATIONS, is_noise, perturbation_folder
+from .cifar_corruptions import drop_shading
 from .folders import DatasetError, find_classes, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
@@ -218,7 +219,6 @@ def _gaussian_blur(base, size, d, rng, k):
 def _spatter(base, size, d, rng, k):
     # A liquid layer (N(0.65, 0.27), blurred 3.7 px at 224, cut at 0.69) whose drops run down one
     # row-convolution [0.05, 0.1, 0.15, 0.7] per frame, drawn in pale turquoise (175, 238, 238).
-    import cv2
     from skimage.filters import gaussian
 
     x = _crop(base, size) / 255.0
@@ -227,13 +227,7 @@ def _spatter(base, size, d, rng, k):
     colour = np.array([175, 238, 238]) / 255.0
     frames = []
     for _ in range(31):
-        li = (liquid * 255).astype(np.uint8)
-        dist = cv2.distanceTransform(255 - cv2.Canny(li, 50, 150), cv2.DIST_L2, 5)
-        _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
-        dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
-        kernel = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
-        dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, kernel), (3, 3)).astype(np.float32)
-        m = (li * dist).astype(np.float32)
+        m = drop_shading(liquid)
         m = 0.6 * m / max(float(m.max()), 1e-12)
         frames.append(_to_uint8(x + m[..., None] * colour))
         liquid = np.apply_along_axis(

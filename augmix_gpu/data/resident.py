@@ -102,9 +102,10 @@ def _device(device: str | torch.device) -> torch.device:
 class ResidentLoader:
     """Sharded, seeded epochs over `CifarArrays` held on ``device`` (see the module docstring).
 
-    ``recipe``: "train" (pad-4 crop + flip, ragged tail dropped) or "val" / "corrupted" (as
-    stored, padded to whole batches with ``valid=False`` so every image counts once).
-    ``rank`` / ``world_size`` are the global ones; every rank holds the whole split.
+    ``recipe``: "train" (pad-4 crop + flip, ragged tail dropped; ``keep_last``: trained on as a
+    last, smaller batch, an equal share per rank, as cifar.py's DataLoader keeps it) or "val" /
+    "corrupted" (as stored, padded to whole batches with ``valid=False`` so every image counts
+    once). ``rank`` / ``world_size`` are the global ones; every rank holds the whole split.
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class ResidentLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        keep_last: bool = False,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -127,14 +129,14 @@ class ResidentLoader:
             )
         self.recipe, self.batch_size = recipe, int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.keep_last = bool(keep_last)
         self.classes = list(arrays.classes)
         self.device = _device(device)
         self.skipped: list[str] = []  # DaliLoader's list of undecodable files: none in arrays
         self._n = len(arrays)
         if self.is_train:
-            train_indices(self._n, self.batch_size, self.rank, self.world_size, 0, 0)  # validates
-            self._steps = train_steps(self._n, self.batch_size, self.world_size)
-            self._num_samples = self._steps * self.batch_size
+            self._num_samples = len(self._order(0))  # validates the sizes
+            self._steps = train_steps(self._n, self.batch_size, self.world_size, self.keep_last)
         else:
             idx, valid, self._num_samples = eval_indices(
                 self._n, self.batch_size, self.rank, self.world_size
@@ -178,16 +180,21 @@ class ResidentLoader:
                 images = self.padded.index_select(0, idx[sl])[:, :, p:-p, p:-p].contiguous()
                 yield images, self.labels[idx[sl]], valid[sl]
             return
-        order = train_indices(self._n, bs, self.rank, self.world_size, self.seed, epoch)
+        order = self._order(epoch)
         offsets, flips = epoch_draws(self.seed, epoch, self.rank, len(self), bs, start_step)
         order_d = torch.from_numpy(order[start_step * bs :]).to(self.device)
         offsets_d = torch.from_numpy(offsets).to(self.device)
         flips_d = torch.from_numpy(flips).to(self.device)
         for k in range(len(self) - start_step):
-            sl = slice(k * bs, (k + 1) * bs)
-            index = order_d[sl]
+            index = order_d[k * bs : (k + 1) * bs]  # the kept last batch: shorter
+            sl = slice(k * bs, k * bs + len(index))
             images = pad_crop_flip(self.padded, index, offsets_d[sl], flips_d[sl])
-            yield images, self.labels[index], self._all_valid
+            yield images, self.labels[index], self._all_valid[: len(index)]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """This rank's training indices of ``epoch``, batch after batch (``sharding``)."""
+        return train_indices(self._n, self.batch_size, self.rank, self.world_size, self.seed,
+                             epoch, keep_last=self.keep_last)  # fmt: skip
 
     def __repr__(self) -> str:
         return (

@@ -30,28 +30,40 @@ def stream_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def train_steps(n: int, batch_size: int, world_size: int) -> int:
-    """Steps per epoch for every rank: the ragged tail (n mod world*batch) is dropped."""
-    return n // (batch_size * world_size)
+def train_steps(n: int, batch_size: int, world_size: int, keep_last: bool = False) -> int:
+    """Steps per epoch for every rank: the ragged tail (n mod world*batch) is dropped, or with
+    ``keep_last`` trained on as one more, smaller step (:func:`last_batch_size` per rank)."""
+    full = n // (batch_size * world_size)
+    return full + (1 if keep_last and last_batch_size(n, batch_size, world_size) else 0)
+
+
+def last_batch_size(n: int, batch_size: int, world_size: int) -> int:
+    """Each rank's share of the ragged tail: ``(n mod world*batch) // world``, equal on every rank
+    so that DDP's ranks stay in step; the ``(n mod world*batch) mod world`` (< world) images left
+    over are dropped. 0 when the tail is empty. cifar.py on one GPU: 50,000 mod 128 = 80."""
+    return (n % (batch_size * world_size)) // world_size
 
 
 def train_indices(
-    n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
-) -> np.ndarray:
-    """This rank's sample indices for `epoch`, `[steps * batch_size]`, batch after batch.
+    n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    keep_last: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """This rank's sample indices for `epoch`, batch after batch: `[steps * batch_size]`, plus
+    with `keep_last` the rank's share of the tail (:func:`last_batch_size`) as a last batch.
 
     The permutation depends on (seed, epoch) only, so all ranks agree on it; rank r takes every
     `world_size`-th sample starting at r, so the shards are disjoint and equally long.
     """
     _check(n, batch_size, rank, world_size)
-    steps = train_steps(n, batch_size, world_size)
-    if steps == 0:
+    full = n // (batch_size * world_size)
+    if train_steps(n, batch_size, world_size, keep_last) == 0:
         raise ValueError(
             f"{n} training samples cannot fill one batch of {batch_size} on each of "
             f"{world_size} rank(s): lower the batch size or add data"
         )
     perm = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(n)
-    kept = perm[: steps * batch_size * world_size]
+    tail = last_batch_size(n, batch_size, world_size) * world_size if keep_last else 0
+    kept = perm[: full * batch_size * world_size + tail]
     return kept[rank::world_size]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,33 +69,41 @@ def command_line_args(settings: EvalSettings) -> dict[str, Any]:
     return {k: None if v == [] else v for k, v in flags.items()}
 
 
-def class_root(settings: EvalSettings) -> Path:
-    """Where ``--pretrained`` reads the model's classes: --val, else the first benchmark given
-    whose layout has a folder of every class (an ImageNet-C cell, say)."""
+def pretrained_classes(settings: EvalSettings) -> list[str]:
+    """``--pretrained``'s label order: the sorted class folders of --val, else CIFAR's class list
+    (--cifar), else the class folders of the first benchmark given whose layout has a folder of
+    every class (an ImageNet-C cell, say)."""
+    from ..data import find_classes, load_cifar
+
     if settings.data.val:
-        return Path(settings.data.val)
+        return find_classes(settings.data.val)[0]
+    if settings.data.cifar:
+        return list(load_cifar(settings.data.cifar, settings.data.cifar_name, train=False).classes)
     for b, root in given_benchmarks(settings):
         if b.class_folder is not None:
-            return b.class_folder(root, settings.data)
-    flags = ["--val", *[f"--{b.name}" for b in BENCHMARKS if b.class_folder is not None]]
+            return find_classes(b.class_folder(root, settings.data))[0]
+    flags = ["--val", "--cifar", *[f"--{b.name}" for b in BENCHMARKS if b.class_folder is not None]]
     raise ValueError(
-        f"--pretrained needs {', '.join(flags[:-1])} or {flags[-1]} to read the class folders from"
+        f"--pretrained needs {', '.join(flags[:-1])} or {flags[-1]} to read the classes from"
     )
 
 
 def evaluate_checkpoint(settings: EvalSettings, env: DistEnv) -> int:
     """Load ``settings.model``, evaluate it on every rank, write the reports on rank 0.
 
-    ``env``: the process group this process joined (``train.py --eval_only`` has one already)."""
-    root = class_root(settings) if settings.model.pretrained else None
-    loaded = load_model(settings.model, env.device, class_root=root)
+    ``env``: the process group this process joined (``train.py --eval_only`` has one already).
+    Sizes and the input normalisation: the flags, else what the model says, else ImageNet's."""
+    classes = pretrained_classes(settings) if settings.model.pretrained else None
+    loaded = load_model(settings.model, env.device, classes=classes)
     model = loaded.model
     if settings.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    card = loaded.card
     data = replace(
         settings.data,
-        crop_size=settings.data.crop_size or loaded.card.crop_size or 224,
-        resize_size=settings.data.resize_size or loaded.card.val_resize or 256,
+        crop_size=settings.data.crop_size or card.crop_size or 224,
+        resize_size=settings.data.resize_size or card.val_resize or 256,
+        normalization=settings.data.normalization or card.normalization or "imagenet",
     )
     extra = {"args": command_line_args(settings), "model": loaded.info}
     results = evaluate_model(

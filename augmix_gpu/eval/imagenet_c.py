@@ -200,12 +200,19 @@ def headline(block: dict) -> dict[str, float | None]:
     return {
         "mCE": block.get("mce"),
         "mCE (partial)": block.get("mce_partial"),
+        "mCE (extra)": block.get("mce_extra"),
+        "mCE (extra, partial)": block.get("mce_extra_partial"),
         "relative mCE": block.get("relative_mce"),
         "mean corruption error (unnorm.)": block.get("mean_corruption_error"),
         "mean corruption error (partial)": block.get("mean_corruption_error_partial"),
         "C RMS calib. error": cal.get("mean_rms_calibration_error"),
         "C ECE": cal.get("mean_ece"),
     }
+
+
+def corruption_ce(block: dict, corruption: str) -> float | None:
+    """CE of one of the 15 (``ce``) or of an extra (``extra_ce``); None where not normalised."""
+    return block.get("ce", {}).get(corruption, block.get("extra_ce", {}).get(corruption))
 
 
 def report_lines(c: dict) -> list[str]:
@@ -226,7 +233,7 @@ def report_lines(c: dict) -> list[str]:
         cells += [fmt(c["error"][corr].get(str(s))) for s in sevs]
         cells.append(fmt(c["corruption_error"][corr]))
         if has_ce:
-            cells += [fmt(c["ce"].get(corr)), fmt(c.get("relative_ce", {}).get(corr))]
+            cells += [fmt(corruption_ce(c, corr)), fmt(c.get("relative_ce", {}).get(corr))]
         lines.append(row(cells))
     if c.get("partial"):
         lines += [
@@ -238,13 +245,15 @@ def report_lines(c: dict) -> list[str]:
 
 def compare_lines(ca: dict, cb: dict) -> list[str]:
     """CE per corruption (the unnormalised error where either lacks CE), B - A."""
-    col = "ce" if "ce" in ca and "ce" in cb else "corruption_error"
-    label = "CE" if col == "ce" else "error"
+    normalised = "ce" in ca and "ce" in cb
+    label = "CE" if normalised else "error"
+
+    def value(block: dict, corr: str) -> float | None:
+        return corruption_ce(block, corr) if normalised else block["corruption_error"].get(corr)
+
     lines = []
     for corr in [c for c in ca["corruptions"] if c in cb["corruptions"]]:
-        va = ca[col].get(corr, ca["corruption_error"].get(corr))
-        vb = cb[col].get(corr, cb["corruption_error"].get(corr))
-        lines.append(compare_row(f"{label} {corr}", va, vb))
+        lines.append(compare_row(f"{label} {corr}", value(ca, corr), value(cb, corr)))
     if ca.get("partial") or cb.get("partial"):
         lines.append("| (partial: not an mCE) | | | |")
     return lines

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import protocols
-from ..distributed import DistEnv, all_reduce_sum
+from ..distributed import DistEnv, all_gather_objects, all_reduce_sum
 from . import metrics as rb
 from .benchmark import Benchmark, Outcome, compare_row, fmt, row
 from .layouts import check_class_folders, check_names, check_root, dataset_error
@@ -85,10 +86,13 @@ class SequenceResult:
     labels: np.ndarray  # [N] int64
     seconds: float
     frames: int
+    counted: np.ndarray | None = None  # [N] bool: False for a sequence skipped as undecodable
 
     def counts(self) -> dict[str, np.ndarray]:
-        return {"flips": self.flips, "comparisons": self.comparisons, "top5": self.top5,
-                "zipf": self.zipf}  # fmt: skip
+        """Per-sequence counts of the sequences counted (skipped ones weigh nothing)."""
+        keep = slice(None) if self.counted is None else self.counted
+        return {"flips": self.flips[keep], "comparisons": self.comparisons[keep],
+                "top5": self.top5[keep], "zipf": self.zipf[keep]}  # fmt: skip
 
 
 def local_sequence_counts(
@@ -102,6 +106,7 @@ def local_sequence_counts(
     channels_last: bool = False,
     bar: Any = None,
     max_frames: int = 64,
+    normalization: str = "imagenet",
 ) -> dict[str, Tensor]:
     """This rank's slot tensors (zeros for sequences it does not own), before the all-reduce."""
     n, dev = loader.num_sequences, env.device
@@ -116,9 +121,8 @@ def local_sequence_counts(
         "predictions": torch.zeros(n, max_frames, dtype=torch.long, device=dev),
     }
     pair_cache: dict[int, Tensor] = {}
-    run = model_outputs(
-        model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last, bar=bar
-    )
+    run = model_outputs(model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last,
+                        bar=bar, normalization=normalization)  # fmt: skip
     for logits, labels, index, lengths in run:
         starts = torch.cumsum(lengths, 0) - lengths
         for j, (i, start, length) in enumerate(
@@ -144,13 +148,21 @@ def local_sequence_counts(
 
 
 def reduce_sequence_counts(
-    slots: dict[str, Tensor], env: DistEnv, desc: str, seconds: float = 0.0
+    slots: dict[str, Tensor],
+    env: DistEnv,
+    desc: str,
+    seconds: float = 0.0,
+    skipped: Sequence[int] = (),
 ) -> SequenceResult:
-    """All-reduce the slots and check that each sequence was counted exactly once."""
+    """All-reduce the slots and check that each sequence was counted exactly once (``skipped``:
+    this rank's sequences left out as undecodable, counted never; zero counts, so no flips)."""
     for t in slots.values():
         all_reduce_sum(t, env)
+    left_out = [i for rank in all_gather_objects(list(skipped), env) for i in rank]
     seen = slots["seen"].cpu().numpy()
-    wrong = np.flatnonzero(seen != 1)
+    want = np.ones_like(seen)
+    want[left_out] = 0
+    wrong = np.flatnonzero(seen != want)
     if wrong.size:
         raise RuntimeError(
             f"{desc}: sequence(s) {wrong[:5].tolist()} counted {seen[wrong[:5]].tolist()} times "
@@ -166,6 +178,7 @@ def reduce_sequence_counts(
         labels=slots["labels"].cpu().numpy(),
         seconds=seconds,
         frames=int((pred >= 0).sum()),
+        counted=want.astype(bool),
     )
 
 
@@ -181,8 +194,11 @@ def evaluate_sequences(
     desc: str | None = None,
     progress: bool = True,
     pbar: Any = None,
+    normalization: str = "imagenet",
+    skipped: Sequence[int] = (),
 ) -> SequenceResult:
-    """Flips and rank distances of every sequence of ``loader`` (a ``SequenceLoader``)."""
+    """Flips and rank distances of every sequence of ``loader`` (a ``SequenceLoader``);
+    ``skipped``: the sequences this rank left out of it (undecodable)."""
     desc = desc or f"{perturbation}/{difficulty}"
     own_bar = pbar is None
     bar = progress_bar(len(loader), desc, env, progress) if own_bar else pbar
@@ -190,7 +206,7 @@ def evaluate_sequences(
     try:
         slots = local_sequence_counts(
             model, loader, env, perturbation, difficulty,
-            amp_dtype=amp_dtype, channels_last=channels_last, bar=bar,
+            amp_dtype=amp_dtype, channels_last=channels_last, bar=bar, normalization=normalization,
         )  # fmt: skip
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
@@ -198,7 +214,7 @@ def evaluate_sequences(
         if own_bar:
             bar.close()
     seconds = max_over_ranks(time.perf_counter() - start, env)
-    return reduce_sequence_counts(slots, env, desc, seconds)
+    return reduce_sequence_counts(slots, env, desc, seconds, skipped)
 
 
 # --- layout --------------------------------------------------------------------------------------
@@ -333,7 +349,10 @@ def _example(res: SequenceResult, loader: Any, classes: list[str]) -> dict[str, 
 def evaluate_folder(
     model: nn.Module, context: Context, plan: PPlan, p: str, d: int, seqs: int
 ) -> tuple[SequenceResult, Any]:
-    """One (perturbation, difficulty) folder; its bar counts batches of sequences."""
+    """One (perturbation, difficulty) folder; its bar counts batches of sequences. A video that
+    cannot be decoded stops it (``--on_corrupt error``: the error names it), or is found, left
+    out and named (``skip``), and this rank's share is evaluated again without it."""
+    from ..data import DatasetError
     from ..data.sequences import SequenceLoader
 
     env = context.env
@@ -342,15 +361,44 @@ def evaluate_folder(
         world_size=env.world_size, device=env.device, crop_size=context.crop_size,
         decoder=plan.decoder, num_threads=context.num_threads,
     )  # fmt: skip
-    bar = progress_bar(len(loader), f"{p}/{d}", env, context.progress, leave=True)
+    skipped: list[int] = []
+    while True:
+        bar = progress_bar(len(loader), f"{p}/{d}", env, context.progress, leave=True)
+        try:
+            res = evaluate_sequences(
+                model, loader, env, p, d, amp_dtype=context.amp_dtype,
+                channels_last=context.channels_last, pbar=bar,
+                normalization=context.normalization, skipped=skipped,
+            )  # fmt: skip
+            return res, loader
+        except DatasetError:
+            bad = [] if context.on_corrupt == "error" else undecodable(loader)
+            if not bad:
+                raise
+            warnings.warn(f"skipping undecodable video(s): {loader.paths(bad)}", stacklevel=2)
+            skipped += bad
+            context.skipped.extend(loader.paths(bad))
+            loader.own = np.array([i for i in loader.own if i not in set(bad)], dtype=np.int64)
+        finally:
+            bar.close()
+
+
+def undecodable(loader: Any) -> list[int]:
+    """The sequences of this rank's share that PyAV cannot decode, tried one by one."""
+    from ..data import DatasetError
+    from ..data.video import build_decoder
+
+    decoder = build_decoder("cpu", device=torch.device("cpu"), batch_size=1, num_threads=1)
+    bad = []
     try:
-        res = evaluate_sequences(
-            model, loader, env, p, d, amp_dtype=context.amp_dtype,
-            channels_last=context.channels_last, pbar=bar,
-        )  # fmt: skip
+        for i in loader.own:
+            try:
+                decoder.decode(loader.paths([i]))
+            except DatasetError:
+                bad.append(int(i))
     finally:
-        bar.close()
-    return res, loader
+        decoder.close()
+    return bad
 
 
 def evaluate(model: nn.Module, context: Context, plan: PPlan) -> Outcome:

@@ -1,7 +1,8 @@
-"""The one evaluation loop: batches -> ImageNet normalisation -> model -> float32 logits.
+"""The one evaluation loop: batches -> the model's normalisation -> model -> float32 logits.
 
 The clean set and every benchmark read their batches through :func:`model_outputs`, so the
-preprocessing after decoding (uint8 -> ImageNet mean/std), autocast, ``channels_last`` and the
+preprocessing after decoding (uint8 -> the mean/std the model was trained with, one of
+:data:`NORMALIZATIONS`), autocast, ``channels_last`` and the
 progress bar are written once. Each caller then counts what it needs: :func:`evaluate_loader`
 top-1/top-5/NLL per image (this module), ``imagenet_p.evaluate_sequences`` flips and rank
 distances per sequence. A :class:`Context` carries what every evaluation of a run shares (where,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import DistEnv, all_gather_cat, all_reduce_sum
+from ..distributed import DistEnv, all_gather_cat, all_gather_objects, all_reduce_sum
 from . import metrics as rb
-from .settings import DataSettings, RunSettings
+from .settings import NORMALIZATIONS, DataSettings, RunSettings
 
 
 @dataclass
@@ -84,11 +85,11 @@ class EvalResult:
         }
 
 
-def normalize_uint8(images: Tensor) -> Tensor:
-    """uint8 [B,3,H,W] -> float, ImageNet mean/std: the trainer's own function (one definition)."""
+def normalize_uint8(images: Tensor, normalization: str = "imagenet") -> Tensor:
+    """uint8 [B,3,H,W] -> float, ``NORMALIZATIONS[normalization]``: the trainer's own function."""
     from ..augment.augmix import normalize_images
 
-    return normalize_images(images)
+    return normalize_images(images, *NORMALIZATIONS[normalization])
 
 
 def max_over_ranks(value: float, env: DistEnv) -> float:
@@ -115,10 +116,12 @@ def model_outputs(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     bar: Any = None,
+    normalization: str = "imagenet",
 ) -> Iterator[tuple[Tensor, ...]]:
     """Yield ``(logits, *rest)`` for each batch ``(images, *rest)`` of ``loader.epoch(0)``.
 
-    ``images``: uint8 ``[..., 3, H, W]`` (any leading dims: ``[B]`` images, ``[F]`` frames);
+    ``images``: uint8 ``[..., 3, H, W]`` (any leading dims: ``[B]`` images, ``[F]`` frames),
+    normalised with ``NORMALIZATIONS[normalization]``;
     ``logits``: float32 ``[..., classes]`` on ``env.device`` with the same leading dims. Tensors in
     ``rest`` are moved to the device. Runs under ``inference_mode``; ``bar`` advances per batch.
     """
@@ -128,7 +131,7 @@ def model_outputs(
         for images, *rest in loader.epoch(0):
             images = images.to(device)
             lead = images.shape[:-3]
-            x = normalize_uint8(images.reshape(-1, *images.shape[-3:]))
+            x = normalize_uint8(images.reshape(-1, *images.shape[-3:]), normalization)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
@@ -185,6 +188,7 @@ def evaluate_loader(
     progress: bool = True,
     channels_last: bool = False,
     pbar: Any = None,
+    normalization: str = "imagenet",
 ) -> EvalResult:
     """Run ``model`` over one epoch of an eval ``loader`` and count, padding masked out.
 
@@ -200,9 +204,8 @@ def evaluate_loader(
     bar = progress_bar(len(loader), desc, env, progress) if own_bar else pbar
     start = time.perf_counter()
     try:
-        run = model_outputs(
-            model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last, bar=bar
-        )
+        run = model_outputs(model, loader, env, amp_dtype=amp_dtype, channels_last=channels_last,
+                            bar=bar, normalization=normalization)  # fmt: skip
         for logits, labels, valid in run:
             local.add(logits, labels, valid)
         if device.type == "cuda":
@@ -245,10 +248,14 @@ class Context:
     crop_size: int  # centre crop of every ImageNet-style image
     resize_size: int  # clean resize (shorter side) before the crop
     clean_error: float | None = None  # top-1 error (percent) of the clean set, once evaluated
+    normalization: str = "imagenet"  # the model's input normalisation (NORMALIZATIONS)
+    on_corrupt: str = "skip"  # a file that cannot be decoded: "skip" it (named) or "error"
+    skipped: list[str] = field(default_factory=list)  # this rank's files skipped so far
 
     @classmethod
     def create(cls, env: DistEnv, run: RunSettings, data: DataSettings) -> Context:
-        """The context of ``run`` on ``env``; crop 224 / resize 256 unless ``data`` says."""
+        """The context of ``run`` on ``env``; crop 224 / resize 256 and ImageNet's
+        normalisation unless ``data`` says."""
         from ..runtime import amp_dtype
 
         kind = run.device
@@ -259,6 +266,7 @@ class Context:
             num_threads=run.workers, amp_dtype=amp_dtype(run.precision),
             channels_last=run.channels_last, progress=not run.no_progress,
             crop_size=data.crop_size or 224, resize_size=data.resize_size or 256,
+            normalization=data.normalization or "imagenet", on_corrupt=data.on_corrupt,
         )  # fmt: skip
 
     def loader(self, source: Any, recipe: str, **kw: Any) -> Any:
@@ -268,12 +276,22 @@ class Context:
         return build_loader(
             source, recipe, batch_size=self.batch_size, device=self.loader_device,
             rank=self.env.rank, world_size=self.env.world_size, crop_size=self.crop_size,
-            resize_size=self.resize_size, num_threads=self.num_threads, **kw,
+            resize_size=self.resize_size, num_threads=self.num_threads,
+            on_corrupt=self.on_corrupt, **kw,
         )  # fmt: skip
 
+    def skipped_files(self) -> list[str]:
+        """Every file skipped as undecodable so far, on any rank, each named once (sorted).
+        A collective: every rank calls it."""
+        gathered = all_gather_objects(self.skipped, self.env)
+        return sorted({p for rank in gathered for p in rank})
+
     def count(self, model: nn.Module, loader: Any, desc: str, pbar: Any = None) -> EvalResult:
-        """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed."""
-        return evaluate_loader(
+        """Top-1/top-5/NLL counts and confidences of ``model`` over ``loader``, all ranks summed;
+        the files the loader skipped as undecodable are noted (``skipped_files``)."""
+        result = evaluate_loader(
             model, loader, self.env, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-            desc=desc, progress=self.progress, pbar=pbar,
+            desc=desc, progress=self.progress, pbar=pbar, normalization=self.normalization,
         )  # fmt: skip
+        self.skipped.extend(getattr(loader, "skipped", []))
+        return result

@@ -10,7 +10,9 @@ Corruptions and Perturbations", section 3):
 - ``E_{c,s}``: top-1 error on corruption ``c`` at severity ``s``.
 - ``CE_c = 100 * sum_s E_{c,s} / sum_s E^{AlexNet}_{c,s}``. ``ALEXNET_ERRORS[c]`` is AlexNet's error
   *averaged* over the 5 severities, so the ratio of sums equals ``mean_s E_{c,s} / ALEXNET_ERRORS[c]``.
-- ``mCE = mean_c CE_c`` over the 15 corruptions (the 4 extras are reported apart).
+- ``mCE = mean_c CE_c`` over the 15 corruptions. The 4 extras have AlexNet errors too
+  (``protocols.ALEXNET_EXTRA_ERRORS``): their CE and ``mCE (extra)`` are reported apart, never
+  inside the mCE.
 - ``relative CE_c = 100 * sum_s (E_{c,s} - E_clean) / sum_s (E^{AlexNet}_{c,s} - E^{AlexNet}_clean)``
   ``= 100 * (mean_s E_{c,s} - E_clean) / (ALEXNET_ERRORS[c] - ALEXNET_CLEAN_ERROR)``.
 - Unnormalised mean corruption error: ``mean_c mean_s E_{c,s}``; what hendrycks/robustness
@@ -35,6 +37,7 @@ import numpy as np
 from ..protocols import (
     ALEXNET_CLEAN_ERROR,
     ALEXNET_ERRORS,
+    ALEXNET_EXTRA_ERRORS,
     ALEXNET_FLIP_PROBABILITY,
     ALEXNET_TOP5_DISTANCE,
     ALEXNET_UNAVAILABLE,
@@ -47,6 +50,7 @@ from ..protocols import (
 )
 
 Counts = Mapping[str, Mapping[int, tuple[int, int]]]  # corruption -> severity -> (wrong, total)
+_ALEXNET = {**ALEXNET_ERRORS, **ALEXNET_EXTRA_ERRORS}  # the 15 and the 4 extras
 
 
 def error_rate(wrong: int, total: int) -> float:
@@ -75,8 +79,8 @@ def corruption_error_ce(counts: Counts) -> dict[str, float]:
     """AlexNet-normalised ``CE_c`` (percent) for every corruption that has a reference."""
     out = {}
     for c, err in corruption_errors(counts).items():
-        if c in ALEXNET_ERRORS:
-            out[c] = err / ALEXNET_ERRORS[c]  # err is in percent, so this is 100 * ratio
+        if c in _ALEXNET:
+            out[c] = err / _ALEXNET[c]  # err is in percent, so this is 100 * ratio
     return out
 
 
@@ -84,8 +88,8 @@ def relative_ce(counts: Counts, clean_error: float) -> dict[str, float]:
     """Relative ``CE_c`` (percent) given the clean error in percent."""
     out = {}
     for c, err in corruption_errors(counts).items():
-        if c in ALEXNET_ERRORS:
-            denom = 100.0 * (ALEXNET_ERRORS[c] - ALEXNET_CLEAN_ERROR)
+        if c in _ALEXNET:
+            denom = 100.0 * (_ALEXNET[c] - ALEXNET_CLEAN_ERROR)
             out[c] = 100.0 * (err - clean_error) / denom
     return out
 
@@ -111,7 +115,8 @@ def summarize_corruptions(
     and the official CIFAR code reports the unnormalised mean. When the 15 corruptions at all 5
     severities are not all present the result is ``partial``: ``mce``/``relative_mce`` are None and
     the means over what *was* evaluated carry a ``_partial`` suffix, so a subset can never be
-    quoted as an mCE.
+    quoted as an mCE. The extras present get their own CE (``extra_ce``) and ``mce_extra`` (None,
+    with ``mce_extra_partial``, unless all 4 are there at all 5 severities).
     """
     main = {c: v for c, v in counts.items() if c in CORRUPTIONS}
     extra = {c: v for c, v in counts.items() if c not in CORRUPTIONS}
@@ -133,22 +138,23 @@ def summarize_corruptions(
         out["extra_mean_corruption_error"] = float(np.mean([per_c[c] for c in extra]))
     if not normalise:
         return out
-    ce = corruption_error_ce(main)
-    out["ce"] = ce
-    mean_ce = float(np.mean(list(ce.values()))) if ce else None
-    out["mce"] = mean_ce if complete else None
-    if not complete:
-        out["mce_partial"] = mean_ce
+    out["ce"] = corruption_error_ce(main)
+    out.update(_mean_of("mce", out["ce"], complete))
+    extra_ce = corruption_error_ce(extra)
+    if extra_ce:
+        out["extra_ce"] = extra_ce
+        out.update(_mean_of("mce_extra", extra_ce, coverage(extra, EXTRA_CORRUPTIONS)[0]))
+    out["relative_mce"] = None
     if clean_error is not None and main:
-        rce = relative_ce(main, clean_error)
-        out["relative_ce"] = rce
-        mean_rce = float(np.mean(list(rce.values())))
-        out["relative_mce"] = mean_rce if complete else None
-        if not complete:
-            out["relative_mce_partial"] = mean_rce
-    else:
-        out["relative_mce"] = None
+        out["relative_ce"] = relative_ce(main, clean_error)
+        out.update(_mean_of("relative_mce", out["relative_ce"], complete))
     return out
+
+
+def _mean_of(key: str, values: Mapping[str, float], complete: bool) -> dict[str, float | None]:
+    """``{key: mean}`` over a complete set; else ``{key: None, key_partial: mean}``."""
+    mean = float(np.mean(list(values.values()))) if values else None
+    return {key: mean} if complete else {key: None, f"{key}_partial": mean}
 
 
 # ----------------------------------------------------------------------------- calibration

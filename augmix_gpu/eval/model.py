@@ -1,9 +1,11 @@
-"""The model to evaluate: a checkpoint of this project, or torchvision weights (``--pretrained``).
+"""The model to evaluate: a checkpoint of this project, or published weights (``--pretrained``).
 
-A checkpoint carries its class list (label order) and training config (arch, crop size, op set);
-torchvision weights carry neither, so their labels are the sorted class folders of a data folder
-(torchvision's ImageNet index order is the sorted wnids) and a head of the wrong size is refused
-before it could be silently replaced by a random one.
+A checkpoint carries its class list (label order) and training config (arch, crop size, op set,
+input normalisation). ``--pretrained`` reads any format ``weights.load_weights`` knows (a
+torchvision state dict, an official AugMix imagenet.py / cifar.py checkpoint, a checkpoint of this
+project); such files carry no class list, so their labels are the sorted class folders of a data
+folder (torchvision's ImageNet index order is the sorted wnids) or CIFAR's class list, and a head
+of the wrong size is refused before it could be silently replaced by a random one.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ModelCard:
     all_ops: bool | None = None
     crop_size: int | None = None
     val_resize: int | None = None
+    normalization: str | None = None  # None (a checkpoint from before the setting): ImageNet's
 
     @classmethod
     def from_settings(cls, flat: Mapping[str, Any]) -> ModelCard:
@@ -75,17 +78,17 @@ def describe_model(card: ModelCard, weights_path: str | os.PathLike | None, **ex
 
 
 def load_model(
-    source: ModelSource, device: str | torch.device = "cpu", *, class_root: Path | None = None
+    source: ModelSource, device: str | torch.device = "cpu", *, classes: list[str] | None = None
 ) -> LoadedModel:
-    """``source.ckpt_path`` or ``source.pretrained`` (exactly one); ``class_root``: the folder of
-    class folders that names ``--pretrained``'s labels (the clean val folder, say)."""
+    """``source.ckpt_path`` or ``source.pretrained`` (exactly one); ``classes``: ``--pretrained``'s
+    label order (the class folders of the clean val folder, say)."""
     if bool(source.ckpt_path) == bool(source.pretrained):
         raise ValueError("pass exactly one of --ckpt_path or --pretrained")
     if source.ckpt_path:
         return load_checkpoint_model(source.ckpt_path, device)
-    if class_root is None:
-        raise ValueError("--pretrained needs a folder of class folders to read the class list from")
-    return load_pretrained(source.pretrained, source.arch, class_root, device)
+    if not classes:
+        raise ValueError("--pretrained needs a class list (a folder of class folders, or CIFAR's)")
+    return load_pretrained(source.pretrained, source.arch, classes, device)
 
 
 def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device) -> LoadedModel:
@@ -107,30 +110,28 @@ def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device) -
 
 
 def load_pretrained(
-    pretrained: str, arch: str, class_root: Path, device: str | torch.device
+    pretrained: str, arch: str | None, classes: list[str], device: str | torch.device
 ) -> LoadedModel:
-    """torchvision weights (a local file, or a cached weights name); labels: the sorted class
-    folders of ``class_root``, torchvision's ImageNet index order."""
-    from ..data import find_classes
-    from ..models import build_model, load_state_dict_file
+    """Published weights (a file in any format ``weights.load_weights`` reads, or a cached
+    torchvision weights name) for ``arch`` (None: the one the file names, else resnet50), with
+    ``classes`` as its label order; a head of another size is refused."""
+    from ..models import build_model, pretrained_weights
 
-    classes, _ = find_classes(class_root)
-    weights = Path(pretrained) if Path(pretrained).is_file() else None
-    if weights is not None:  # a head of another size would be silently replaced by a random one
-        expected = {
-            k: tuple(v.shape) for k, v in build_model(arch, len(classes)).state_dict().items()
-        }
-        got = {k: tuple(v.shape) for k, v in load_state_dict_file(weights).items()}
-        # Shapes only: old torchvision files lack BatchNorm's num_batches_tracked, which loads fine.
-        diff = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-        if diff:
-            raise ValueError(
-                f"--pretrained {pretrained} does not match --arch {arch} with the "
-                f"{len(classes)} class folders of {str(class_root)!r} (differs at {diff[:3]}): "
-                "evaluate on the dataset and architecture the weights were trained for"
-            )
-    model = build_model(arch, num_classes=len(classes), pretrained=pretrained)
-    card = ModelCard(arch=arch)
-    return LoadedModel(
-        model.to(device).eval(), classes, card, describe_model(card, weights, name=arch)
-    )
+    weights = pretrained_weights(arch, pretrained)
+    arch = arch or weights.arch or "resnet50"
+    model = build_model(arch, len(classes))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.state.items()}
+    # Shapes only: old torchvision files lack BatchNorm's num_batches_tracked, which loads fine.
+    diff = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if diff:
+        raise ValueError(
+            f"--pretrained {pretrained} ({weights.format}) does not match --arch {arch} with "
+            f"{len(classes)} classes (differs at {diff[:3]}): evaluate on the dataset and "
+            "architecture the weights were trained for"
+        )
+    model.load_state_dict(weights.state)
+    card = ModelCard(arch=arch, normalization=weights.normalization)
+    path = Path(pretrained) if Path(pretrained).is_file() else None
+    info = describe_model(card, path, name=arch, format=weights.format)
+    return LoadedModel(model.to(device).eval(), classes, card, info)

@@ -48,6 +48,10 @@ def markdown_table(results: dict) -> str:
     pre = results.get("preprocessing") or {}
     parts = [f"{k} {v}" for k, v in pre.items() if isinstance(v, str) and k != "normalization"]
     lines += ["Preprocessing: " + "; ".join(parts) + "."] if parts else []
+    skipped = results.get("skipped_files") or []
+    if skipped:  # --on_corrupt skip
+        lines += [f"Skipped as undecodable (not counted): {len(skipped)} file(s): "
+                  + ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "") + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

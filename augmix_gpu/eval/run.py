@@ -42,7 +42,7 @@ from .clean import evaluate_clean
 from .layouts import check_names
 from .loop import Context
 from .registry import BENCHMARKS
-from .settings import EvalSettings
+from .settings import NORMALIZATIONS, EvalSettings
 
 __all__ = ["check_layouts", "evaluate_model", "given_benchmarks"]
 
@@ -118,6 +118,7 @@ def evaluate_model(
         outcome = benchmark.evaluate(model, context, plan)
         results[benchmark.name] = outcome.block
         outcomes.append(outcome)
+    results["skipped_files"] = context.skipped_files()  # --on_corrupt skip: not counted anywhere
     return _finish(results, outcomes)
 
 
@@ -135,7 +136,8 @@ def _header(
         # CIFAR arrays are read as stored: no crop or resize to report for them
         pre.update(crop_size=context.crop_size, resize_size=context.resize_size)
         pre["c_resize"] = settings.data.c_resize
-    pre["normalization"] = "ImageNet mean/std on [0,1] RGB"
+    mean, std = NORMALIZATIONS[context.normalization]
+    pre["normalization"] = f"{context.normalization}: mean {mean}, std {std} on [0,1] RGB"
     results["preprocessing"] = pre
     results["run"] = {
         "world_size": context.env.world_size,

@@ -22,8 +22,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..augment.augmix import IMAGENET_MEAN, IMAGENET_STD
 from ..checks import at_least, check_flag_value, flag, flag_fields
 from ..runtime import PRECISIONS
+
+# The input normalisations a model is trained and evaluated with (--normalization, in train.py
+# and evaluate.py), as (mean, std) per channel on [0, 1] RGB: ImageNet's (the default;
+# torchvision's and the official imagenet.py's) or 0.5 / 0.5 (the official cifar.py's
+# ``transforms.Normalize([0.5] * 3, [0.5] * 3)``).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 def _path(value: Any) -> Any:
@@ -53,7 +63,9 @@ class ModelSource:
     pretrained: str | None = flag(
         None, "local torchvision weights file (or a cached weights name)", convert=_path
     )
-    arch: str = flag("resnet50", "architecture for --pretrained")
+    arch: str | None = flag(
+        None, "architecture for --pretrained (default: what the file names, else resnet50)"
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -97,6 +109,18 @@ class DataSettings:
     )
     resize_size: int | None = flag(
         None, "clean resize (default: checkpoint's, else 256)", check=at_least(1)
+    )
+    normalization: str | None = flag(
+        None,
+        "input normalisation: imagenet (mean/std) or half (0.5/0.5, cifar.py); default: what the "
+        "checkpoint or weights file says, else imagenet",
+        choices=tuple(NORMALIZATIONS),
+    )
+    on_corrupt: str = flag(
+        "skip",
+        "a file that cannot be decoded (any benchmark): skip it (named in a warning and in "
+        "results.json's skipped_files) or stop with an error naming it",
+        choices=("skip", "error"),
     )
 
     def __post_init__(self) -> None:

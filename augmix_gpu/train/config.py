@@ -24,6 +24,7 @@ from ..augment.severity import OBJECTIVES
 from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
 from ..eval.registry import BENCHMARKS
+from ..eval.settings import NORMALIZATIONS
 from ..models import check_arch
 from ..protocols import EXTRA_CORRUPTIONS
 from ..runtime import PRECISIONS
@@ -166,10 +167,23 @@ class DataSettings:
         "a file that cannot be decoded: skip it (named in a warning and results.json) or stop",
         choices=("skip", "error"),
     )
+    normalization: str = flag(
+        "imagenet",
+        "input normalisation everywhere (AugMix views, clean batches, validation, evaluation): "
+        "imagenet (ImageNet's mean/std) or half (mean 0.5, std 0.5: the official cifar.py)",
+        choices=tuple(NORMALIZATIONS),
+    )
     cifar_loader: str = flag(
         "resident",
         "resident: the set on the device, crop+flip there; dali: the DALI pipeline",
         choices=("resident", "dali"),
+    )
+    last_batch: str = flag(
+        "drop",
+        "the ragged last batch of an epoch: drop it, or keep it (CIFAR on the resident loader) as "
+        "cifar.py's DataLoader does (50,000 at batch 128: 391 steps, the last of 80), split "
+        "evenly over the ranks (at most world size - 1 images left out)",
+        choices=("drop", "keep"),
     )
     synthetic_train_per_class: int = flag(200, check=at_least(1))
     synthetic_val_per_class: int = flag(50, check=at_least(1))
@@ -570,6 +584,12 @@ def _check_data(s: Settings) -> None:
             "synthetic",
             "the synthetic dataset is generated; drop --data or pick another --dataset",
         )
+    if data.last_batch == "keep" and not (data.is_cifar and data.cifar_loader == "resident"):
+        raise _bad(
+            "last_batch",
+            "keep",
+            "needs CIFAR on --cifar_loader resident (the DALI loaders drop it): pass --last_batch drop",
+        )
     if data.is_cifar and data.data is None:
         raise _bad(
             "data",
@@ -592,6 +612,12 @@ def _check_data(s: Settings) -> None:
 def _check_severity(s: Settings) -> None:
     if s.severity.severity_objective != "heldout":
         return
+    if s.data.normalization != "imagenet":
+        raise _bad(
+            "normalization",
+            s.data.normalization,
+            "the held-out objective's loss normalises with ImageNet's mean/std: use imagenet",
+        )
     if not s.augment.learnable:
         raise _bad(
             "severity_objective",

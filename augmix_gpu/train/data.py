@@ -154,7 +154,7 @@ def build_loaders(settings: Settings, env: DistEnv, spec: DataSpec, heldout=None
                   seed=settings.run.seed)  # fmt: skip
         # CIFAR held on the device (no held-out set on CIFAR: validate_settings refuses it).
         return (
-            ResidentLoader(spec.train, "train", **kw),
+            ResidentLoader(spec.train, "train", keep_last=data.last_batch == "keep", **kw),
             ResidentLoader(spec.val, "val", **kw),
             None,
         )

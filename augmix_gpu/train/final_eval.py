@@ -30,7 +30,8 @@ def eval_settings(
     settings: Settings, data: DataSpec, world_size: int, model: ModelSource | None = None
 ) -> EvalSettings:
     """What the evaluation of this run reads: its clean set (val folder, or CIFAR's test split),
-    its robustness roots, its sizes, batch and precision; ``model``: for ``--eval_only``."""
+    its robustness roots, its sizes, normalisation, batch and precision; ``model``: for
+    ``--eval_only``, whose normalisation is the checkpoint's (or the weights file's) own."""
     s, roots = settings, data.roots
     p = roots.get("imagenet_p")
     if s.data.is_cifar:
@@ -39,6 +40,8 @@ def eval_settings(
         clean = dict(val=str(data.val), crop_size=s.data.crop_size, resize_size=s.data.val_resize)
     options = DataSettings(
         **clean,
+        normalization=None if model else s.data.normalization,
+        on_corrupt=s.data.on_corrupt,
         severities=s.robustness.c_severities,
         perturbations=present_perturbations(p) if p else [],  # a partial -P set: what it holds
     )

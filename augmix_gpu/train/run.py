@@ -20,6 +20,7 @@ from ..augment.augmix import AugMixBatch
 from ..augment.severity import LearnableSeverity
 from ..distributed import DistEnv, all_gather_objects, barrier
 from ..eval.loop import evaluate_loader
+from ..eval.settings import NORMALIZATIONS
 from ..models import build_model
 from ..runtime import amp_dtype
 from .config import AugmentSettings, Settings, SeveritySettings
@@ -37,8 +38,11 @@ def log(env: DistEnv, message: str) -> None:
         tqdm.write(message)
 
 
-def build_augmenter(augment: AugmentSettings, severity: SeveritySettings) -> AugMixBatch | None:
-    """None for ``none``; a fixed or learnable severity AugMix otherwise."""
+def build_augmenter(
+    augment: AugmentSettings, severity: SeveritySettings, normalization: str = "imagenet"
+) -> AugMixBatch | None:
+    """None for ``none``; a fixed or learnable severity AugMix otherwise, its views normalised
+    with ``NORMALIZATIONS[normalization]``."""
     if augment.aug_type == "none":
         return None
     s: float | LearnableSeverity = augment.initial_aug_severity
@@ -61,6 +65,8 @@ def build_augmenter(augment: AugmentSettings, severity: SeveritySettings) -> Aug
         num_views=1 if augment.aug_type == "augmix" else 2,
         strategy=augment.augmix_strategy,
         levels=augment.op_levels,
+        mean=NORMALIZATIONS[normalization][0],
+        std=NORMALIZATIONS[normalization][1],
     )
 
 
@@ -108,9 +114,10 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
     net = AugmentedClassifier(
         build_model(settings.model.arch, len(classes), settings.model.pretrained),
         settings.augment.aug_type,
-        build_augmenter(settings.augment, settings.severity),
+        build_augmenter(settings.augment, settings.severity, settings.data.normalization),
         amp_dtype=amp_dtype(settings.model.precision),
         channels_last=settings.model.channels_last,
+        normalization=NORMALIZATIONS[settings.data.normalization],
     ).to(env.device)
     if settings.model.channels_last:
         net.model.to(memory_format=torch.channels_last)
@@ -298,7 +305,8 @@ def evaluate_clean(run: Run):
     result = evaluate_loader(net.model, run.loaders[1], run.env, desc="val",
                              amp_dtype=amp_dtype(s.model.precision),
                              progress=run.env.is_main and not s.run.no_progress,
-                             channels_last=s.model.channels_last)  # fmt: skip
+                             channels_last=s.model.channels_last,
+                             normalization=s.data.normalization)  # fmt: skip
     net.model.train()
     return result
 

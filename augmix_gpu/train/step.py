@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from ..augment.augmix import AugMixBatch, normalize_images
+from ..augment.augmix import IMAGENET_MEAN, IMAGENET_STD, AugMixBatch, normalize_images
 from ..augment.losses import augmix_objective
 from ..augment.severity import LearnableSeverity
 from ..distributed import DistEnv, all_reduce_sum, any_rank
@@ -34,9 +34,10 @@ TRAJECTORY_KEYS = ("severity_", "heldout_", "hypergrad_")
 class AugmentedClassifier(nn.Module):
     """uint8 images -> logits for the training objective of ``aug_type``.
 
-    ``none`` feeds the normalised clean batch; ``augmix`` one AugMix view (the official
-    no-JSD recipe); the JSD modes one concatenated ``[clean; view1; view2]`` batch, so that
-    BatchNorm sees all three views and the network runs once.
+    ``none`` feeds the clean batch normalised with ``normalization`` (mean, std; the augmenter
+    normalises its views with its own, which the trainer sets to the same); ``augmix`` one AugMix
+    view (the official no-JSD recipe); the JSD modes one concatenated ``[clean; view1; view2]``
+    batch, so that BatchNorm sees all three views and the network runs once.
     AugMix computes in fp32 outside autocast and hands the network its input already in
     ``amp_dtype`` (and channels_last if set); only the network runs under autocast.
     """
@@ -49,6 +50,7 @@ class AugmentedClassifier(nn.Module):
         *,
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
     ) -> None:
         super().__init__()
         if (aug_type == "none") != (augmenter is None):
@@ -60,6 +62,7 @@ class AugmentedClassifier(nn.Module):
         self.augmenter = augmenter
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
+        self.normalization = normalization
         self.time_augment = False  # benchmarks: synchronise and time the AugMix part
         self.augment_seconds = 0.0
 
@@ -81,7 +84,7 @@ class AugmentedClassifier(nn.Module):
         the same either way.
         """
         if self.augmenter is None:
-            return normalize_images(images)
+            return normalize_images(images, *self.normalization)
         if severity_grad is None:
             severity_grad = not self.severity_follows_heldout
         # The batch as the network takes it (amp dtype, channels_last): the fused form writes it
