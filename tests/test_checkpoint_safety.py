@@ -14,8 +14,8 @@ import torchvision
 from cli_runner import run_script
 
 from augmix_gpu.checkpoint import UnsafeCheckpointError, load_checkpoint, load_latest, save_atomic
-from augmix_gpu.models import load_state_dict_file
 from augmix_gpu.train.resume import capture_rng_state, restore_rng_state
+from augmix_gpu.weights import load_weights
 
 
 class TouchesAFile:
@@ -91,6 +91,6 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
 def test_a_torchvision_state_dict_still_loads(tmp_path):
     net = torchvision.models.resnet18(num_classes=7)
     torch.save(net.state_dict(), tmp_path / "resnet18.pth")
-    state = load_state_dict_file(tmp_path / "resnet18.pth")
+    state = load_weights(tmp_path / "resnet18.pth").state
     assert state.keys() == net.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
