@@ -19,7 +19,7 @@ from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv
 from augmix_gpu.models import TinyResNet
 from augmix_gpu.train.heldout_severity import (
-    _mixed_derivative,
+    mixed_derivative,
     severity_hypergradient,
     update_jacobian,
 )
@@ -313,7 +313,7 @@ def test_mixed_derivative_equals_a_forward_mode_reference_on_a_relu_maxpool_net(
     params = list(net.model.parameters())
     torch.manual_seed(1)
     c = [torch.randn_like(p) for p in params]
-    got = _mixed_derivative(net, params, c, views, y, 12.0)
+    got = mixed_derivative(net, params, c, views, y, 12.0)
     expected = _forward_mode_reference(net.model, c, views.detach(), y)
     assert expected.abs().max() > 1e-6, "degenerate check: the reference is zero"
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max())

@@ -20,9 +20,9 @@ step the network really takes (DARTS assumes plain SGD). The mixed derivative
 whatever the training precision, evaluated around the post-step weights (the Hessian changes by
 O(lr) over one step; evaluating there saves a copy of the weights). Why not the DARTS finite
 difference ``[grad_x L(w + eps c) - grad_x L(w - eps c)] / 2 eps`` it replaces: on a ReLU and
-max-pool network the two weight points sit on different sides of activation kinks, so it measured
-noise (spread 12x the exact value's, correlation 0.21, no step size converging; issue #24), and
-in bf16 a weight step of norm 0.01 is below the format's resolution.
+max-pool network the two weight points sit on different sides of activation kinks, so it measures
+noise at every step size, and in bf16 a weight step of norm 0.01 is near the format's resolution
+(benchmarks/severity_study_estimators.py; the figures are in docs/learnable-severity.md).
 
 The step's *length* is held fixed (the second term of ``c``): the severity chooses the direction
 of the update, not its size. Why: a stronger severity makes the JSD gradient larger, and with the
@@ -152,11 +152,11 @@ def severity_hypergradient(
     params = [p for p in net.model.parameters() if p.requires_grad]
     severity = net.severity
     sev_params = [severity.log_severity_mu, severity.log_severity_log_sigma]
-    v, heldout_loss = _heldout_gradient(
+    v, heldout_loss = heldout_gradient(
         net, params, heldout_images, heldout_labels, heldout_valid, env
     )
-    c = _lookahead_direction(optimizer, params, v)
-    mixed = _mixed_derivative(net, params, c, views, labels, beta_jsd)
+    c = lookahead_direction(optimizer, params, v)
+    mixed = mixed_derivative(net, params, c, views, labels, beta_jsd)
 
     # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
     hyper = torch.autograd.grad(views, sev_params, grad_outputs=mixed, allow_unused=True)
@@ -170,7 +170,7 @@ def severity_hypergradient(
     return Hypergradient(heldout_loss.detach().float(), grads[0], grads[1], finite)
 
 
-def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
+def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
     """1. v = grad_w of the mean held-out CE at w', over the global held-out batch, and that CE.
 
     Eval mode: the held-out images are scored as at test time (running BatchNorm statistics, none
@@ -191,7 +191,7 @@ def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple
     return flat[:-2] / count, flat[-2] / count
 
 
-def _lookahead_direction(
+def lookahead_direction(
     optimizer: torch.optim.Optimizer, params: list[Tensor], v: Tensor
 ) -> list[Tensor]:
     """2. c = J v - (v^T a / |a|^2) J a with a = J g the step: the change of w' along v per unit
@@ -216,7 +216,7 @@ def _fp32(model: Any, buffers: dict[str, Tensor] | None = None) -> Callable[[Ten
     return run
 
 
-def _mixed_derivative(net, params, c, views, labels, beta_jsd: float) -> Tensor:
+def mixed_derivative(net, params, c, views, labels, beta_jsd: float) -> Tensor:
     """3. d/dx [c^T grad_w L_train(w', x)] at the step's views, exactly: the gradient of the
     training loss with ``create_graph=True``, its dot product with c, and a second backward to the
     input (a Hessian-vector product through the network). Autograd differentiates the piecewise
