@@ -192,3 +192,88 @@ def summary_table(
             row.append(f"{s['mean']:.{d}f} ± {s['std']:.{d}f}{mark}")
         rows.append(row)
     return rows
+
+
+# --- statistics that say what they can (the shifted severity study) ---------------------------
+
+
+@dataclass(frozen=True)
+class QuadraticFit:
+    """``y = b0 + b1 x + b2 x^2`` by least squares over every run (not over the means: the seeds'
+    spread is the noise), with the covariance of the coefficients.
+
+    ``p_curvature``: two-sided t-test of ``b2 = 0``; ``p_model``: F-test of the quadratic against
+    a constant. The minimum's position ``-b1 / (2 b2)`` has a delta-method standard error."""
+
+    coef: tuple[float, float, float]
+    cov: tuple[tuple[float, ...], ...]
+    dof: int
+    sigma2: float  # residual variance: the seed-to-seed spread around the curve
+    p_curvature: float
+    p_model: float
+
+    @property
+    def vertex(self) -> float:
+        _, b1, b2 = self.coef
+        return -b1 / (2 * b2)
+
+    @property
+    def vertex_se(self) -> float:
+        _, b1, b2 = self.coef
+        g = [0.0, -1 / (2 * b2), b1 / (2 * b2**2)]
+        return math.sqrt(sum(g[i] * self.cov[i][j] * g[j] for i in range(3) for j in range(3)))
+
+    def predict(self, x: float) -> tuple[float, float]:
+        """(fitted mean at x, its standard error)."""
+        v = [1.0, x, x * x]
+        mean = sum(c * vi for c, vi in zip(self.coef, v))
+        var = sum(v[i] * self.cov[i][j] * v[j] for i in range(3) for j in range(3))
+        return mean, math.sqrt(var)
+
+    def run_interval(self, x: float, level: float = 0.95) -> tuple[float, float]:
+        """Where one new run at x lands with probability ``level`` (prediction interval)."""
+        from scipy import stats
+
+        mean, se = self.predict(x)
+        half = stats.t.ppf(0.5 + level / 2, self.dof) * math.sqrt(se**2 + self.sigma2)
+        return mean - half, mean + half
+
+
+def quadratic_fit(x: Sequence[float], y: Sequence[float]) -> QuadraticFit:
+    """Ordinary least squares of y on (1, x, x^2); see :class:`QuadraticFit`."""
+    import numpy as np
+    from scipy import stats
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    design = np.stack([np.ones_like(xs), xs, xs**2], axis=1)
+    coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
+    resid = ys - design @ coef
+    dof = len(ys) - 3
+    sigma2 = float(resid @ resid) / dof
+    cov = sigma2 * np.linalg.inv(design.T @ design)
+    t = coef[2] / math.sqrt(cov[2, 2])
+    ss_model = float(((design @ coef - ys.mean()) ** 2).sum())
+    return QuadraticFit(
+        coef=tuple(float(c) for c in coef),
+        cov=tuple(tuple(float(v) for v in row) for row in cov),
+        dof=dof,
+        sigma2=sigma2,
+        p_curvature=float(2 * stats.t.sf(abs(t), dof)),
+        p_model=float(stats.f.sf(ss_model / 2 / sigma2, 2, dof)),
+    )
+
+
+def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of a minus mean of b, its ``level`` interval (Welch-Satterthwaite) and the two-sided
+    p-value. Where the interval holds 0, ``max(|lo|, |hi|)`` is the largest difference the data
+    still allow: "no difference above X points"."""
+    from scipy import stats
+
+    (ma, sa), (mb, sb) = summarize(a), summarize(b)
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se else 1.0
+    half = stats.t.ppf(0.5 + level / 2, dof) * se
+    diff = ma - mb
+    p = float(2 * stats.t.sf(abs(diff) / se, dof)) if se else (1.0 if diff == 0 else 0.0)
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "dof": dof}
