@@ -99,7 +99,8 @@ def draws(net, opt, args, amp: bool) -> dict[str, list[float]]:
     """dL_val/dmu per AugMix draw: exact, and the finite difference at each scale."""
     x, y = batch(args.batch, args.size, seed=args.steps)
     xh, yh = batch(args.batch, args.size, seed=10_000)
-    params = list(net.model.parameters())
+    named = list(net.model.named_parameters())
+    params = [p for _, p in named]
     v, _ = hs.heldout_gradient(
         net, params, normalize_images(xh), yh, torch.ones(len(yh), dtype=torch.bool), ENV
     )
@@ -114,7 +115,7 @@ def draws(net, opt, args, amp: bool) -> dict[str, list[float]]:
         return float(torch.autograd.grad(views, sev, estimate(views))[0])
 
     for d in range(args.draws):
-        out["exact"].append(to_mu(d, lambda v: hs.mixed_derivative(net, params, c, v, y, 12.0)))
+        out["exact"].append(to_mu(d, lambda v: hs.mixed_derivative(net, named, c, v, y, 12.0)))
         for s in SCALES:
             fd = lambda v, s=s: finite_difference(net, c, s / norm, v, y, amp)  # noqa: E731
             out[f"fd {s:g}"].append(to_mu(d, fd))

@@ -138,10 +138,12 @@ def train(runs: list[Run], args) -> None:
     from severity_study_eval import evaluate_run
 
     heldout, val, c_root = prepare_sets(args)
-    run_all(runs, jobs=args.jobs, reuse=True)
-    for run in runs:
+
+    def evaluate(run: Run) -> None:  # while the next run trains
         run.result["evaluation"] = evaluate_run(run.finished().parent, heldout, val, c_root)
         _report(run)
+
+    run_all(runs, jobs=args.jobs, reuse=True, on_done=evaluate)
 
 
 def prepare_sets(args) -> tuple[Path, Path, Path]:
@@ -346,7 +348,7 @@ def main() -> None:
     record["pngs"] = [str(p) for p in plot_all(runs, summary, fit, out)]
     record["per_run"] = {v: [{"seed": r.seed, "history": r.result["history"],
                               "severity_trajectory": r.result["severity_trajectory"],
-                              "temperature": r.result["temperature"],
+                              "evaluation": r.result["evaluation"],
                               "seconds": r.result["_seconds"], "cpu_seconds": r.result["_cpu_seconds"]}
                              for r in runs if r.variant == v] for v in summary}  # fmt: skip
     record["seconds"] = time.perf_counter() - start

@@ -3,7 +3,6 @@ difference against a finite difference of the whole lookahead, side effects, and
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -284,39 +283,49 @@ def _relu_setup(dtype=torch.float64, seed: int = 0):
     return net, opt, views, x, y
 
 
-def _forward_mode_reference(model: nn.Module, c: list, x: torch.Tensor, y) -> torch.Tensor:
-    """d/dx [c^T grad_w L(w, x)] the other way round: the first-order input gradient grad_x L
-    (reverse mode, torch.func.grad), differentiated along c in the weights by forward mode
-    (torch.func.jvp: each op's forward-mode rule). The code under test differentiates twice in
-    reverse mode, weights first; they agree where the mixed partials commute (away from kinks,
-    i.e. almost everywhere). BatchNorm on batch statistics (train mode), as the code's copies."""
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, nn.BatchNorm2d):  # the same batch statistics, no buffer written
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-    names = [n for n, _ in ref.named_parameters()]
-    weights = {n: p.detach() for n, p in ref.named_parameters()}
-
-    def input_gradient(w):
-        loss = lambda xx: _train_loss(torch.func.functional_call(ref, w, (xx,)), y)  # noqa: E731
-        return torch.func.grad(loss)(x)
-
-    return torch.func.jvp(input_gradient, (weights,), (dict(zip(names, c)),))[1]
+def _double_backward_reference(model: nn.Module, c: list, x: torch.Tensor, y) -> torch.Tensor:
+    """d/dx [c^T grad_w L(w, x)] by plain autograd twice in reverse mode: the weight gradient with
+    its graph kept, its dot product with c, a second backward to x (BatchNorm in train mode on
+    copies of its buffers). The code under test differentiates the input gradient by forward mode
+    along c (torch.func.jvp): other rules for every op; they agree where the mixed partials
+    commute, i.e. away from the kinks."""
+    x = x.detach().requires_grad_(True)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    params = list(model.parameters())
+    loss = _train_loss(torch.func.functional_call(model, buffers, (x,)), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, c)), x)[0]
 
 
-def test_mixed_derivative_equals_a_forward_mode_reference_on_a_relu_maxpool_net() -> None:
-    """float64, tiny_resnet's ReLU + max-pool + BatchNorm: the double backward equals forward
-    mode to 1e-9 (a finite difference of the input gradient in the weights, the DARTS estimator,
-    does not: it steps across the kinks)."""
+def _weight_gradient_along(model: nn.Module, c: list, x: torch.Tensor, y) -> float:
+    """c^T grad_w L(w, x), first-order autograd only (for a finite difference in x)."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    loss = _train_loss(torch.func.functional_call(model, buffers, (x,)), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return float(sum((g * t).sum() for g, t in zip(grads, c)))
+
+
+def test_mixed_derivative_equals_independent_references_on_a_relu_maxpool_net() -> None:
+    """float64, tiny_resnet's ReLU + max-pool + BatchNorm: forward over reverse (the code) equals
+    reverse over reverse to 1e-9, and a central difference in the input along a random direction
+    (first-order gradients only, steps of 1e-6: too small to cross a kink in float64) to 1e-6.
+    BatchNorm's running statistics are left as they were."""
     net, _, views, _, y = _relu_setup()
     net.model.train()
-    params = list(net.model.parameters())
+    named = list(net.model.named_parameters())
     torch.manual_seed(1)
-    c = [torch.randn_like(p) for p in params]
-    got = mixed_derivative(net, params, c, views, y, 12.0)
-    expected = _forward_mode_reference(net.model, c, views.detach(), y)
+    c = [torch.randn_like(p) for _, p in named]
+    buffers = {k: b.clone() for k, b in net.model.named_buffers()}
+    got = mixed_derivative(net, named, c, views, y, 12.0)
+    for k, b in net.model.named_buffers():
+        assert torch.equal(b, buffers[k]), k
+    expected = _double_backward_reference(net.model, c, views, y)
     assert expected.abs().max() > 1e-6, "degenerate check: the reference is zero"
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max())
+    r, h, x = torch.randn_like(views), 1e-6, views.detach()
+    fd = (_weight_gradient_along(net.model, c, x + h * r, y)
+          - _weight_gradient_along(net.model, c, x - h * r, y)) / (2 * h)  # fmt: skip
+    assert float((got * r).sum()) == pytest.approx(fd, rel=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(3))
