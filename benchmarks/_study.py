@@ -277,3 +277,15 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[s
     diff = ma - mb
     p = float(2 * stats.t.sf(abs(diff) / se, dof)) if se else (1.0 if diff == 0 else 0.0)
     return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "dof": dof}
+
+
+def write_table(out: str | os.PathLike, benchmark: str, args, headers, rows, **record) -> str:
+    """Print a markdown table and write it, the arguments, the environment and ``record`` as the
+    benchmark's JSON (the probes' one way to report)."""
+    from _common import environment_info, markdown_table, write_json
+
+    table = markdown_table(headers, rows)
+    print(table)
+    write_json(out, {"benchmark": benchmark, "args": vars(args),
+                     "environment": environment_info(), **record, "table": table})  # fmt: skip
+    return table

@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_info, markdown_table, write_json  # noqa: E402
+from _study import write_table  # noqa: E402
 from severity_study_estimators import finite_difference  # noqa: E402
 
 from augmix_gpu.augment.augmix import AugMixBatch, normalize_images  # noqa: E402
@@ -131,10 +131,7 @@ def main() -> None:
     headers = ["network", "step (CPU s)", "update step (steps)", "held-out gradient",
                "mixed: fwd over rev", "mixed: double backward", "DARTS fd",
                *(f"run cost, every {n}" for n in INTERVALS)]  # fmt: skip
-    table = markdown_table(headers, rows)
-    print(table)
-    write_json(args.out, {"benchmark": "severity_study_cost", "args": vars(args),
-                          "environment": environment_info(), "cases": record, "table": table})  # fmt: skip
+    write_table(args.out, "severity_study_cost", args, headers, rows, cases=record)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_info, markdown_table, write_json  # noqa: E402
+from _study import write_table  # noqa: E402
 
 from augmix_gpu.augment.augmix import normalize_images  # noqa: E402
 from augmix_gpu.data.synthetic import _LUMA, _background, grid, render, shape_mask  # noqa: E402
@@ -97,10 +97,7 @@ def main() -> None:
                      f"{run.get('corruption error', float('nan')):.1f}",
                      *(f"{errors[k]:.1f}" for k in SETS)])  # fmt: skip
     headers = ["severity", "val error", "-C error", *(f"{k} (n={len(sets[k][1])})" for k in SETS)]
-    table = markdown_table(headers, rows)
-    print(table)
-    write_json(args.out, {"benchmark": "severity_study_nuisance", "args": vars(args),
-                          "environment": environment_info(), "errors": record, "table": table})  # fmt: skip
+    write_table(args.out, "severity_study_nuisance", args, headers, rows, errors=record)
 
 
 if __name__ == "__main__":
