@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -199,39 +200,45 @@ def summary_table(
 
 @dataclass(frozen=True)
 class QuadraticFit:
-    """``y = b0 + b1 x + b2 x^2`` by least squares over every run (not over the means: the seeds'
-    spread is the noise), with the covariance of the coefficients.
+    """``y = b0 + b1 x + b2 x^2`` (+ one effect per group beyond the first, with ``groups``) by
+    least squares over every run (not over the means), with the covariance of the coefficients.
 
-    ``p_curvature``: two-sided t-test of ``b2 = 0``; ``p_model``: F-test of the quadratic against
-    a constant. The minimum's position ``-b1 / (2 b2)`` has a delta-method standard error."""
+    Groups: the seeds of a sweep where every severity ran with every seed (the same initial
+    weights and data order across severities), so the seed's own effect, common to a seed's runs,
+    leaves the residual; with every seed at every severity it does not move b1 or b2.
+    ``p_curvature``: two-sided t-test of ``b2 = 0``; ``p_model``: F-test of (b1, b2) = 0 (against
+    the constant, or the groups alone). The minimum ``-b1 / (2 b2)`` has a delta-method error.
+    ``predict`` is the mean over the groups at x."""
 
-    coef: tuple[float, float, float]
+    coef: tuple[float, ...]  # b0, b1, b2, then the groups' effects
     cov: tuple[tuple[float, ...], ...]
     dof: int
-    sigma2: float  # residual variance: the seed-to-seed spread around the curve
+    sigma2: float  # residual variance around the curve (within a seed, with groups)
     p_curvature: float
     p_model: float
+    mean_row: tuple[float, ...] = ()  # the groups' columns averaged over the runs
 
     @property
     def vertex(self) -> float:
-        _, b1, b2 = self.coef
-        return -b1 / (2 * b2)
+        return -self.coef[1] / (2 * self.coef[2])
 
     @property
     def vertex_se(self) -> float:
-        _, b1, b2 = self.coef
-        g = [0.0, -1 / (2 * b2), b1 / (2 * b2**2)]
-        return math.sqrt(sum(g[i] * self.cov[i][j] * g[j] for i in range(3) for j in range(3)))
+        b1, b2 = self.coef[1], self.coef[2]
+        return math.sqrt(self._quad([0.0, -1 / (2 * b2), b1 / (2 * b2**2)]))
+
+    def _quad(self, v: Sequence[float]) -> float:
+        """v^T cov v over the first len(v) coefficients."""
+        return sum(v[i] * self.cov[i][j] * v[j] for i in range(len(v)) for j in range(len(v)))
 
     def predict(self, x: float) -> tuple[float, float]:
         """(fitted mean at x, its standard error)."""
-        v = [1.0, x, x * x]
-        mean = sum(c * vi for c, vi in zip(self.coef, v))
-        var = sum(v[i] * self.cov[i][j] * v[j] for i in range(3) for j in range(3))
-        return mean, math.sqrt(var)
+        v = [1.0, x, x * x, *self.mean_row]
+        return sum(c * vi for c, vi in zip(self.coef, v)), math.sqrt(self._quad(v))
 
     def run_interval(self, x: float, level: float = 0.95) -> tuple[float, float]:
-        """Where one new run at x lands with probability ``level`` (prediction interval)."""
+        """Where one new run at x lands with probability ``level`` (prediction interval; with
+        groups, one more run of a seed of the sweep)."""
         from scipy import stats
 
         mean, se = self.predict(x)
@@ -239,27 +246,42 @@ class QuadraticFit:
         return mean - half, mean + half
 
 
-def quadratic_fit(x: Sequence[float], y: Sequence[float]) -> QuadraticFit:
-    """Ordinary least squares of y on (1, x, x^2); see :class:`QuadraticFit`."""
+def _least_squares(design, ys):
+    """(coefficients, residual sum of squares) of ys on the columns of design."""
+    import numpy as np
+
+    coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
+    resid = ys - design @ coef
+    return coef, float(resid @ resid)
+
+
+def quadratic_fit(
+    x: Sequence[float], y: Sequence[float], groups: Sequence[Any] | None = None
+) -> QuadraticFit:
+    """Ordinary least squares of y on (1, x, x^2[, group indicators]); see :class:`QuadraticFit`."""
     import numpy as np
     from scipy import stats
 
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    design = np.stack([np.ones_like(xs), xs, xs**2], axis=1)
-    coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
-    resid = ys - design @ coef
-    dof = len(ys) - 3
-    sigma2 = float(resid @ resid) / dof
+    levels = sorted(set(groups)) if groups is not None else []
+    extra = [np.array([g == lv for g in groups], dtype=float) for lv in levels[1:]]
+    base = np.stack([np.ones_like(xs), *extra], axis=1)  # the model without x
+    design = np.concatenate([base[:, :1], xs[:, None], xs[:, None] ** 2, base[:, 1:]], axis=1)
+    coef, ss_full = _least_squares(design, ys)
+    _, ss_reduced = _least_squares(base, ys)
+    dof = len(ys) - design.shape[1]
+    sigma2 = ss_full / dof
     cov = sigma2 * np.linalg.inv(design.T @ design)
     t = coef[2] / math.sqrt(cov[2, 2])
-    ss_model = float(((design @ coef - ys.mean()) ** 2).sum())
+    f = (ss_reduced - ss_full) / 2 / sigma2
     return QuadraticFit(
         coef=tuple(float(c) for c in coef),
         cov=tuple(tuple(float(v) for v in row) for row in cov),
         dof=dof,
         sigma2=sigma2,
         p_curvature=float(2 * stats.t.sf(abs(t), dof)),
-        p_model=float(stats.f.sf(ss_model / 2 / sigma2, 2, dof)),
+        p_model=float(stats.f.sf(f, 2, dof)),
+        mean_row=tuple(float(c.mean()) for c in extra),
     )
 
 

@@ -54,21 +54,42 @@ def test_welch_matches_scipy() -> None:
     assert (w["lo"], w["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
 
 
-def _summary(curve) -> dict:
-    rng = np.random.default_rng(1)
-    out = {}
-    for s in study.SWEEP:
-        values = list(curve(math.log(s)) + rng.normal(0, 1.0, 5))
-        out[f"fixed_s{s:g}"] = {study.MCE: {"values": values}}
-    return out
+def _points(curve, seed_spread: float = 0.0, rng_seed: int = 1) -> list:
+    """The gate's design: every severity with every seed, a seed's effect shared by its runs."""
+    rng = np.random.default_rng(rng_seed)
+    effects = rng.normal(0, seed_spread, 5)
+    return [(math.log(s), seed, curve(math.log(s)) + effects[seed] + rng.normal(0, 1.0))
+            for s in study.SWEEP for seed in range(5)]  # fmt: skip
+
+
+def test_seed_blocks_leave_the_curve_and_take_the_seeds_spread_out() -> None:
+    """Every seed at every severity: by seed, b1 and b2 are the plain fit's; the vertex's standard
+    error (its median) matches the spread of 300 refits with fresh seed effects (4 points of spread, 1 within
+    a seed), where the plain fit's is several times larger; a line is called curved about 5 %
+    of the time; the prediction is the mean over seeds."""
+    vertices, ses, alarms = [], [], 0
+    for i in range(300):
+        x, seeds, y = zip(*_points(_curve, seed_spread=4.0, rng_seed=10 + i))
+        blocked = quadratic_fit(x, y, groups=seeds)
+        vertices.append(blocked.vertex)
+        ses.append(blocked.vertex_se)
+        line = [yi - _curve(xi) + 30 + 2 * xi for xi, yi in zip(x, y)]  # the same noise
+        alarms += quadratic_fit(x, line, groups=seeds).p_curvature < 0.05
+    plain = quadratic_fit(x, y)
+    assert blocked.coef[1:3] == pytest.approx(plain.coef[1:3], rel=1e-9)
+    assert np.median(ses) == pytest.approx(np.std(vertices), rel=0.25)
+    assert plain.vertex_se > 2.5 * blocked.vertex_se
+    assert 0.02 <= alarms / 300 <= 0.09
+    assert blocked.predict(0.5)[0] == pytest.approx(plain.predict(0.5)[0], rel=1e-9)
 
 
 def test_gate_passes_an_interior_minimum_and_fails_a_monotone_curve() -> None:
-    inside = study.sweep_fit(_summary(lambda x: _curve(x, vertex=0.5, b2=3.0)))
+    inside = study.sweep_fit(_points(lambda x: _curve(x, vertex=0.5, b2=3.0), seed_spread=4.0))
     assert inside["gate"]["passed"] and inside["optimum s"] == pytest.approx(math.exp(0.5), rel=0.2)
-    falling = study.sweep_fit(_summary(lambda x: 40 - 4 * x))  # the polarity probe's shape
+    assert inside["plain fit"]["optimum ln s se"] > inside["optimum ln s se"]
+    falling = study.sweep_fit(_points(lambda x: 40 - 4 * x))  # the polarity probe's shape
     assert not falling["gate"]["passed"]
-    at_edge = study.sweep_fit(_summary(lambda x: _curve(x, vertex=math.log(7), b2=1.0)))
+    at_edge = study.sweep_fit(_points(lambda x: _curve(x, vertex=math.log(8), b2=1.0)))
     assert not at_edge["gate"]["minimum inside by 2 se"]
 
 
@@ -122,7 +143,7 @@ def test_plots_are_written(tmp_path) -> None:
         run.result["severity_trajectory"] = [{"step": 1, "severity_median": s}]
         run.result["history"] = [{"epoch": 1, "severity_median": s, "hypergrad_snr": 1.5}]
         runs.append(run)
-    fit = study.sweep_fit(_summary(lambda x: _curve(x, vertex=0.5, b2=3.0)))
+    fit = study.sweep_fit(_points(lambda x: _curve(x, vertex=0.5, b2=3.0)))
     paths = plot_all(runs, {}, fit, tmp_path)
     assert [p.name for p in paths] == [
         "error_vs_severity.png", "severity_trajectory.png", "snr_per_epoch.png"
