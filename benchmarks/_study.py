@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,3 +193,121 @@ def summary_table(
             row.append(f"{s['mean']:.{d}f} ± {s['std']:.{d}f}{mark}")
         rows.append(row)
     return rows
+
+
+# --- statistics that say what they can (the shifted severity study) ---------------------------
+
+
+@dataclass(frozen=True)
+class QuadraticFit:
+    """``y = b0 + b1 x + b2 x^2`` (+ one effect per group beyond the first, with ``groups``) by
+    least squares over every run (not over the means), with the covariance of the coefficients.
+
+    Groups: the seeds of a sweep where every severity ran with every seed (the same initial
+    weights and data order across severities), so the seed's own effect, common to a seed's runs,
+    leaves the residual; with every seed at every severity it does not move b1 or b2.
+    ``p_curvature``: two-sided t-test of ``b2 = 0``; ``p_model``: F-test of (b1, b2) = 0 (against
+    the constant, or the groups alone). The minimum ``-b1 / (2 b2)`` has a delta-method error.
+    ``predict`` is the mean over the groups at x."""
+
+    coef: tuple[float, ...]  # b0, b1, b2, then the groups' effects
+    cov: tuple[tuple[float, ...], ...]
+    dof: int
+    sigma2: float  # residual variance around the curve (within a seed, with groups)
+    p_curvature: float
+    p_model: float
+    mean_row: tuple[float, ...] = ()  # the groups' columns averaged over the runs
+
+    @property
+    def vertex(self) -> float:
+        return -self.coef[1] / (2 * self.coef[2])
+
+    @property
+    def vertex_se(self) -> float:
+        b1, b2 = self.coef[1], self.coef[2]
+        return math.sqrt(self._quad([0.0, -1 / (2 * b2), b1 / (2 * b2**2)]))
+
+    def _quad(self, v: Sequence[float]) -> float:
+        """v^T cov v over the first len(v) coefficients."""
+        return sum(v[i] * self.cov[i][j] * v[j] for i in range(len(v)) for j in range(len(v)))
+
+    def predict(self, x: float) -> tuple[float, float]:
+        """(fitted mean at x, its standard error)."""
+        v = [1.0, x, x * x, *self.mean_row]
+        return sum(c * vi for c, vi in zip(self.coef, v)), math.sqrt(self._quad(v))
+
+    def run_interval(self, x: float, level: float = 0.95) -> tuple[float, float]:
+        """Where one new run at x lands with probability ``level`` (prediction interval; with
+        groups, one more run of a seed of the sweep)."""
+        from scipy import stats
+
+        mean, se = self.predict(x)
+        half = stats.t.ppf(0.5 + level / 2, self.dof) * math.sqrt(se**2 + self.sigma2)
+        return mean - half, mean + half
+
+
+def _least_squares(design, ys):
+    """(coefficients, residual sum of squares) of ys on the columns of design."""
+    import numpy as np
+
+    coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
+    resid = ys - design @ coef
+    return coef, float(resid @ resid)
+
+
+def quadratic_fit(
+    x: Sequence[float], y: Sequence[float], groups: Sequence[Any] | None = None
+) -> QuadraticFit:
+    """Ordinary least squares of y on (1, x, x^2[, group indicators]); see :class:`QuadraticFit`."""
+    import numpy as np
+    from scipy import stats
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    levels = sorted(set(groups)) if groups is not None else []
+    extra = [np.array([g == lv for g in groups], dtype=float) for lv in levels[1:]]
+    base = np.stack([np.ones_like(xs), *extra], axis=1)  # the model without x
+    design = np.concatenate([base[:, :1], xs[:, None], xs[:, None] ** 2, base[:, 1:]], axis=1)
+    coef, ss_full = _least_squares(design, ys)
+    _, ss_reduced = _least_squares(base, ys)
+    dof = len(ys) - design.shape[1]
+    sigma2 = ss_full / dof
+    cov = sigma2 * np.linalg.inv(design.T @ design)
+    t = coef[2] / math.sqrt(cov[2, 2])
+    f = (ss_reduced - ss_full) / 2 / sigma2
+    return QuadraticFit(
+        coef=tuple(float(c) for c in coef),
+        cov=tuple(tuple(float(v) for v in row) for row in cov),
+        dof=dof,
+        sigma2=sigma2,
+        p_curvature=float(2 * stats.t.sf(abs(t), dof)),
+        p_model=float(stats.f.sf(f, 2, dof)),
+        mean_row=tuple(float(c.mean()) for c in extra),
+    )
+
+
+def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of a minus mean of b, its ``level`` interval (Welch-Satterthwaite) and the two-sided
+    p-value. Where the interval holds 0, ``max(|lo|, |hi|)`` is the largest difference the data
+    still allow: "no difference above X points"."""
+    from scipy import stats
+
+    (ma, sa), (mb, sb) = summarize(a), summarize(b)
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se else 1.0
+    half = stats.t.ppf(0.5 + level / 2, dof) * se
+    diff = ma - mb
+    p = float(2 * stats.t.sf(abs(diff) / se, dof)) if se else (1.0 if diff == 0 else 0.0)
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "dof": dof}
+
+
+def write_table(out: str | os.PathLike, benchmark: str, args, headers, rows, **record) -> str:
+    """Print a markdown table and write it, the arguments, the environment and ``record`` as the
+    benchmark's JSON (the probes' one way to report)."""
+    from _common import environment_info, markdown_table, write_json
+
+    table = markdown_table(headers, rows)
+    print(table)
+    write_json(out, {"benchmark": benchmark, "args": vars(args),
+                     "environment": environment_info(), **record, "table": table})  # fmt: skip
+    return table

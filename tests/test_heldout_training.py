@@ -38,6 +38,10 @@ def run_train(args: list[str], cache: Path, *, torchrun: int = 0, timeout: float
         ),
         (HELDOUT + ["--heldout_corruptions", "spatter", "fog"], "['fog']: evaluation corruption"),
         (HELDOUT + ["--severity_hyper_lr", "0"], "--severity_hyper_lr 0.0: must be > 0"),
+        (
+            HELDOUT + ["--severity_lookaheads", "3"],
+            "--severity_lookaheads 3: at most --severity_update_every (2)",
+        ),
     ],
 )
 def test_bad_heldout_arguments_fail_before_work(args, message) -> None:
@@ -79,6 +83,14 @@ def test_heldout_objective_under_torchrun(cache, tmp_path) -> None:
     updates = [t for t in res["severity_trajectory"] if "hypergrad_mu" in t]
     assert [t["step"] for t in updates] == list(range(2, steps + 1, 2))
     assert all(t["heldout_loss"] > 0 for t in updates)
+    for epoch in res["history"]:  # each epoch's updates and their signal-to-noise
+        first = epoch["global_step"] - steps // 2
+        mine = [t["hypergrad_mu"] for t in updates if first < t["step"] <= epoch["global_step"]]
+        assert epoch["hypergrad_updates"] == len(mine) >= 2
+        assert epoch["hypergrad_mu_mean"] == pytest.approx(sum(mine) / len(mine))
+        assert epoch["hypergrad_snr"] == pytest.approx(
+            epoch["hypergrad_mu_mean"] / epoch["hypergrad_mu_se"]
+        )
     mu0 = torch.tensor(3.0).log().item()
     assert res["history"][-1]["severity_mu"] != pytest.approx(mu0, abs=1e-6), "severity never moved"
     # The training loss does not move the severity: between updates mu stays put.
@@ -90,12 +102,16 @@ def test_heldout_objective_under_torchrun(cache, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_heldout_resume_is_exact(cache, tmp_path) -> None:
-    """2 epochs straight == stopped mid-epoch 2 (between two severity updates) + --resume."""
-    common = SMALL + HELDOUT + ["--epochs", "2", "--seed", "5", "--severity_update_every", "3"]
+    """2 epochs straight == stopped mid-epoch 2 (between the two lookaheads of one severity
+    update: their running sum is part of the checkpoint) + --resume."""
+    common = SMALL + HELDOUT + ["--epochs", "2", "--seed", "5", "--severity_update_every", "3",
+                                "--severity_lookaheads", "2"]  # fmt: skip
     ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
     straight = tmp_path / "straight" / "learnable_augmix_jsd"
     steps = results(straight)["history"][0]["global_step"]
-    stop = steps + 1
+    # after `stop` steps the first lookahead of a cycle is done (0-based step stop - 1 is 2 steps
+    # before its update: -(stop) % 3 == 1), the second and the update are not
+    stop = next(c for c in range(steps + 1, 2 * steps) if -c % 3 == 1)
     split = tmp_path / "split"
     ok(
         run_train(

@@ -16,6 +16,14 @@ a `.complete` marker holding the parameters, so a cache can tell a finished set 
 
 `--format cifar10|cifar100` writes the same task at 32 px as torchvision's CIFAR pickles instead
 (`OUT/cifar-10-batches-py/...`), so the whole CIFAR path runs here with no download.
+
+`--shift pose_polarity` writes a task whose training images lack two nuisances that the test
+images have (the severity study's task, docs/studies.md): in `train/` every shape is upright and
+lighter than its background; `val/` is the standard task (rotated +-20 deg, either polarity), and
+so is `train_shifted/`, the twin of every training image drawn with the same random numbers but
+the test's nuisances, from which the held-out objective takes its split (never from val).
+
+    python -m augmix_gpu.data.synthetic OUT --shift pose_polarity --train_per_class 300 --val_per_class 30
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +69,29 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "star": lambda u, v: np.sqrt(u * u + v * v) <= 0.5 + 0.4 * np.cos(5 * np.arctan2(u, -v)),
 }
 CLASS_NAMES = tuple(f"{i:02d}_{name}" for i, name in enumerate(SHAPES))
+MAX_ROTATION = 20.0  # degrees either way: square/diamond and plus/x (45 deg apart) stay distinct
+
+
+@dataclass(frozen=True)
+class Shift:
+    """What the training split lacks that the test split (and the held-out pool) has.
+
+    ``upright``: training shapes are not rotated (the rotation is still drawn, so a training image
+    and its test twin share every other nuisance); ``light_shapes``: a training shape is always
+    lighter than its background (fill and background colours swapped where it was darker)."""
+
+    upright: bool
+    light_shapes: bool
+    help: str
+
+
+SHIFTS = {
+    "none": Shift(False, False, "train and test drawn alike"),
+    "pose_polarity": Shift(
+        True, True, "train: upright shapes lighter than the background; test: rotated, both"
+    ),
+}
+SHIFTED_POOL = "train_shifted"  # the training images' test-distribution twins (held-out pool)
 
 
 def _stripes(gx: np.ndarray, gy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -70,13 +102,16 @@ def _stripes(gx: np.ndarray, gy: np.ndarray, rng: np.random.Generator) -> np.nda
     return (0.5 + 0.5 * np.sin(2 * np.pi * phase + rng.uniform(0, 2 * np.pi))).astype(np.float32)
 
 
-def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One `[size, size, 3]` uint8 image of class `label`, every nuisance drawn from `rng`."""
-    ss = 2 * size  # draw at 2x and box-filter down: anti-aliased edges
-    g = (np.arange(ss, dtype=np.float32) + 0.5) / ss
-    gy, gx = np.meshgrid(g, g, indexing="ij")  # in [0, 1]
+def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres ``(gy, gx)`` in [0, 1] at twice ``size``: images are drawn at 2x and
+    box-filtered down (anti-aliased edges)."""
+    g = (np.arange(2 * size, dtype=np.float32) + 0.5) / (2 * size)
+    gy, gx = np.meshgrid(g, g, indexing="ij")
+    return gy, gx
 
-    # Background: colour + linear gradient + optional texture.
+
+def _background(gy: np.ndarray, gx: np.ndarray, rng: np.random.Generator):
+    """(image, base colour): a colour, a linear gradient and, 60 % of the time, a stripe texture."""
     bg = rng.uniform(0, 1, 3).astype(np.float32)
     grad = rng.uniform(-0.35, 0.35, 3).astype(np.float32)
     ramp_angle = rng.uniform(0, 2 * np.pi)
@@ -84,42 +119,50 @@ def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     img = bg + grad * (ramp - 0.5)
     if rng.random() < 0.6:
         img = img + rng.uniform(0.05, 0.2) * (_stripes(gx, gy, rng)[..., None] - 0.5)
+    return img, bg
 
-    # Shape: position, scale, rotation; fill colour, sometimes close to the background.
+
+def shape_mask(
+    label: int, gy: np.ndarray, gx: np.ndarray, rng: np.random.Generator, upright: bool = False
+) -> np.ndarray:
+    """Where the shape is (``[2 size, 2 size]`` bool): position, scale and rotation from ``rng``
+    (the rotation is drawn even when ``upright``, so the stream stays the same)."""
     radius = rng.uniform(0.2, 0.42)
     cx, cy = rng.uniform(radius * 0.9, 1 - radius * 0.9, 2)
-    theta = np.deg2rad(rng.uniform(-20, 20))
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
+    theta = 0.0 if upright else np.deg2rad(angle)
     dx, dy = (gx - cx) / radius, (gy - cy) / radius
     u = dx * np.cos(theta) + dy * np.sin(theta)
     v = -dx * np.sin(theta) + dy * np.cos(theta)
-    mask = SHAPES[list(SHAPES)[label]](u, v)[..., None]
-    # Difficulty (version 2): the outline must stay visible, or a small CNN sees no shape in the
-    # demo's budget. Measured on the demo recipe (4 epochs, 1500 images, no AugMix), each v1
-    # nuisance alone on an easy base: random fill colour with no luminance margin 84 -> 49% val,
-    # full-strength fill stripes 84 -> 49%, noise up to 20/255 84 -> 68%; all v1 nuisances
-    # together kept the model near chance. So: a luminance margin between fill and background,
-    # half-strength fill stripes, weaker noise and background texture. Colours stay uniform at
-    # random, so colour never tells the class.
+    return SHAPES[list(SHAPES)[label]](u, v)
+
+
+def _fill_colour(bg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The shape's colour, at least MIN_CONTRAST of luma away from ``bg`` (10 %: low contrast).
+
+    Difficulty (version 2): the outline must stay visible, or a small CNN sees no shape in the
+    demo's budget. Measured on the demo recipe (4 epochs, 1500 images, no AugMix), each v1
+    nuisance alone on an easy base: random fill colour with no luminance margin 84 -> 49% val,
+    full-strength fill stripes 84 -> 49%, noise up to 20/255 84 -> 68%; all v1 nuisances
+    together kept the model near chance. So: a luminance margin between fill and background,
+    half-strength fill stripes, weaker noise and background texture. Colours stay uniform at
+    random, so colour never tells the class."""
     bg_lum = float(bg @ _LUMA)
     if rng.random() < 0.1:  # low contrast: the background shifted a little, towards the room
         side = 1.0 if bg_lum < 0.5 else -1.0
-        fg = np.clip(bg + side * rng.uniform(0.15, 0.25), 0, 1)
-    else:
-        fg = rng.uniform(0, 1, 3)
-        d = float(fg @ _LUMA) - bg_lum
-        if abs(d) < MIN_CONTRAST:  # shift the fill's luminance away from the background's
-            side = 1.0 if d >= 0 else -1.0
-            if not 0.0 <= bg_lum + side * MIN_CONTRAST <= 1.0:
-                side = -side
-            fg = np.clip(fg + (side * MIN_CONTRAST - d), 0, 1)
-    fill = np.broadcast_to(fg.astype(np.float32), img.shape)
-    if rng.random() < 0.4:
-        fg2 = rng.uniform(0, 1, 3).astype(np.float32)
-        t = 0.5 * _stripes(gx, gy, rng)[..., None]  # at most half the second colour
-        fill = fill * (1 - t) + fg2 * t
-    img = np.where(mask, fill, img)
+        return np.clip(bg + side * rng.uniform(0.15, 0.25), 0, 1)
+    fg = rng.uniform(0, 1, 3)
+    d = float(fg @ _LUMA) - bg_lum
+    if abs(d) < MIN_CONTRAST:  # shift the fill's luminance away from the background's
+        side = 1.0 if d >= 0 else -1.0
+        if not 0.0 <= bg_lum + side * MIN_CONTRAST <= 1.0:
+            side = -side
+        fg = np.clip(fg + (side * MIN_CONTRAST - d), 0, 1)
+    return fg
 
-    # Distractor: a small disc or box of a random colour anywhere.
+
+def _distractor(img: np.ndarray, gy: np.ndarray, gx: np.ndarray, rng: np.random.Generator):
+    """Half the time, a small disc or box of a random colour anywhere."""
     if rng.random() < 0.5:
         r = rng.uniform(0.04, 0.1)
         px, py = rng.uniform(0, 1, 2)
@@ -128,19 +171,61 @@ def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
         else:
             blob = (np.abs(gx - px) <= r) & (np.abs(gy - py) <= r)
         img = np.where(blob[..., None], rng.uniform(0, 1, 3).astype(np.float32), img)
+    return img
 
+
+def render(
+    label: int,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    upright: bool = False,
+    light_shape: bool = False,
+) -> np.ndarray:
+    """One `[size, size, 3]` uint8 image of class `label`, every nuisance drawn from `rng`.
+
+    ``upright`` / ``light_shape`` remove a nuisance (a :class:`Shift`'s training split) without
+    changing which random numbers are drawn: the image differs from the unshifted one only there."""
+    gy, gx = grid(size)
+    img, bg = _background(gy, gx, rng)
+    mask = shape_mask(label, gy, gx, rng, upright)[..., None]
+    fg = _fill_colour(bg, rng)
+    if light_shape and float(fg @ _LUMA) < float(bg @ _LUMA):  # one polarity: colours swapped
+        img = img + (fg - bg).astype(np.float32)  # the background (colour + ramp + texture)
+        fg = bg
+    fill = np.broadcast_to(fg.astype(np.float32), img.shape)
+    if rng.random() < 0.4:
+        fg2 = rng.uniform(0, 1, 3).astype(np.float32)
+        t = 0.5 * _stripes(gx, gy, rng)[..., None]  # at most half the second colour
+        fill = fill * (1 - t) + fg2 * t
+    img = _distractor(np.where(mask, fill, img), gy, gx, rng)
     img = img.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
     img = img + rng.normal(0, rng.uniform(0.0, 0.05), img.shape)  # pixel noise, sigma up to 13/255
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def _params(
-    num_classes: int, train_per_class: int, val_per_class: int, size: int, seed: int
+    num_classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    size: int,
+    seed: int,
+    shift: str = "none",
 ) -> dict:
-    return dict(
+    params = dict(
         classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
         size=size, seed=seed, version=2,
     )  # fmt: skip
+    if shift != "none":  # the unshifted task keeps its parameters (and its caches)
+        params["shift"] = shift
+    return params
+
+
+def check_shift(shift: str) -> Shift:
+    """The :class:`Shift` named ``shift``, or a one-line error listing the names."""
+    if shift not in SHIFTS:
+        raise ValueError(f"shift {shift!r}: choose one of {', '.join(SHIFTS)}")
+    return SHIFTS[shift]
 
 
 def make_synthetic_dataset(
@@ -151,14 +236,18 @@ def make_synthetic_dataset(
     val_per_class: int = 50,
     size: int = 64,
     seed: int = 0,
+    shift: str = "none",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write `out/train/<class>/*.JPEG` and `out/val/<class>/*.JPEG`; return `out`.
 
+    `shift` (a name in :data:`SHIFTS`) removes nuisances from `train/` only, and adds
+    `out/train_shifted/`: each training image as the test split would draw it (same file names).
     A finished set with the same parameters is reused as is (cache); anything else already at
     `out` is an error unless `overwrite=True`.
     """
+    nuisance = check_shift(shift)
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(
             f"num_classes must be in 1..{len(SHAPES)} (one shape each), got {num_classes}"
@@ -170,24 +259,28 @@ def make_synthetic_dataset(
             f"need train_per_class >= 1 and val_per_class >= 0, got {train_per_class}, {val_per_class}"
         )
     out = Path(out)
-    params = _params(num_classes, train_per_class, val_per_class, size, seed)
+    params = _params(num_classes, train_per_class, val_per_class, size, seed, shift)
     tmp = begin(out, params, overwrite, "synthetic set")
     if tmp is None:
         return out
     from tqdm import tqdm
 
-    counts = {"train": train_per_class, "val": val_per_class}
-    total = num_classes * (train_per_class + val_per_class)
+    # (folder, split whose random numbers it uses, images per class, the nuisances removed)
+    trees = [("train", 0, train_per_class, nuisance), ("val", 1, val_per_class, SHIFTS["none"])]
+    if shift != "none":
+        trees.append((SHIFTED_POOL, 0, train_per_class, SHIFTS["none"]))
+    total = num_classes * sum(count for _, _, count, _ in trees)
     with tqdm(total=total, desc=f"synthetic {out.name}", unit="img", disable=not progress) as bar:
-        for split_id, split in enumerate(SPLITS):
+        for folder_name, split_id, count, removed in trees:
             for label in range(num_classes):
-                folder = tmp / split / CLASS_NAMES[label]
+                folder = tmp / folder_name / CLASS_NAMES[label]
                 folder.mkdir(parents=True, exist_ok=True)
-                for i in range(counts[split]):
+                for i in range(count):
                     rng = np.random.default_rng([seed, split_id, label, i])
-                    Image.fromarray(render(label, size, rng)).save(
-                        folder / f"{split}_{label:02d}_{i:05d}.JPEG", quality=JPEG_QUALITY
-                    )
+                    image = render(label, size, rng, upright=removed.upright,
+                                   light_shape=removed.light_shapes)  # fmt: skip
+                    name = f"{SPLITS[split_id]}_{label:02d}_{i:05d}.JPEG"
+                    Image.fromarray(image).save(folder / name, quality=JPEG_QUALITY)
                     bar.update()
     return finish(tmp, out, params)
 
@@ -289,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         "--size", type=int, default=None, help="image side in px (default 64; CIFAR: 32)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shift", choices=tuple(SHIFTS), default="none",
+        help="nuisances the train split lacks and val has: "
+        + "; ".join(f"{k}: {v.help}" for k, v in SHIFTS.items()),
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT")
     p.add_argument(
         "--format",
@@ -300,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.format != "folders":
         if a.size not in (None, 32):
             p.error(f"--size {a.size}: the CIFAR formats are 32 px")
+        if a.shift != "none":
+            p.error(f"--shift {a.shift}: only the folders format has a shifted variant")
         out = make_synthetic_cifar(
             a.out, name=a.format, num_classes=a.classes, train_per_class=a.train_per_class,
             test_per_class=a.val_per_class, seed=a.seed, overwrite=a.overwrite,
@@ -309,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     a.size = a.size or 64
     out = make_synthetic_dataset(
         a.out, num_classes=a.classes, train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-        size=a.size, seed=a.seed, overwrite=a.overwrite,
+        size=a.size, seed=a.seed, shift=a.shift, overwrite=a.overwrite,
     )  # fmt: skip
     print(out)
 

@@ -23,6 +23,7 @@ from ..augment.augmix import LEVELS, STRATEGIES
 from ..augment.severity import OBJECTIVES
 from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
+from ..data.synthetic import SHIFTS
 from ..eval.registry import BENCHMARKS
 from ..eval.settings import NORMALIZATIONS
 from ..models import check_arch
@@ -189,6 +190,12 @@ class DataSettings:
     synthetic_val_per_class: int = flag(50, check=at_least(1))
     synthetic_seed: int = flag(0, "the generated dataset's seed (fixed across --seed)")
     synthetic_p_per_class: int = flag(2, "generated -P sequences per class", check=at_least(1))
+    synthetic_shift: str = flag(
+        "none",
+        "nuisances the generated train split lacks and val (and the held-out pool) has: "
+        + "; ".join(f"{k}: {v.help}" for k, v in SHIFTS.items()),
+        choices=tuple(SHIFTS),
+    )
 
     @property
     def is_cifar(self) -> bool:
@@ -277,6 +284,12 @@ class SeveritySettings:
     )
     severity_update_every: int = flag(
         10, "heldout: one severity update every N training steps", check=at_least(1)
+    )
+    severity_lookaheads: int = flag(
+        1,
+        "heldout: average the hypergradient over the last N steps of each update cycle, each a "
+        "lookahead on its own held-out batch (less noise; N x the cost per update)",
+        check=at_least(1),
     )
     severity_hyper_lr: float = flag(
         0.05,
@@ -590,6 +603,8 @@ def _check_data(s: Settings) -> None:
             "keep",
             "needs CIFAR on --cifar_loader resident (the DALI loaders drop it): pass --last_batch drop",
         )
+    if data.synthetic_shift != "none" and data.dataset != "synthetic":
+        raise _bad("synthetic_shift", data.synthetic_shift, "only the synthetic dataset is shifted")
     if data.is_cifar and data.data is None:
         raise _bad(
             "data",
@@ -628,4 +643,11 @@ def _check_severity(s: Settings) -> None:
     if s.data.is_cifar:
         raise _bad(
             "severity_objective", "heldout", "needs an image-folder dataset (not CIFAR arrays)"
+        )
+    if s.severity.severity_lookaheads > s.severity.severity_update_every:
+        raise _bad(
+            "severity_lookaheads",
+            s.severity.severity_lookaheads,
+            f"at most --severity_update_every ({s.severity.severity_update_every}): the "
+            "lookaheads are the last steps of each update cycle",
         )

@@ -18,6 +18,7 @@ from ..data import ResidentLoader, build_loader, make_corrupted_dataset, make_sy
 from ..data.cifar import check_cifar_c_labels, load_cifar
 from ..data.heldout import HeldoutSet, default_root, make_heldout_set
 from ..data.make_p import make_perturbed_dataset
+from ..data.synthetic import SHIFTED_POOL
 from ..distributed import DistEnv, barrier, broadcast_object
 
 if TYPE_CHECKING:
@@ -40,20 +41,26 @@ class DataSpec:
     description: str
     # benchmark name (its flag: imagenet_c, imagenet_p, cifar_c, ...) -> root, given or generated
     roots: dict[str, Path] = field(default_factory=dict)
+    # where the held-out split is drawn from: the train folder, or (a shifted synthetic task) its
+    # twins with the test split's nuisances, file for file
+    heldout_pool: Path | None = None
 
 
 def prepare_data(settings: Settings, env: DistEnv) -> DataSpec:
     """Resolve ``--dataset`` / ``--data`` and the robustness flags into sources."""
     data = settings.data
+    pool = None
     if data.dataset == "synthetic":
         train, val, description, generated = _synthetic(settings, env)
+        if data.synthetic_shift != "none":
+            pool = train.parent / SHIFTED_POOL
     elif data.is_cifar:
         train, val, description, generated = _cifar(settings)
     else:
         root = Path(data.data)
         train, val = root / "train", root / "val"
         description, generated = f"ImageNet layout ({root})", {}
-    return DataSpec(train, val, description, _robustness_roots(settings, generated))
+    return DataSpec(train, val, description, _robustness_roots(settings, generated), pool)
 
 
 def _robustness_roots(settings: Settings, generated: dict[str, Path]) -> dict[str, Path]:
@@ -75,7 +82,9 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     ntr, nva = data.synthetic_train_per_class, data.synthetic_val_per_class
     seed = data.synthetic_seed  # the data stay fixed while --seed varies the training
     sev = tuple(rob.c_severities)
-    root = cache_root() / f"synthetic-10c-{ntr}tr-{nva}va-64px-seed{seed}"
+    shift = data.synthetic_shift
+    suffix = "" if shift == "none" else f"-shift-{shift}"
+    root = cache_root() / f"synthetic-10c-{ntr}tr-{nva}va-64px-seed{seed}{suffix}"
     # The generated robustness sets come and go together: --no_c_eval skips -P too (a given
     # --imagenet_p is still evaluated).
     make_sets = not rob.no_c_eval
@@ -84,7 +93,7 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
         make_synthetic_dataset(root, num_classes=10, train_per_class=ntr, val_per_class=nva,
-                               size=64, seed=seed, overwrite=True)  # fmt: skip
+                               size=64, seed=seed, shift=shift, overwrite=True)  # fmt: skip
         if make_sets:
             make_corrupted_dataset(root / "val", c_root, severities=sev, seed=seed,
                                    workers=data.workers, overwrite=True)  # fmt: skip
@@ -94,7 +103,8 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     generated = {"imagenet_c": c_root} if make_sets else {}
     if make_p:
         generated["imagenet_p"] = p_root
-    return root / "train", root / "val", f"synthetic 10-class 64 px ({root})", generated
+    what = "" if shift == "none" else f", shift {shift}"
+    return root / "train", root / "val", f"synthetic 10-class 64 px{what} ({root})", generated
 
 
 def _make_synthetic_p(val: Path, out: Path, settings: Settings) -> None:
@@ -120,7 +130,9 @@ def prepare_heldout(settings: Settings, env: DistEnv, spec: DataSpec):
     """The held-out set of an objective that needs one (None otherwise), made by rank 0 once.
 
     Cached under ``$AUGMIX_GPU_CACHE/heldout-<hash>``, keyed by the training folder and every
-    parameter of the split, so a changed tree or flag makes a new one.
+    parameter of the split, so a changed tree or flag makes a new one. A shifted synthetic task
+    draws it from the training images' twins (``spec.heldout_pool``): the held-out images carry
+    the test split's nuisances, and their untwinned originals are left out of training.
     """
     sev = settings.severity
     if not settings.augment.learnable or OBJECTIVES[sev.severity_objective].from_training_loss:
@@ -132,11 +144,12 @@ def prepare_heldout(settings: Settings, env: DistEnv, spec: DataSpec):
         crop_size=settings.data.crop_size,
         resize_size=settings.data.val_resize,
     )
-    root = default_root(spec.train, cache_root(), **params)
+    pool = spec.heldout_pool or spec.train  # same relative file names: the split is the same
+    root = default_root(pool, cache_root(), **params)
     error = None
     if env.is_main:
         try:
-            make_heldout_set(spec.train, root, workers=settings.data.workers,
+            make_heldout_set(pool, root, workers=settings.data.workers,
                              progress=not settings.run.no_progress, **params)  # fmt: skip
         except ValueError as e:  # bad flags found once the tree is known: every rank stops
             error = str(e)

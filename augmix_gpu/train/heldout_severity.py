@@ -11,27 +11,32 @@ the network's update on the augmented batch:
     w'(s) = w + |a| a(s) / |a(s)|,   a(s) = J grad_w L_train(w, s)   the optimiser's step
     d L_val(w'(s)) / ds = v^T dw'/ds,  v = grad_w L_val(w')
                         = c^T d(grad_w L_train)/ds,  c = J v - (v^T a / |a|^2) J a
-                        ~ [grad_s L_train(w + eps c, s) - grad_s L_train(w - eps c, s)] / (2 eps)
 
 ``J`` is the Jacobian of the optimiser's update with respect to the gradient, its statistics held
 fixed: ``-lr`` for SGD (``-lr (1 + momentum)`` with Nesterov), and
 ``-lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps))`` for Adam/AdamW, so the lookahead is the
-step the network really takes (DARTS assumes plain SGD). The finite difference is the DARTS
-Hessian-vector product, ``eps = 0.01 / |c|``, evaluated around the post-step weights (the Hessian
-changes by O(lr) over one step; evaluating there saves a copy of the weights).
+step the network really takes (DARTS assumes plain SGD). The mixed derivative
+``c^T d(grad_w L_train)/dx`` is exact: a Hessian-vector product by automatic differentiation
+(forward mode over reverse mode), in fp32 whatever the training precision, evaluated around the post-step weights (the Hessian changes by
+O(lr) over one step; evaluating there saves a copy of the weights). Why not the DARTS finite
+difference ``[grad_x L(w + eps c) - grad_x L(w - eps c)] / 2 eps`` it replaces: on a ReLU and
+max-pool network the two weight points sit on different sides of activation kinks, so it measures
+noise at every step size, and in bf16 a weight step of norm 0.01 is near the format's resolution
+(benchmarks/severity_study_estimators.py; the figures are in docs/learnable-severity.md).
 
 The step's *length* is held fixed (the second term of ``c``): the severity chooses the direction
 of the update, not its size. Why: a stronger severity makes the JSD gradient larger, and with the
 length free (plain DARTS) the lookahead rewards any larger step that is positively aligned with
 the held-out gradient: in the pilot runs plain DARTS pushed a start at s = 8 into the bound within
 3 epochs. Adam's step length does not follow the gradient's scale beyond a few hundred steps
-anyway, and with SGD the schedule sets it. (Measured with the length fixed, the one-step objective
-still drifts towards weaker augmentation: the short-horizon bias of greedy hypergradients, Wu et
-al. 2018. The severity study in the README has the numbers.)
+anyway, and with SGD the schedule sets it. (A greedy one-step objective is biased towards what helps the next step, the short-horizon bias
+of Wu et al. 2018; docs/studies.md has what the studies measured.)
 
-Cost per update: one held-out forward/backward (eval mode, no AugMix), two forward/backward
-passes of the training batch to its input (not to the weights), and one backward through AugMix
-to the severity; the trainer runs it every ``--severity_update_every`` steps. Under DDP the
+Cost per update: one held-out forward/backward (eval mode, no AugMix), one forward/backward of the
+training batch to its input carried in forward mode along c (about 2.7 training steps), and one
+backward through AugMix to the severity; the trainer runs it every ``--severity_update_every`` steps (averaged over
+the last ``--severity_lookaheads`` steps of each such cycle, each with its own held-out batch,
+when one lookahead is too noisy). Under DDP the
 held-out batch is sharded by rank and ``v`` is all-reduced (so every rank uses the held-out
 gradient of the whole global held-out batch), then the per-rank severity gradients are averaged:
 every rank applies the same update and keeps the same severity.
@@ -40,20 +45,20 @@ every rank applies the same update and keeps the same severity.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..augment.augmix import normalize_images
 from ..augment.losses import augmix_objective
 from ..distributed import DistEnv, all_reduce_sum
-
-FD_SCALE = 0.01  # DARTS: eps = 0.01 / |vector| for the finite-difference Hessian-vector product
 
 
 @dataclass
@@ -109,8 +114,10 @@ def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 
 def _masked_ce_sum(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-    """Sum of the cross-entropy over the valid (non-padding) samples, in fp32, no host sync."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    """Sum of the cross-entropy over the valid (non-padding) samples, in fp32 at least, no host sync."""
+    ce = F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none"
+    )
     return (ce * valid.to(ce.dtype)).sum()
 
 
@@ -126,9 +133,9 @@ def severity_hypergradient(
     *,
     beta_jsd: float,
 ) -> Hypergradient:
-    """``d L_val(w'(s)) / d (mu, log_sigma)``; written into the severity parameters' ``.grad``.
+    """``d L_val(w'(s)) / d (mu, log_sigma)`` for one lookahead; nothing is changed.
 
-    Nothing is read to the host: a non-finite result writes zeros and ``finite`` says so.
+    Nothing is read to the host: a non-finite result is zeros and ``finite`` says so.
 
     Args:
         net: the :class:`~augmix_gpu.train.step.AugmentedClassifier` (not the DDP wrapper), its
@@ -143,19 +150,18 @@ def severity_hypergradient(
             images ``[H,3,h,w]``; ``valid`` marks real samples, False for padding).
         beta_jsd: the JSD weight of the training loss.
     """
-    model = net.model
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in net.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     severity = net.severity
     sev_params = [severity.log_severity_mu, severity.log_severity_log_sigma]
-    v, heldout_loss = _heldout_gradient(
+    v, heldout_loss = heldout_gradient(
         net, params, heldout_images, heldout_labels, heldout_valid, env
     )
-    c, eps = _lookahead_direction(optimizer, params, v)
-    diff = _input_gradient_difference(net, named, c, eps, views, labels, beta_jsd)
+    c = lookahead_direction(optimizer, params, v)
+    mixed = mixed_derivative(net, named, c, views, labels, beta_jsd)
 
     # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
-    hyper = torch.autograd.grad(views, sev_params, grad_outputs=diff, allow_unused=True)
+    hyper = torch.autograd.grad(views, sev_params, grad_outputs=mixed, allow_unused=True)
     grads = torch.stack(
         [torch.zeros((), device=v.device) if h is None else h.float() for h in hyper]
     )
@@ -163,12 +169,10 @@ def severity_hypergradient(
     grads /= env.world_size
     finite = torch.isfinite(grads).all() & torch.isfinite(heldout_loss)
     grads = torch.where(finite, grads, torch.zeros_like(grads))
-    for p, g in zip(sev_params, grads):
-        p.grad = g.to(p.dtype)
     return Hypergradient(heldout_loss.detach().float(), grads[0], grads[1], finite)
 
 
-def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
+def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
     """1. v = grad_w of the mean held-out CE at w', over the global held-out batch, and that CE.
 
     Eval mode: the held-out images are scored as at test time (running BatchNorm statistics, none
@@ -177,7 +181,7 @@ def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple
     was_training = model.training
     model.eval()
     with torch.enable_grad():
-        loss_sum = _masked_ce_sum(net.classify(images), labels, valid)
+        loss_sum = _masked_ce_sum(net.classify(images, model=_fp32(model)), labels, valid)
         grads = torch.autograd.grad(loss_sum, params, allow_unused=True)
     model.train(was_training)
     flat = torch.cat(
@@ -189,49 +193,97 @@ def _heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple
     return flat[:-2] / count, flat[-2] / count
 
 
-def _lookahead_direction(
+def lookahead_direction(
     optimizer: torch.optim.Optimizer, params: list[Tensor], v: Tensor
-) -> tuple[list[Tensor], Tensor]:
-    """2. The direction of the finite difference, c = J v - (v^T a / |a|^2) J a with a = J g the
-    step (the change of w' along v per unit change of the training gradient, its step length
-    held fixed: see the module docstring), and its step eps = FD_SCALE / |c|."""
+) -> list[Tensor]:
+    """2. c = J v - (v^T a / |a|^2) J a with a = J g the step: the change of w' along v per unit
+    change of the training gradient, the step's length held fixed (see the module docstring)."""
     jac = update_jacobian(optimizer)
     vs = _split(v, params)
     a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
     v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
     coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
-    c = [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
-    eps = FD_SCALE / torch.sqrt(sum((t.double() ** 2).sum() for t in c)).clamp_min(1e-30)
-    return c, eps
+    return [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
 
 
-def _input_gradient_difference(net, named, c, eps, views, labels, beta_jsd: float) -> Tensor:
-    """3. [grad_x L_train(w' + eps c) - grad_x L_train(w' - eps c)] / (2 eps) at the step's views
-    (BatchNorm in train mode on fresh copies of the buffers per pass, so the running statistics
-    are not touched)."""
+def _fp32(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``run`` (the network) in fp32 whatever the training precision (autocast off inside): a
+    second derivative in bf16 carries 8 bits of mantissa, less than the signal of one update."""
+
+    def fp32(x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # x: fp32 views, as AugMix makes
+            return run(x)
+
+    return fp32
+
+
+@contextmanager
+def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalising by the batch's statistics, as in train mode, without updating its
+    running statistics (nothing is written: what torch.func's transforms require)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # train mode + no tracking: batch statistics, no update
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def mixed_derivative(net, named, c, views, labels, beta_jsd: float) -> Tensor:
+    """3. d/dx [c^T grad_w L_train(w', x)] at the step's views, exactly (``named``: the network's
+    trainable (name, parameter) pairs, ``c`` one tensor per parameter).
+
+    Forward over reverse: the input gradient grad_x L (reverse mode), differentiated along c in
+    the weights by forward mode (``torch.func.jvp``); the mixed partials commute, so this is the
+    Hessian-vector product of double backward, at ~0.8 of its cost (2.7 against 3.5 training
+    steps for tiny_resnet and ResNet-18 on the CPU). Autograd differentiates the piecewise smooth
+    network (ReLU, max-pool) where it is, so no step crosses a kink, unlike the DARTS finite
+    difference this replaces. BatchNorm in train mode, its running statistics not touched."""
     model = net.model
-    x = views.detach().requires_grad_(True)
+    weights = {n: p.detach() for n, p in named}
+    tangents = {n: t.to(p.dtype) for (n, p), t in zip(named, c)}
 
-    def input_grad(sign: float) -> Tensor:
-        state = {n: p.detach() + (sign * eps).to(p.dtype) * t for (n, p), t in zip(named, c)}
-        state.update({n: b.detach().clone() for n, b in model.named_buffers()})
-        run: Callable[[Tensor], Tensor] = lambda inp: functional_call(model, state, (inp,))  # noqa: E731
-        with torch.enable_grad():
-            logits = net.classify(x, model=run)
-            loss = augmix_objective(logits.float(), labels, jsd=True, beta_jsd=beta_jsd).total
-            return torch.autograd.grad(loss, x)[0]
+    def input_gradient(w: dict[str, Tensor]) -> Tensor:
+        def loss(x: Tensor) -> Tensor:
+            run = _fp32(lambda inp: functional_call(model, w, (inp,)))
+            return augmix_objective(net.classify(x, model=run), labels, jsd=True,
+                                    beta_jsd=beta_jsd).total  # fmt: skip
 
-    return (input_grad(+1.0) - input_grad(-1.0)) / (2.0 * eps).to(x.dtype)
+        return torch.func.grad(loss)(views.detach())
+
+    with torch.enable_grad(), _batch_statistics_only(model):
+        return torch.func.jvp(input_gradient, (weights,), (tangents,))[1]
+
+
+def hypergradient_snr(trajectory: list[dict[str, float]], after_step: int) -> dict[str, Any]:
+    """The signal-to-noise of the updates after ``after_step`` (one epoch's): the mean of the
+    per-update hypergradient of mu over its standard error (sample std / sqrt(updates)).
+
+    Why: an update moves the severity by about ``--severity_hyper_lr`` whatever the gradient's
+    size (Adam), so where |snr| stays below ~2 the severity follows noise, a random walk, not the
+    held-out loss. None where fewer than two updates were recorded."""
+    g = [t["hypergrad_mu"] for t in trajectory if t["step"] > after_step and "hypergrad_mu" in t]
+    n = len(g)
+    mean = sum(g) / n if n else None
+    se = math.sqrt(sum((x - mean) ** 2 for x in g) / (n - 1) / n) if n > 1 else None
+    snr = mean / se if se else None
+    return {"hypergrad_updates": n, "hypergrad_mu_mean": mean, "hypergrad_mu_se": se,
+            "hypergrad_snr": snr}  # fmt: skip
 
 
 class HeldoutSeverityUpdater:
     """Trains a :class:`~augmix_gpu.augment.severity.LearnableSeverity` by the held-out hypergradient.
 
-    Every ``every`` training steps (after the network's own update) it takes the next held-out
-    batch, computes :func:`severity_hypergradient` and takes one Adam step on
-    ``(mu, log_sigma)`` with learning rate ``lr``. Adam, not the network's optimiser: the
-    hypergradient's scale follows the network's learning rate and loss landscape, and Adam's
-    normalised step makes ``lr`` mean "log-severity per update" whatever they are.
+    Every ``every`` training steps (after the network's own update) it takes one Adam step on
+    ``(mu, log_sigma)`` with learning rate ``lr``, along the mean of :func:`severity_hypergradient`
+    over the last ``lookaheads`` steps of the cycle (default 1: the update's step alone), each
+    lookahead on the next held-out batch. Adam, not the network's optimiser: the hypergradient's
+    scale follows the network's learning rate and loss landscape, and Adam's normalised step makes
+    ``lr`` mean "log-severity per update" whatever they are. Why several lookaheads: each one sees
+    one draw of AugMix and one held-out batch; their mean has less noise, at ``lookaheads`` times
+    the cost per update (the per-epoch signal-to-noise in results.json measures what it buys).
 
     No prior: the KL to the prior exists to hold the training-loss objectives (``minimize``,
     ``adversarial``), which have no other place to stop. The held-out loss has one, and a prior
@@ -239,7 +291,8 @@ class HeldoutSeverityUpdater:
     its weight, per training example, has no common scale with a hypergradient).
 
     The held-out batches cycle through ``heldout_loader`` in its fixed (evaluation) order; the
-    batch of update ``u`` is a pure function of ``u``, so a resumed run takes the same ones.
+    batch of a lookahead is a pure function of its step, and the running sum of a cycle is part of
+    the state, so a resumed run takes the same batches and the same updates.
     """
 
     def __init__(
@@ -251,29 +304,46 @@ class HeldoutSeverityUpdater:
         every: int,
         lr: float,
         beta_jsd: float,
+        lookaheads: int = 1,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if not 1 <= lookaheads <= every:
+            raise ValueError(f"lookaheads must be in 1..every ({every}), got {lookaheads}")
         if net.severity is None:
             raise ValueError("the held-out objective needs a LearnableSeverity in the augmenter")
         self.net, self.loader, self.env = net, heldout_loader, env
-        self.every, self.beta_jsd = int(every), float(beta_jsd)
+        self.every, self.lookaheads, self.beta_jsd = int(every), int(lookaheads), float(beta_jsd)
         # fused: a skipped update (non-finite) is skipped on the device, no host read
         self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr, fused=True)
         self._batches: Any = None
-        self._next_update = -1
-        self.skipped = torch.zeros((), device=net.severity.log_severity_mu.device)
+        self._next_batch = -1
+        device = net.severity.log_severity_mu.device
+        self.skipped = torch.zeros((), device=device)
+        # this cycle's sums: grad mu, grad log sigma, held-out loss, lookaheads not finite
+        self._sums = torch.zeros(4, device=device)
+
+    def _steps_to_update(self, global_step: int) -> int:
+        """0 at the step that ends a cycle (and updates the severity), else the steps until it."""
+        return -(global_step + 1) % self.every
 
     def due(self, global_step: int) -> bool:
-        """Whether the step with this (0-based) global index ends with a severity update."""
-        return (global_step + 1) % self.every == 0
+        """Whether the step with this (0-based) global index ends with a lookahead (the last
+        ``lookaheads`` steps of each cycle of ``every``; the last one also updates)."""
+        return self._steps_to_update(global_step) < self.lookaheads
 
-    def _heldout_batch(self, update: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch_index(self, global_step: int) -> int:
+        """Lookahead j of update u takes held-out batch u * lookaheads + j."""
+        to_update = self._steps_to_update(global_step)
+        update = (global_step + to_update + 1) // self.every - 1
+        return update * self.lookaheads + self.lookaheads - 1 - to_update
+
+    def _heldout_batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         steps = len(self.loader)
-        if self._batches is None or update != self._next_update:
-            epoch, start = divmod(update, steps)
+        if self._batches is None or index != self._next_batch:
+            epoch, start = divmod(index, steps)
             self._batches = self._cycle(epoch, start)
-        self._next_update = update + 1
+        self._next_batch = index + 1
         return next(self._batches)
 
     def _cycle(self, epoch: int, start: int):
@@ -289,27 +359,39 @@ class HeldoutSeverityUpdater:
         global_step: int,
         step_skipped: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One severity update after the network's step ``global_step``; what to log, as 0-d
-        device tensors. ``step_skipped`` (the network's step was skipped): skip this one too."""
-        images, h_labels, valid = self._heldout_batch((global_step + 1) // self.every - 1)
+        """One lookahead after the network's step ``global_step``, and at a cycle's end the update;
+        what to log (the update's mean hypergradient, as 0-d device tensors; nothing before it).
+        ``step_skipped`` (the network's step was skipped): this cycle's update is skipped too."""
+        images, h_labels, valid = self._heldout_batch(self._batch_index(global_step))
         result = severity_hypergradient(
             self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,
             self.env, beta_jsd=self.beta_jsd,
         )  # fmt: skip
-        skip = ~result.finite if step_skipped is None else step_skipped | ~result.finite
+        bad = ~result.finite if step_skipped is None else step_skipped | ~result.finite
+        self._sums += torch.stack(
+            [result.grad_mu, result.grad_log_sigma, result.heldout_loss, bad.float()]
+        )
+        if self._steps_to_update(global_step):
+            return {}
+        return self._step()
+
+    def _step(self) -> dict[str, Tensor]:
+        """The Adam step along the cycle's mean hypergradient (skipped on the device if any of
+        its lookaheads was not finite), then the projection below the bound."""
+        mean = self._sums / self.lookaheads
+        skip = self._sums[3] > 0
+        severity = self.net.severity
+        for p, g in zip((severity.log_severity_mu, severity.log_severity_log_sigma), mean[:2]):
+            p.grad = torch.where(skip, torch.zeros_like(g), g).to(p.dtype).reshape(p.shape)
         self.optimizer.found_inf = skip.float()  # read by the fused step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += skip
+        self._sums.zero_()
         with torch.no_grad():  # projected: a median beyond the bound would sit where no sample
             # carries a gradient, so nothing could bring it back
-            severity = self.net.severity
             severity.log_severity_mu.clamp_(max=math.log(severity.max_severity))
-        return {
-            "heldout_loss": result.heldout_loss,
-            "hypergrad_mu": result.grad_mu,
-            "hypergrad_log_sigma": result.grad_log_sigma,
-        }
+        return {"heldout_loss": mean[2], "hypergrad_mu": mean[0], "hypergrad_log_sigma": mean[1]}
 
     @property
     def skipped_nonfinite(self) -> int:
@@ -317,8 +399,13 @@ class HeldoutSeverityUpdater:
         return int(self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped_nonfinite}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "skipped": self.skipped_nonfinite,
+            "lookahead_sums": self._sums.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped.fill_(int(state["skipped"]))
+        self._sums.copy_(torch.tensor(state.get("lookahead_sums", [0.0] * 4)))

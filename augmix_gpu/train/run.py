@@ -26,7 +26,7 @@ from ..runtime import amp_dtype
 from .config import AugmentSettings, Settings, SeveritySettings
 from .data import DataSpec, build_loaders, prepare_data, prepare_heldout
 from .final_eval import check_robustness_layouts, evaluate_after_training
-from .heldout_severity import HeldoutSeverityUpdater
+from .heldout_severity import HeldoutSeverityUpdater, hypergradient_snr
 from .memory import check_memory
 from .resume import BEST, LAST, RunCheckpoints, make_checkpoint, resume_from
 from .schedule import build_optimizer
@@ -125,7 +125,8 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
     updater = None
     if heldout_loader is not None:
         updater = HeldoutSeverityUpdater(net, heldout_loader, env, every=sev.severity_update_every,
-                                         lr=sev.severity_hyper_lr, beta_jsd=settings.augment.beta_jsd)  # fmt: skip
+                                         lr=sev.severity_hyper_lr, beta_jsd=settings.augment.beta_jsd,
+                                         lookaheads=sev.severity_lookaheads)  # fmt: skip
     run = settings.run
     return Run(
         settings=settings,
@@ -289,6 +290,9 @@ def end_epoch(run: Run, metrics: dict[str, float]) -> dict[str, Any]:
               "val_top5": val.top5, "val_nll": val.nll}  # fmt: skip
     if run.net.severity is not None:
         record.update(run.net.severity.stats())
+    if run.updater is not None:  # the epoch's hypergradient signal-to-noise
+        after = run.history[-1]["global_step"] if run.history else 0
+        record.update(hypergradient_snr(state.severity_trajectory, after_step=after))
     run.history.append(record)
     state.epoch += 1
     state.step_in_epoch = 0
