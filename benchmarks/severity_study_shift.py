@@ -19,6 +19,7 @@ and of the other starts, corruption error inside the sweep's 95 % interval for o
     python benchmarks/severity_study_shift.py --gate     # the sweep and its gate (30 runs)
     python benchmarks/severity_study_shift.py            # the study (the gate first; 55 runs)
     python benchmarks/severity_study_shift.py --variants fixed_s0.25 fixed_s8 --seeds 0   # a pilot
+    python benchmarks/severity_study_shift.py --report   # the finished sweep runs only (partial)
 
 Finished runs are always reused (delete a run's folder to train it again). Runs go two at a time,
 one thread each, under ``nice``: the machine is shared.
@@ -105,6 +106,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="train and report these only (a pilot: no gate, no goal)")  # fmt: skip
     p.add_argument("--gate", action="store_true", help="the fixed sweep and its gate only")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: report the finished runs of the sweep (a study stopped "
+                        "half-way; its fit is marked partial and judges nothing)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--shift", default=SHIFT, choices=tuple(SHIFTS),
@@ -342,9 +346,13 @@ def main() -> None:
     start = time.perf_counter()
     pilot = args.variants is not None
     runs = make_runs(args.variants or FIXED, args, out)
+    if args.report:
+        runs = [r for r in runs if r.finished()]
     train(runs, args)
     fit = sweep_fit(sweep_points(runs)) if not pilot else None
-    if fit is not None and not args.gate and fit["gate"]["passed"]:
+    if fit is not None and args.report:
+        fit["partial"] = f"{len(runs)} of {len(make_runs(FIXED, args, out))} sweep runs"
+    if fit is not None and not (args.gate or args.report) and fit["gate"]["passed"]:
         runs += make_runs([v for v in VARIANTS if v not in FIXED], args, out)
         train(runs, args)
     summary = summarize_runs(runs, METRICS)
@@ -352,7 +360,8 @@ def main() -> None:
     record = {"benchmark": "severity_study_shift", "args": vars(args),
               "environment": environment_info(), "summary": summary}  # fmt: skip
     if fit is not None:
-        text.append("\n".join(gate_lines(fit)))
+        partial = [f"PARTIAL ({fit['partial']}): not the gate."] if "partial" in fit else []
+        text.append("\n".join(partial + gate_lines(fit)))
         record["fit"] = fit
     if fit is not None and any(r.variant in HELDOUT for r in runs):
         record["goal"] = goal_check(runs, fit)
@@ -369,7 +378,7 @@ def main() -> None:
                               "seconds": r.result["_seconds"], "cpu_seconds": r.result["_cpu_seconds"]}
                              for r in runs if r.variant == v] for v in summary}  # fmt: skip
     record["seconds"] = time.perf_counter() - start
-    name = "pilot" if pilot else "gate" if args.gate else "study"
+    name = "pilot" if pilot else "partial" if args.report else "gate" if args.gate else "study"
     print("\n\n".join(text))
     (out / f"{name}.md").write_text("\n\n".join(text) + "\n")
     write_json(out / f"{name}.json", record)
