@@ -40,6 +40,7 @@ The prediction, on the named GPU: ``t_aug = B bytes / bandwidth + kernels x laun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -49,6 +50,10 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# Without a GPU the fused form's kernels run under Triton's interpreter, which is read when triton
+# is first imported (after this): counted, not skipped.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_info, markdown_table, photo_like, write_json  # noqa: E402
