@@ -70,7 +70,12 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override the studies' 8 epochs (_study.STUDY_BUDGET)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "robustness_study"))
     p.add_argument(
