@@ -156,8 +156,10 @@ def add_flags(parser: argparse.ArgumentParser, section: type, title: str | None 
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         kw["help"] = argparse.SUPPRESS if meta.hidden else _help(meta.help, hint, default)
-        if hint is bool:
-            kw["action"] = "store_true"
+        if hint is bool:  # --x and --no-x, so a preset's true can be switched off on the command
+            # line (not for the negative names: --no-no_c_eval would read as a riddle)
+            negative = f.name.startswith("no_")
+            kw["action"] = "store_true" if negative else argparse.BooleanOptionalAction
         else:
             kw["type"] = _base_type(hint)
             if typing.get_origin(hint) is list:

@@ -173,3 +173,15 @@ def test_cosine_ends_at_the_floor_over_the_steps_actually_taken():
 )
 def test_resume_flag_forms(argv, resume):
     assert resolve_settings(argv).run.resume == resume
+
+
+def test_a_presets_true_switches_off_on_the_command_line(tmp_path):
+    """The demo preset turns channels-last on; --no-channels_last must turn it off again (the
+    studies pin the layout they were recorded with), and the flag typed last wins."""
+    preset = tmp_path / "p.toml"
+    preset.write_text('dataset = "synthetic"\nchannels_last = true\n')
+    assert resolve_settings(["--config", str(preset)]).model.channels_last is True
+    off = resolve_settings(["--config", str(preset), "--no-channels_last"])
+    assert off.model.channels_last is False
+    again = resolve_settings(["--config", str(preset), "--no-channels_last", "--channels_last"])
+    assert again.model.channels_last is True
