@@ -148,6 +148,26 @@ def test_make_c_tree_and_determinism(small_src, tmp_path):
     assert d3 > d1 > 0
 
 
+def test_make_c_per_class_is_the_first_images_of_each_class_byte_for_byte(tmp_path):
+    """`per_class` corrupts the first N images of each class in torchvision ImageFolder's order,
+    and each file is the one the whole set has (an image's seed is its place in the folder)."""
+    from torchvision.datasets import ImageFolder
+
+    src = make_synthetic_dataset(tmp_path / "syn", num_classes=2, train_per_class=1,
+                                 val_per_class=3, size=64, progress=False) / "val"  # fmt: skip
+    kw = dict(severities=(2,), corruptions=("gaussian_noise", "pixelate"), seed=3, progress=False)
+    whole = _digest(make_corrupted_dataset(src, tmp_path / "whole", **kw))
+    part = _digest(make_corrupted_dataset(src, tmp_path / "part", per_class=2, **kw))
+    folder = ImageFolder(str(src))
+    first_two = [p for c in (0, 1) for p in [q for q, y in folder.samples if y == c][:2]]
+    expected = {f"{c}/2/{Path(p).parent.name}/{Path(p).stem}.JPEG" for c in kw["corruptions"]
+                for p in first_two}  # fmt: skip
+    assert {k for k in part if k.endswith(".JPEG")} == expected
+    assert all(part[k] == whole[k] for k in expected)
+    marker = json.loads((tmp_path / "part" / make_c.MARKER).read_text())
+    assert marker["per_class"] == 2 and marker["n"] == 4
+
+
 def test_make_c_full_tree_all_19_corruptions_on_64px(small_src, tmp_path):
     out = make_corrupted_dataset(
         small_src, tmp_path / "full", corruptions=CORRUPTIONS + EXTRA_CORRUPTIONS, progress=False

@@ -121,3 +121,19 @@ def scan_folder(
     """`[(path, label)]` in `ImageFolder` order: `list_images` as `ImageFolder.samples` pairs."""
     paths, labels = list_images(root, classes)
     return list(zip(paths, labels.tolist()))
+
+
+def first_per_class(samples: list[tuple[str, int]], per_class: int | None) -> list[tuple[str, int]]:
+    """The first ``per_class`` samples of each label, in the given order (all of them for None):
+    the subset the -C and -P makers corrupt when a set is only sampled (the demo's)."""
+    if per_class is None:
+        return samples
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    taken: dict[int, int] = {}
+    out = []
+    for path, label in samples:
+        if taken.get(label, 0) < per_class:
+            out.append((path, label))
+            taken[label] = taken.get(label, 0) + 1
+    return out

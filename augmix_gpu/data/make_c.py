@@ -11,7 +11,7 @@ were tuned for 224 px, so at 64 px the blurs are relatively stronger; they still
 corruption down to the package's 32 px minimum. `glass_blur` runs a Numba loop: ~2 s of JIT
 compilation per process, then about 1 ms per 64 px image (10 ms at 224 px) on this machine.
 
-    python -m augmix_gpu.data.make_c SRC OUT --severities 1 2 3 4 5 [--corruptions ...] [--extra] [--seed S] [--workers N]
+    python -m augmix_gpu.data.make_c SRC OUT --severities 1 2 3 4 5 [--corruptions ...] [--extra] [--seed S] [--per_class N] [--workers N]
     python -m augmix_gpu.data.make_c CIFAR_ROOT OUT --cifar cifar10 [--corruptions ...] [--workers N]
 
 `--cifar cifar10|cifar100` reads the test split of a CIFAR folder (`load_cifar`) and writes the
@@ -33,7 +33,7 @@ import numpy as np
 # One list for the whole project (protocols.py holds it beside the AlexNet reference errors).
 from ..protocols import CORRUPTIONS, EXTRA_CORRUPTIONS
 from . import cifar_corruptions
-from .folders import DatasetError, find_classes, scan_folder
+from .folders import DatasetError, find_classes, first_per_class, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
 _ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
@@ -87,11 +87,13 @@ def make_corrupted_dataset(
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     corruptions: Sequence[str] = CORRUPTIONS,
     seed: int = 0,
+    per_class: int | None = None,
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Corrupt every image of the ImageFolder tree `src` into `out`; return `out`.
+    """Corrupt every image (or the first `per_class` of each class) of the ImageFolder tree `src`
+    into `out`; return `out`.
 
     Written to a temporary folder and renamed into place with a `.complete` marker holding the
     parameters; a finished tree with the same parameters is reused (cache). `workers=0` runs in
@@ -103,7 +105,11 @@ def make_corrupted_dataset(
     bad_sev = [s for s in severities if int(s) not in range(1, 6)]
     if bad_sev or not severities:
         raise ValueError(f"severities must be a non-empty subset of 1..5, got {list(severities)}")
-    samples = scan_folder(src)
+    everything = scan_folder(src)
+    # an image's index (its seed) is its place in the whole folder: a subset's files are the
+    # whole set's files, byte for byte
+    index_of = {path: i for i, (path, _) in enumerate(everything)}
+    samples = first_per_class(everything, per_class)
     classes = find_classes(src)[0]
     src_root, out = Path(src), Path(out)
     small = []
@@ -118,7 +124,8 @@ def make_corrupted_dataset(
             f"{small[0][0]!r} is {small[0][1]} px: the corruptions need >= 32 px per side"
         )
     params = dict(src=str(src_root.resolve()), n=len(samples), severities=[int(s) for s in severities],
-                  corruptions=list(corruptions), seed=int(seed), version=1)  # fmt: skip
+                  corruptions=list(corruptions), seed=int(seed), version=1,
+                  **({} if per_class is None else {"per_class": int(per_class)}))  # fmt: skip
     tmp = begin(out, params, overwrite, "-C set")
     if tmp is None:
         return out
@@ -127,7 +134,8 @@ def make_corrupted_dataset(
         for severity in severities:
             for cls in classes:
                 (tmp / corruption / str(severity) / cls).mkdir(parents=True, exist_ok=True)
-            for index, (path, _) in enumerate(samples):
+            for path, _ in samples:
+                index = index_of[path]
                 rel = Path(path).relative_to(src_root)
                 dst = tmp / corruption / str(severity) / rel.parent / (rel.stem + ".JPEG")
                 dst.parent.mkdir(parents=True, exist_ok=True)  # nested sub-folders of a class
@@ -257,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also the 4 extra ones: " + ", ".join(EXTRA_CORRUPTIONS),
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per_class", type=int, default=None, help="first N images of each class")
     p.add_argument("--workers", type=int, default=0, help="processes (0: this one)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -264,13 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.cifar:
         if sorted(a.severities) != [1, 2, 3, 4, 5]:
             p.error("--cifar: CIFAR-C stacks all five severities; drop --severities")
+        if a.per_class is not None:
+            p.error("--cifar: CIFAR-C corrupts the whole test split; drop --per_class")
         out = make_cifar_c(a.src, a.out, name=a.cifar, corruptions=corruptions, seed=a.seed,
                            workers=a.workers, overwrite=a.overwrite)  # fmt: skip
         print(out)
         return
     out = make_corrupted_dataset(
         a.src, a.out, severities=a.severities, corruptions=corruptions, seed=a.seed,
-        workers=a.workers, overwrite=a.overwrite,
+        per_class=a.per_class, workers=a.workers, overwrite=a.overwrite,
     )  # fmt: skip
     print(out)
 

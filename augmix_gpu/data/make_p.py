@@ -42,7 +42,7 @@ import numpy as np
 
 from ..protocols import EXTRA_PERTURBATIONS, PERTURBATIONS, is_noise, perturbation_folder
 from .cifar_corruptions import drop_shading
-from .folders import DatasetError, find_classes, scan_folder
+from .folders import DatasetError, find_classes, first_per_class, scan_folder
 from .publish import MARKER, begin, finish  # noqa: F401  (MARKER: public)
 
 _ALL = PERTURBATIONS + EXTRA_PERTURBATIONS
@@ -299,18 +299,6 @@ def _work(task: tuple) -> None:
     write_video(frames, dst, is_noise(perturbation), preset)
 
 
-def _select(samples: list[tuple[str, int]], per_class: int | None) -> list[tuple[str, int]]:
-    if per_class is None:
-        return samples
-    taken: dict[int, int] = {}
-    out = []
-    for path, label in samples:
-        if taken.get(label, 0) < per_class:
-            out.append((path, label))
-            taken[label] = taken.get(label, 0) + 1
-    return out
-
-
 def make_perturbed_dataset(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -337,10 +325,8 @@ def make_perturbed_dataset(
         raise ValueError("no perturbations asked for")
     if not difficulties or any(int(d) not in (1, 2, 3) for d in difficulties):
         raise ValueError(f"difficulties must be a non-empty subset of 1, 2, 3, got {difficulties}")
-    if per_class is not None and per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
     src_root, out = Path(src), Path(out)
-    samples = _select(scan_folder(src_root), per_class)
+    samples = first_per_class(scan_folder(src_root), per_class)
     classes = find_classes(src_root)[0]
     _, s = base_image(samples[0][0], size)
     if s < 16:

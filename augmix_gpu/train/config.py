@@ -189,6 +189,12 @@ class DataSettings:
     synthetic_train_per_class: int = flag(200, check=at_least(1))
     synthetic_val_per_class: int = flag(50, check=at_least(1))
     synthetic_seed: int = flag(0, "the generated dataset's seed (fixed across --seed)")
+    synthetic_c_per_class: int | None = flag(
+        None,
+        "the generated -C set from the first N val images per class (default: all of them): a "
+        "larger val split for a steadier clean accuracy without a slower -C",
+        check=at_least(1),
+    )
     synthetic_p_per_class: int = flag(2, "generated -P sequences per class", check=at_least(1))
     synthetic_shift: str = flag(
         "none",

@@ -88,7 +88,8 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     # The generated robustness sets come and go together: --no_c_eval skips -P too (a given
     # --imagenet_p is still evaluated).
     make_sets = not rob.no_c_eval
-    c_root = root / ("c-sev" + "".join(map(str, sev)))
+    c_per_class = data.synthetic_c_per_class
+    c_root = root / ("c-sev" + "".join(map(str, sev)) + (f"-{c_per_class}pc" if c_per_class else ""))
     p_root = root / f"p-{data.synthetic_p_per_class}pc-seed{seed}"
     make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
@@ -96,7 +97,8 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
                                size=64, seed=seed, shift=shift, overwrite=True)  # fmt: skip
         if make_sets:
             make_corrupted_dataset(root / "val", c_root, severities=sev, seed=seed,
-                                   workers=data.workers, overwrite=True)  # fmt: skip
+                                   per_class=c_per_class, workers=data.workers,
+                                   overwrite=True)  # fmt: skip
         if make_p:
             _make_synthetic_p(root / "val", p_root, settings)
     barrier(env)
