@@ -64,3 +64,23 @@ def test_a_run_ends_with_the_p_evaluation(p_tree, tmp_path):
     assert block["counts"]["rotate"]["1"]["sequences"] == 10 and block["partial"]
     assert "imagenet_c" not in json.loads((run / "eval" / "results.json").read_text())
     assert (run / "eval" / "results_flips.png").is_file() and "| rotate | 1 | 10 |" in proc.stdout
+
+
+def test_the_demos_c_set_is_made_from_the_first_val_images_of_each_class(tmp_path, monkeypatch):
+    """synthetic_c_per_class: clean accuracy on the whole val split, -C on its first N per class
+    (the demo: 1000 val images, -C of 300), in a cache folder of its own."""
+    monkeypatch.setenv("AUGMIX_GPU_CACHE", str(tmp_path))
+    argv = [a for a in SMALL if a != "--no_c_eval"] + [
+        "--no_p_eval", "--synthetic_val_per_class", "3", "--synthetic_c_per_class", "1",
+        "--c_severities", "2",
+    ]  # fmt: skip
+    spec = prepare_data(resolve_settings(argv), ENV)
+    c_root = spec.roots["imagenet_c"]
+    assert c_root.name == "c-sev2-1pc" and "imagenet_p" not in spec.roots
+    val = sorted(p.relative_to(spec.val) for p in spec.val.rglob("*.JPEG"))
+    assert len(val) == 30
+    first = sorted(p for p in val if p.stem.endswith("00000"))
+    for corruption in ("gaussian_noise", "jpeg_compression"):
+        got = sorted(p.relative_to(c_root / corruption / "2") for p in c_root.rglob("*.JPEG")
+                     if p.is_relative_to(c_root / corruption / "2"))  # fmt: skip
+        assert got == first
