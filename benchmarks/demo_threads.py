@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import environment_info, markdown_table, write_json
+from _common import RESULTS_DIR, environment_info, markdown_table, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,9 +67,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cache", help="reuse this data cache (times then leave generation out)")
     p.add_argument("--out", default="demo_threads.json")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in --out (made with the same flags) and add these: "
+                        "one thread count on a busy machine, the timed one on an idle one")  # fmt: skip
     p.add_argument("extra", nargs="*", help="train.py flags after --, e.g. -- --epochs 12")
     a = p.parse_args()
-    runs = []
+    runs, commands = [], [" ".join(sys.argv)]
+    if a.append:
+        out = Path(a.out) if Path(a.out).parent != Path(".") else RESULTS_DIR / a.out
+        before = json.loads(out.read_text())
+        if before["train_flags"] != a.extra:
+            p.error(f"--append: {a.out} was made with train.py flags {before['train_flags']}")
+        runs, commands = before["runs"], [*before["commands"], *commands]
     for seed in a.seeds:
         for threads in a.threads:
             runs.append(run_demo(seed, threads, a.cache, a.extra))
@@ -77,8 +86,10 @@ def main() -> None:
     top1 = [r["top1"] for r in runs]
     summary = {"top1_min": min(top1), "top1_max": max(top1), "top1_spread": max(top1) - min(top1),
                "top1_mean": statistics.mean(top1), "seconds_max": max(r["seconds"] for r in runs),
+               "seconds_max_by_threads": {t: max(r["seconds"] for r in runs if r["threads"] == t)
+                                          for t in sorted({r["threads"] for r in runs})},
                "empty_cache": a.cache is None}  # fmt: skip
-    path = write_json(a.out, {"command": " ".join(sys.argv), "train_flags": a.extra,
+    path = write_json(a.out, {"commands": commands, "train_flags": a.extra,
                               "runs": runs, "summary": summary,
                               "environment": environment_info()})  # fmt: skip
     rows = [[r["seed"], r["threads"], f"{r['top1']:.1f}", f"{r['seconds']:.0f}",

@@ -89,7 +89,9 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     # --imagenet_p is still evaluated).
     make_sets = not rob.no_c_eval
     c_per_class = data.synthetic_c_per_class
-    c_root = root / ("c-sev" + "".join(map(str, sev)) + (f"-{c_per_class}pc" if c_per_class else ""))
+    c_root = root / (
+        "c-sev" + "".join(map(str, sev)) + (f"-{c_per_class}pc" if c_per_class else "")
+    )
     p_root = root / f"p-{data.synthetic_p_per_class}pc-seed{seed}"
     make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
