@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..augment.severity import OBJECTIVES
 from ..data import ResidentLoader, build_loader, make_corrupted_dataset, make_synthetic_dataset
+from ..data.replay import ReplayLoader
 from ..data.cifar import check_cifar_c_labels, load_cifar
 from ..data.heldout import HeldoutSet, default_root, make_heldout_set
 from ..data.make_p import make_perturbed_dataset
@@ -189,7 +190,8 @@ def build_loaders(settings: Settings, env: DistEnv, spec: DataSpec, heldout=None
         exclude=heldout.source_files if heldout is not None else (),
         **common,
     )
-    val = build_loader(spec.val, "val", classes=train.classes, **common)
+    # the val epoch is the same every time: decoded once, replayed (if it fits in memory)
+    val = ReplayLoader(build_loader(spec.val, "val", classes=train.classes, **common))
     if heldout is None:
         return train, val, None
     # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
