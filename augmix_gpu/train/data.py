@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..augment.severity import OBJECTIVES
 from ..data import ResidentLoader, build_loader, make_corrupted_dataset, make_synthetic_dataset
-from ..data.replay import ReplayLoader
 from ..data.cifar import check_cifar_c_labels, load_cifar
 from ..data.heldout import HeldoutSet, default_root, make_heldout_set
 from ..data.make_p import make_perturbed_dataset
+from ..data.replay import ReplayLoader
 from ..data.synthetic import SHIFTED_POOL
 from ..distributed import DistEnv, barrier, broadcast_object
 
