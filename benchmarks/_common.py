@@ -164,11 +164,15 @@ def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def results_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or under ``RESULTS_DIR`` when it is a bare file name."""
+    p = Path(path)
+    return RESULTS_DIR / p if p.parent == Path(".") else p
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (creating folders); a bare file name goes to ``RESULTS_DIR``."""
-    p = Path(path)
-    if p.parent == Path("."):
-        p = RESULTS_DIR / p
+    p = results_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return p

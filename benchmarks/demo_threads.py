@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS_DIR, environment_info, markdown_table, write_json
+from _common import environment_info, markdown_table, results_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,8 +74,7 @@ def main() -> None:
     a = p.parse_args()
     runs, commands = [], [" ".join(sys.argv)]
     if a.append:
-        out = Path(a.out) if Path(a.out).parent != Path(".") else RESULTS_DIR / a.out
-        before = json.loads(out.read_text())
+        before = json.loads(results_path(a.out).read_text())
         if before["train_flags"] != a.extra:
             p.error(f"--append: {a.out} was made with train.py flags {before['train_flags']}")
         runs, commands = before["runs"], [*before["commands"], *commands]

@@ -44,14 +44,11 @@ class ReplayLoader:
                 yield tuple(t.clone() for t in batch)
             return
         kept: list[tuple[torch.Tensor, ...]] | None = [] if start_step == 0 else None
-        size = 0
         for batch in self.loader.epoch(epoch, start_step):
+            if kept == [] and self.max_bytes < len(self) * sum(t.nbytes for t in batch):
+                kept = None  # the epoch (batches are equal in size) would not fit: decode each time
             if kept is not None:
-                size += sum(t.numel() * t.element_size() for t in batch)
-                if size <= self.max_bytes:
-                    kept.append(tuple(t.clone() for t in batch))
-                else:
-                    kept = None  # too large: decoded every epoch
+                kept.append(tuple(t.clone() for t in batch))
             yield batch
         if kept is not None and len(kept) == len(self.loader):  # a whole epoch, and it fits
             self._kept = kept
