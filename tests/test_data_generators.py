@@ -51,6 +51,15 @@ def test_synthetic_layout_and_determinism(tmp_path):
     )
 
 
+def test_synthetic_workers_draw_the_same_images(tmp_path):
+    """Two worker processes write the set byte for byte as one process does (150 per class: runs
+    of 100 images, so a class is split between tasks)."""
+    kw = dict(num_classes=2, train_per_class=150, val_per_class=3, size=32, seed=3, progress=False)
+    one = make_synthetic_dataset(tmp_path / "one", **kw)
+    two = make_synthetic_dataset(tmp_path / "two", workers=2, **kw)
+    assert len(_digest(one)) == 307 and _digest(two) == _digest(one)
+
+
 def test_synthetic_cache_and_guards(tmp_path):
     kw = dict(num_classes=2, train_per_class=1, val_per_class=1, size=32, progress=False)
     out = make_synthetic_dataset(tmp_path / "s", **kw)

@@ -68,7 +68,7 @@ def test_a_run_ends_with_the_p_evaluation(p_tree, tmp_path):
 
 def test_the_demos_c_set_is_made_from_the_first_val_images_of_each_class(tmp_path, monkeypatch):
     """synthetic_c_per_class: clean accuracy on the whole val split, -C on its first N per class
-    (the demo: 1000 val images, -C of 200), in a cache folder of its own."""
+    (the demo: 1000 val images, -C of 100), in a cache folder of its own."""
     monkeypatch.setenv("AUGMIX_GPU_CACHE", str(tmp_path))
     argv = [a for a in SMALL if a != "--no_c_eval"] + [
         "--no_p_eval", "--synthetic_val_per_class", "3", "--synthetic_c_per_class", "1",

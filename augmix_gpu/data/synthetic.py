@@ -239,8 +239,12 @@ def make_synthetic_dataset(
     shift: str = "none",
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> Path:
     """Write `out/train/<class>/*.JPEG` and `out/val/<class>/*.JPEG`; return `out`.
+
+    `workers` processes draw the images (0: this process); every image is the same whatever
+    their number (it is a function of its own seed).
 
     `shift` (a name in :data:`SHIFTS`) removes nuisances from `train/` only, and adds
     `out/train_shifted/`: each training image as the test split would draw it (same file names).
@@ -269,20 +273,37 @@ def make_synthetic_dataset(
     trees = [("train", 0, train_per_class, nuisance), ("val", 1, val_per_class, SHIFTS["none"])]
     if shift != "none":
         trees.append((SHIFTED_POOL, 0, train_per_class, SHIFTS["none"]))
-    total = num_classes * sum(count for _, _, count, _ in trees)
+    tasks = []  # runs of at most 100 images of one class in one tree
+    for folder_name, split_id, count, removed in trees:
+        for label in range(num_classes):
+            folder = tmp / folder_name / CLASS_NAMES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for start in range(0, count, 100):
+                tasks.append((str(folder), split_id, label, start, min(count, start + 100), size,
+                              seed, removed.upright, removed.light_shapes))  # fmt: skip
+    total = sum(task[4] - task[3] for task in tasks)
     with tqdm(total=total, desc=f"synthetic {out.name}", unit="img", disable=not progress) as bar:
-        for folder_name, split_id, count, removed in trees:
-            for label in range(num_classes):
-                folder = tmp / folder_name / CLASS_NAMES[label]
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(count):
-                    rng = np.random.default_rng([seed, split_id, label, i])
-                    image = render(label, size, rng, upright=removed.upright,
-                                   light_shape=removed.light_shapes)  # fmt: skip
-                    name = f"{SPLITS[split_id]}_{label:02d}_{i:05d}.JPEG"
-                    Image.fromarray(image).save(folder / name, quality=JPEG_QUALITY)
-                    bar.update()
+        if workers > 0:
+            from .pools import process_pool  # forkserver: the trainer calls this after NCCL starts
+
+            with process_pool(workers, preload=(__name__,)) as pool:
+                for n in pool.map(_write_images, tasks):
+                    bar.update(n)
+        else:
+            for task in tasks:
+                bar.update(_write_images(task))
     return finish(tmp, out, params)
+
+
+def _write_images(task: tuple) -> int:
+    """Images ``start..stop-1`` of one class in one tree (a worker's task); how many."""
+    folder, split_id, label, start, stop, size, seed, upright, light = task
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, split_id, label, i])
+        image = render(label, size, rng, upright=upright, light_shape=light)
+        name = f"{SPLITS[split_id]}_{label:02d}_{i:05d}.JPEG"
+        Image.fromarray(image).save(Path(folder) / name, quality=JPEG_QUALITY)
+    return stop - start
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -388,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(f"{k}: {v.help}" for k, v in SHIFTS.items()),
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at OUT")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: this one; folders only)")
     p.add_argument(
         "--format",
         choices=("folders", *CIFAR_LAYOUT),
@@ -409,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     a.size = a.size or 64
     out = make_synthetic_dataset(
         a.out, num_classes=a.classes, train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-        size=a.size, seed=a.seed, shift=a.shift, overwrite=a.overwrite,
+        size=a.size, seed=a.seed, shift=a.shift, overwrite=a.overwrite, workers=a.workers,
     )  # fmt: skip
     print(out)
 

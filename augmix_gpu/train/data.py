@@ -97,7 +97,8 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
         make_synthetic_dataset(root, num_classes=10, train_per_class=ntr, val_per_class=nva,
-                               size=64, seed=seed, shift=shift, overwrite=True)  # fmt: skip
+                               size=64, seed=seed, shift=shift, overwrite=True,
+                               workers=data.workers)  # fmt: skip
         if make_sets:
             make_corrupted_dataset(root / "val", c_root, severities=sev, seed=seed,
                                    per_class=c_per_class, workers=data.workers,
