@@ -20,7 +20,7 @@ and of the other starts, corruption error inside the sweep's 95 % interval for o
     python benchmarks/severity_study_shift.py --gate     # the sweep and its gate (30 runs)
     python benchmarks/severity_study_shift.py            # the study (the gate first; 55 runs)
     python benchmarks/severity_study_shift.py --variants fixed_s0.25 fixed_s8 --seeds 0   # a pilot
-    python benchmarks/severity_study_shift.py --report   # the finished sweep runs only (partial)
+    python benchmarks/severity_study_shift.py --report   # the finished runs only (partial)
     python benchmarks/severity_study_shift.py --judge "-C NLL"   # fit, gate and goal on the -C NLL
 
 ``--judge "-C NLL"`` reads the -C NLL, the quantity the held-out objective descends, instead of the
@@ -123,8 +123,8 @@ def parse() -> argparse.Namespace:
                    help="train and report these only (a pilot: no gate, no goal)")  # fmt: skip
     p.add_argument("--gate", action="store_true", help="the fixed sweep and its gate only")
     p.add_argument("--report", action="store_true",
-                   help="train nothing: report the finished runs of the sweep (a study stopped "
-                        "half-way; its fit is marked partial and judges nothing)")  # fmt: skip
+                   help="train nothing: report the finished runs (a study stopped half-way; a "
+                        "fit on an unfinished sweep is marked partial and judges nothing)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--shift", default=SHIFT, choices=tuple(SHIFTS),
@@ -374,12 +374,13 @@ def main() -> None:
     start = time.perf_counter()
     pilot = args.variants is not None
     runs = make_runs(args.variants or FIXED, args, out)
-    if args.report:
-        runs = [r for r in runs if r.finished()]
+    if args.report:  # every finished run, the learned ones too
+        runs = [r for r in make_runs(args.variants or list(VARIANTS), args, out) if r.finished()]
     train(runs, args)
     fit = sweep_fit(sweep_points(runs, args.judge), args.judge) if not pilot else None
-    if fit is not None and args.report:
-        fit["partial"] = f"{len(runs)} of {len(make_runs(FIXED, args, out))} sweep runs"
+    swept, sweep = sum(r.variant in FIXED for r in runs), len(make_runs(FIXED, args, out))
+    if fit is not None and args.report and swept < sweep:
+        fit["partial"] = f"{swept} of {sweep} sweep runs"
     if fit is not None and not (args.gate or args.report) and fit["gate"]["passed"]:
         runs += make_runs([v for v in VARIANTS if v not in FIXED], args, out)
         train(runs, args)
@@ -387,6 +388,9 @@ def main() -> None:
     text = [tables(summary)]
     record = {"benchmark": "severity_study_shift", "args": vars(args),
               "environment": environment_info(), "summary": summary}  # fmt: skip
+    if args.report and not pilot:
+        record["runs"] = f"{len(runs)} of {len(make_runs(list(VARIANTS), args, out))} finished"
+        text.insert(0, f"PARTIAL STUDY: {record['runs']} runs.")
     if fit is not None:
         partial = [f"PARTIAL ({fit['partial']}): not the gate."] if "partial" in fit else []
         text.append("\n".join(partial + gate_lines(fit)))
