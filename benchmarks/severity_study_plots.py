@@ -34,14 +34,16 @@ def _objective(run) -> str | None:
 
 
 def error_vs_severity(runs, fit: dict | None, out: Path) -> Path:
-    """Every run's mean corruption error at the severity its ops received at the end; the fit."""
+    """Every run's judged metric (mean corruption error unless the fit says another) at the
+    severity its ops received at the end; the fit."""
     import numpy as np
 
+    metric = (fit or {}).get("metric", "mean corruption error")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fixed = [r for r in runs if _objective(r) is None]
     ax.plot([final_severity(r.result) for r in fixed],
-            [r.result["evaluation"]["mean corruption error"] for r in fixed],
+            [r.result["evaluation"][metric] for r in fixed],
             "o", color="grey", alpha=0.6, label="fixed severity (one run each)")  # fmt: skip
     if fit is not None:
         b0, b1, b2 = fit["coef"]
@@ -56,15 +58,16 @@ def error_vs_severity(runs, fit: dict | None, out: Path) -> Path:
         obj = _objective(r)
         if obj is None:
             continue
-        ax.plot(final_severity(r.result), r.result["evaluation"]["mean corruption error"],
+        ax.plot(final_severity(r.result), r.result["evaluation"][metric],
                 "D", color=COLOURS[obj], alpha=0.8, label=r.variant if r.variant not in seen else None)  # fmt: skip
         seen.add(r.variant)
     ax.set_xscale("log")
     ax.set_xlabel("severity the ops received (learned: final median)")
-    ax.set_ylabel("mean corruption error (%)")
-    ax.set_title("Shifted task: corruption error against severity")
+    ax.set_ylabel(metric + (" (%)" if "error" in metric else ""))
+    ax.set_title(f"Severity study: {metric} against severity")
     ax.legend(fontsize=6.5)
-    return _save(fig, out / "error_vs_severity.png")
+    name = "error" if metric == "mean corruption error" else metric.replace(" ", "_").strip("-")
+    return _save(fig, out / f"{name.lower()}_vs_severity.png")
 
 
 def trajectories(runs, fit: dict | None, out: Path) -> Path:

@@ -116,6 +116,23 @@ def test_goal_is_judged_per_run_and_per_seed() -> None:
     assert "1/2 runs within x1.5" in text and "Goal not met" in text
 
 
+def test_the_judged_metric_can_be_the_c_nll() -> None:
+    """--judge "-C NLL": the fit says what it fitted, and the goal reads that metric's interval."""
+    points = _points(lambda x: _curve(x, vertex=0.5, b2=3.0))
+    fit = study.sweep_fit(points, "-C NLL")
+    assert fit["metric"] == "-C NLL" and study.sweep_fit(points)["metric"] == study.MCE
+    assert "Gate on -C NLL" in study.gate_lines(fit)[0]
+    fit = {"metric": "-C NLL", "optimum s": 2.0, "one run 95% interval": [0.7, 0.8]}
+    runs = [_run(v, 0, 2.0, 99.0) for v in study.HELDOUT]  # error far off: not what is judged
+    for run in runs:
+        run.result["evaluation"]["-C NLL"] = 0.75
+    goal = study.goal_check(runs, fit)
+    assert goal["met"] and goal["runs"][0]["-C NLL"] == 0.75
+    runs[0].result["evaluation"]["-C NLL"] = 0.9
+    assert not study.goal_check(runs, fit)["met"]
+    assert "its -C NLL in [0.700, 0.800]" in "\n".join(study.goal_lines(goal))
+
+
 def test_temperature_fit_recovers_a_known_scale() -> None:
     """Labels drawn from softmax(z): the logits 3 z are over-confident by exactly T = 3, and
     scaling by the fitted T brings the NLL down to the true model's."""
