@@ -112,7 +112,7 @@ TABLES = {  # which metrics go in which table (table.md), and their digits
 MCE = "mean corruption error"
 # What the sweep's fit, the gate and the goal read (--judge): the metric, or the -C NLL
 # that the held-out objective descends (its loss is the cross-entropy of corrupted held-out images)
-JUDGED = (MCE, "-C NLL")
+JUDGED = {MCE: 1, "-C NLL": 3}  # and the digits they are printed with
 
 
 def parse() -> argparse.Namespace:
@@ -133,7 +133,7 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--judge",
         default=MCE,
-        choices=JUDGED,
+        choices=list(JUDGED),
         help="the metric the sweep's quadratic, the gate and the goal read",
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "severity_study_shift"))
@@ -294,7 +294,7 @@ def run_equivalents(summary: dict) -> dict:
 def gate_lines(fit: dict) -> list[str]:
     lo, hi = fit["optimum s 2se range"]
     plain = fit["plain fit"]
-    d = 3 if fit.get("metric", MCE) != MCE else 1
+    d = JUDGED[fit.get("metric", MCE)]
     return [
         f"Gate on {fit.get('metric', MCE)} (quadratic in ln s over {fit['runs']} fixed runs, by "
         "seed): curvature p = "
@@ -313,7 +313,7 @@ def gate_lines(fit: dict) -> list[str]:
 def goal_lines(goal: dict) -> list[str]:
     lo, hi = goal["one run 95% interval"]
     metric = goal.get("metric", MCE)
-    d = 3 if metric != MCE else 1
+    d = JUDGED[metric]
     lines = [f"Goal: each held-out run within x{RATIO_GOAL:g} of s = {goal['optimum s']:.2f} and "
              f"its {metric} in [{lo:.{d}f}, {hi:.{d}f}]; per seed, the starts within "
              f"x{RATIO_GOAL:g} of each other."]  # fmt: skip
@@ -337,7 +337,8 @@ def goal_lines(goal: dict) -> list[str]:
 
 def comparison_lines(comp: dict) -> list[str]:
     lines = []
-    for metric, unit, d in ((MCE, " points", 1), ("-C NLL", "", 3)):
+    for metric, d in JUDGED.items():
+        unit = " points" if metric == MCE else ""
         lines.append(f"Welch 95 % intervals of the difference against {comp['reference']} (the "
                      f"fixed severity nearest the fitted optimum), {metric}:")  # fmt: skip
         for v, rows in comp["rows"].items():
