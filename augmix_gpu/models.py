@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from .weights import Weights, load_weights
 
@@ -149,6 +148,15 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+def _torchvision_models():
+    """torchvision.models, imported on first use: importing it costs ~3 s per process here (it
+    pulls in torch._dynamo through torchvision.ops), which every train.py, evaluate.py, torchrun
+    rank and loader worker paid even for the project's own architectures."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     """ResNet-18 for 32 px images: torchvision's, with a 3x3 stride-1 stem and no max-pool.
 
@@ -157,7 +165,7 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     the end. It is the CIFAR ResNet-18 later robustness papers compare with (11.2 M parameters
     for 10 classes); the rest of the network, its names and its initialisation are torchvision's.
     """
-    model = torchvision.models.resnet18(num_classes=num_classes)
+    model = _torchvision_models().resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
@@ -180,12 +188,13 @@ def _build_local(arch: str, num_classes: int) -> nn.Module:
 
 
 def available_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models)) + list(LOCAL_ARCHS)
+    models = _torchvision_models()
+    return sorted(models.list_models(module=models)) + list(LOCAL_ARCHS)
 
 
 def check_arch(arch: str) -> None:
     """ValueError naming the closest known names when ``arch`` is not a model we can build."""
-    if arch in available_archs():
+    if arch in LOCAL_ARCHS or arch in available_archs():
         return
     wrn = _parse_wrn(arch)
     if wrn is not None:
@@ -247,11 +256,11 @@ def _weights_file(arch: str, pretrained: str) -> Path:
         raise FileNotFoundError(f"--pretrained {pretrained!r}: no such file")
     try:
         weights = (
-            torchvision.models.get_model_weights(arch)[pretrained]
+            _torchvision_models().get_model_weights(arch)[pretrained]
             if pretrained != "DEFAULT"
             else None
         )
-        weights = weights or torchvision.models.get_model_weights(arch).DEFAULT
+        weights = weights or _torchvision_models().get_model_weights(arch).DEFAULT
     except (KeyError, ValueError):
         raise ValueError(
             f"--pretrained {pretrained!r} is neither a file nor a weights name of {arch!r}"
@@ -275,7 +284,7 @@ def pretrained_weights(arch: str | None, pretrained: str) -> Weights:
 def _new_model(arch: str, num_classes: int) -> nn.Module:
     if arch in LOCAL_ARCHS or _parse_wrn(arch) is not None:
         return _build_local(arch, num_classes)
-    return torchvision.models.get_model(arch, num_classes=num_classes)
+    return _torchvision_models().get_model(arch, num_classes=num_classes)
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> nn.Module:

@@ -188,8 +188,9 @@ def wrap(run: Run) -> StepContext:
     if settings.model.compile:
         # As torch documents for DDP: compile the DDP-wrapped module, so that dynamo's DDP
         # optimiser splits the graph at the gradient buckets and the all-reduce still overlaps
-        # backward. AugMix stays eager (torch.compiler.disable on AugmentedClassifier.views);
-        # evaluation runs the uncompiled network, so it never triggers a recompile.
+        # backward. AugMix stays eager (AugmentedClassifier.keep_augmix_eager); evaluation runs
+        # the uncompiled network, so it never triggers a recompile.
+        net.keep_augmix_eager()
         ddp_net = torch.compile(ddp_net)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training shapes: choose kernels once

@@ -66,7 +66,12 @@ class AugmentedClassifier(nn.Module):
         self.time_augment = False  # benchmarks: synchronise and time the AugMix part
         self.augment_seconds = 0.0
 
-    @torch.compiler.disable  # batched per-sample AugMix: eager (its groups are data-dependent)
+    def keep_augmix_eager(self) -> None:
+        """Before ``torch.compile``: dynamo leaves ``views`` eager (batched per-sample AugMix,
+        whose groups are data-dependent). Set here, not as a decorator: the decorator imports
+        torch._dynamo, ~2.5 s in every process that imports this module, compiled or not."""
+        self.views = torch.compiler.disable(self.views)
+
     def views(
         self,
         images: torch.Tensor,
