@@ -23,8 +23,9 @@ and of the other starts, corruption error inside the sweep's 95 % interval for o
     python benchmarks/severity_study_shift.py --report   # the finished runs only (partial)
     python benchmarks/severity_study_shift.py --judge "-C NLL"   # fit, gate and goal on the -C NLL
 
-``--judge "-C NLL"`` reads the -C NLL, the quantity the held-out objective descends, instead of the
-issue's mean corruption error, and writes ``gate-nll.*`` / ``study-nll.*`` beside the others.
+``--judge "-C NLL"`` reads the -C NLL instead of the issue's mean corruption error, and writes
+``gate-nll.*`` / ``study-nll.*`` beside the others; ``--judge "held-out NLL"`` reads the NLL on the
+held-out split itself (the objective's own target: does it find its own optimum?), ``*-heldout-nll.*``.
 
 Finished runs are always reused (delete a run's folder to train it again). Runs go two at a time,
 one thread each, under ``nice``: the machine is shared.
@@ -93,7 +94,8 @@ HELDOUT = [v for v in VARIANTS if v.startswith("learned_heldout")]
 
 EVALUATED = ("clean error", "mean corruption error", "clean NLL", "-C NLL", "clean RMS calib.",
              "-C RMS calib.", "temperature", "clean NLL (T-scaled)", "-C NLL (T-scaled)",
-             "clean RMS calib. (T-scaled)", "-C RMS calib. (T-scaled)")  # fmt: skip
+             "clean RMS calib. (T-scaled)", "-C RMS calib. (T-scaled)", "held-out error",
+             "held-out NLL")  # fmt: skip
 METRICS = {  # label -> value of a run: the study's evaluation of it, its results.json, its timing
     **{k: (lambda r, k=k: r["evaluation"][k]) for k in EVALUATED},
     "final severity median": final_severity,
@@ -101,18 +103,22 @@ METRICS = {  # label -> value of a run: the study's evaluation of it, its result
     "CPU s": lambda r: r["_cpu_seconds"] if r["_cpu_seconds"] == r["_cpu_seconds"] else None,
 }
 TABLES = {  # which metrics go in which table (table.md), and their digits
-    "errors": (["clean error", "mean corruption error", "final severity median", "CPU s"],
+    "errors": (["clean error", "mean corruption error", "held-out error", "final severity median",
+                "CPU s"],
                {"final severity median": 2, "CPU s": 0}),
     "calibration": (["clean NLL", "-C NLL", "clean RMS calib.", "-C RMS calib.", "temperature",
                      "clean NLL (T-scaled)", "-C NLL (T-scaled)", "clean RMS calib. (T-scaled)",
-                     "-C RMS calib. (T-scaled)"],
+                     "-C RMS calib. (T-scaled)", "held-out NLL"],
                     {"clean NLL": 3, "-C NLL": 3, "temperature": 2, "clean NLL (T-scaled)": 3,
-                     "-C NLL (T-scaled)": 3}),
+                     "-C NLL (T-scaled)": 3, "held-out NLL": 3}),
 }  # fmt: skip
 MCE = "mean corruption error"
-# What the sweep's fit, the gate and the goal read (--judge): the issue's metric, or the -C NLL
-# that the held-out objective descends (its loss is the cross-entropy of corrupted held-out images)
-JUDGED = {MCE: 1, "-C NLL": 3}  # and the digits they are printed with
+# What the sweep's fit, the gate and the goal read (--judge): the issue's metric; the -C NLL (the
+# held-out objective descends a cross-entropy of corrupted images, though of other corruptions);
+# or the NLL on the held-out split itself, the objective's own target, so that the objective is
+# judged on finding its own optimum. Each with its print digits and its files' suffix.
+JUDGED = {MCE: 1, "-C NLL": 3, "held-out NLL": 3}
+SUFFIX = {MCE: "", "-C NLL": "-nll", "held-out NLL": "-heldout-nll"}
 
 
 def parse() -> argparse.Namespace:
@@ -265,7 +271,14 @@ def comparisons(summary: dict, fit: dict) -> dict:
             continue
         out["rows"][v] = {
             m: welch(metrics[m]["values"], summary[ref][m]["values"])
-            for m in ("clean error", MCE, "-C NLL", "-C RMS calib.", "-C RMS calib. (T-scaled)")
+            for m in (
+                "clean error",
+                MCE,
+                "-C NLL",
+                "-C RMS calib.",
+                "-C RMS calib. (T-scaled)",
+                "held-out NLL",
+            )
             if metrics.get(m) and summary[ref].get(m) and len(metrics[m]["values"]) > 1
         }
     return out
@@ -412,7 +425,7 @@ def main() -> None:
                              for r in runs if r.variant == v] for v in summary}  # fmt: skip
     record["seconds"] = time.perf_counter() - start
     name = "pilot" if pilot else "partial" if args.report else "gate" if args.gate else "study"
-    name += "" if args.judge == MCE else "-nll"  # judged on -C NLL: beside, not over, the issue's
+    name += SUFFIX[args.judge]  # judged on another metric: beside, not over, the issue's
     print("\n\n".join(text))
     (out / f"{name}.md").write_text("\n\n".join(text) + "\n")
     write_json(out / f"{name}.json", record)

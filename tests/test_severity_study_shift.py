@@ -166,3 +166,39 @@ def test_plots_are_written(tmp_path) -> None:
         "error_vs_severity.png", "severity_trajectory.png", "snr_per_epoch.png"
     ]  # fmt: skip
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_a_cached_evaluation_gains_the_held_out_figures_in_one_pass(tmp_path, monkeypatch) -> None:
+    """An evaluation.json from before the held-out figures: one pass over the held-out split adds
+    its error and NLL (cross-entropy, computed here by torch), the cached figures stay as they are."""
+    import json
+    import types
+
+    import severity_study_eval as ev
+    import torch
+    import torch.nn.functional as F
+
+    import augmix_gpu.eval.model as model_module
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.5]])
+    labels = torch.tensor([0, 1, 1, 1])
+    passes = []
+
+    def fake_logits(model, source, recipe, **size):
+        passes.append(source)
+        return logits, labels
+
+    monkeypatch.setattr(ev, "_logits", fake_logits)
+    monkeypatch.setattr(model_module, "load_checkpoint_model",
+                        lambda path, device: types.SimpleNamespace(model=None, classes=["a", "b"]))  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps({"crop_size": 8, "val_resize": 8}))
+    old = {"temperature": 0.9, "-C NLL": 0.8, "mean corruption error": 25.0}
+    (tmp_path / ev.CACHE).write_text(json.dumps(old))
+    out = ev.evaluate_run(tmp_path, tmp_path / "heldout", tmp_path / "val", tmp_path / "c")
+    assert passes == [tmp_path / "heldout"]  # the held-out split only: no clean, no -C pass
+    assert {k: out[k] for k in old} == old
+    assert out["held-out error"] == pytest.approx(25.0)  # the third image is misclassified
+    assert out["held-out NLL"] == pytest.approx(float(F.cross_entropy(logits.double(), labels)))
+    assert json.loads((tmp_path / ev.CACHE).read_text()) == out
+    assert ev.evaluate_run(tmp_path, tmp_path / "heldout", tmp_path / "val", tmp_path / "c") == out
+    assert len(passes) == 1  # now cached
