@@ -20,7 +20,7 @@ and of the other starts, corruption error inside the sweep's 95 % interval for o
     python benchmarks/severity_study_shift.py --gate     # the sweep and its gate (30 runs)
     python benchmarks/severity_study_shift.py            # the study (the gate first; 55 runs)
     python benchmarks/severity_study_shift.py --variants fixed_s0.25 fixed_s8 --seeds 0   # a pilot
-    python benchmarks/severity_study_shift.py --report   # the finished runs only (partial)
+    python benchmarks/severity_study_shift.py --report   # the finished runs only (partial.*)
     python benchmarks/severity_study_shift.py --judge "-C NLL"   # fit, gate and goal on the -C NLL
 
 ``--judge "-C NLL"`` reads the -C NLL instead of the issue's mean corruption error, and writes
@@ -284,6 +284,39 @@ def comparisons(summary: dict, fit: dict) -> dict:
     return out
 
 
+def hypergradient_signal(runs: list[Run]) -> dict:
+    """Per held-out start, the hypergradient's per-epoch signal-to-noise pooled over epochs and
+    seeds: its mean and standard error, the share of epochs pointing down (> 0), and per run the
+    pooled z (sum of the epochs' SNR over the square root of their number). A mean within a few
+    standard errors of zero where the sweep's slope is steep says the estimator does not see
+    the slope: averaging more draws per update would only sharpen a zero."""
+    out = {}
+    for v in HELDOUT:
+        per_run = [[h["hypergrad_snr"] for h in r.result["history"]
+                    if h.get("hypergrad_snr") is not None]
+                   for r in runs if r.variant == v]  # fmt: skip
+        per_run = [x for x in per_run if x]
+        pooled = [x for xs in per_run for x in xs]
+        if len(pooled) < 2:
+            continue
+        mean = sum(pooled) / len(pooled)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in pooled) / (len(pooled) - 1))
+        out[v] = {"epochs": len(pooled), "mean SNR": mean, "se": sd / math.sqrt(len(pooled)),
+                  "share > 0": sum(x > 0 for x in pooled) / len(pooled),
+                  "pooled z per run": [sum(xs) / math.sqrt(len(xs)) for xs in per_run]}  # fmt: skip
+    return out
+
+
+def signal_lines(signal: dict) -> list[str]:
+    lines = ["Hypergradient signal-to-noise per epoch, pooled over epochs and seeds (> 0: the "
+             "severity is pushed down):"]  # fmt: skip
+    for v, s in signal.items():
+        zs = ", ".join(f"{z:+.2f}" for z in s["pooled z per run"])
+        lines.append(f"- {v}: mean {s['mean SNR']:+.2f} ± {s['se']:.2f} over {s['epochs']} "
+                     f"epochs, {100 * s['share > 0']:.0f} % > 0; per run z = {zs}")  # fmt: skip
+    return lines
+
+
 def run_equivalents(summary: dict) -> dict:
     """The cost of finding a severity, in fixed runs: the sweep is six, a learned run is its CPU
     time over a fixed run's."""
@@ -402,18 +435,24 @@ def main() -> None:
     text = [tables(summary)]
     record = {"benchmark": "severity_study_shift", "args": vars(args),
               "environment": environment_info(), "summary": summary}  # fmt: skip
+    every = len(make_runs(list(VARIANTS), args, out))
+    partial = args.report and not pilot and len(runs) < every  # --report on a finished study: whole
     if args.report and not pilot:
-        record["runs"] = f"{len(runs)} of {len(make_runs(list(VARIANTS), args, out))} finished"
+        record["runs"] = f"{len(runs)} of {every} finished"
+    if partial:
         text.insert(0, f"PARTIAL STUDY: {record['runs']} runs.")
     if fit is not None:
-        partial = [f"PARTIAL ({fit['partial']}): not the gate."] if "partial" in fit else []
-        text.append("\n".join(partial + gate_lines(fit)))
+        note = [f"PARTIAL ({fit['partial']}): not the gate."] if "partial" in fit else []
+        text.append("\n".join(note + gate_lines(fit)))
         record["fit"] = fit
     if fit is not None and any(r.variant in HELDOUT for r in runs):
         record["goal"] = goal_check(runs, fit)
         record["comparisons"] = comparisons(summary, fit)
         text += ["\n".join(goal_lines(record["goal"])),
                  "\n".join(comparison_lines(record["comparisons"]))]  # fmt: skip
+    record["hypergradient signal"] = hypergradient_signal(runs)
+    if record["hypergradient signal"]:
+        text.append("\n".join(signal_lines(record["hypergradient signal"])))
     record["run-equivalents"] = run_equivalents(summary)
     from severity_study_plots import plot_all
 
@@ -424,7 +463,7 @@ def main() -> None:
                               "seconds": r.result["_seconds"], "cpu_seconds": r.result["_cpu_seconds"]}
                              for r in runs if r.variant == v] for v in summary}  # fmt: skip
     record["seconds"] = time.perf_counter() - start
-    name = "pilot" if pilot else "partial" if args.report else "gate" if args.gate else "study"
+    name = "pilot" if pilot else "partial" if partial else "gate" if args.gate else "study"
     name += SUFFIX[args.judge]  # judged on another metric: beside, not over, the issue's
     print("\n\n".join(text))
     (out / f"{name}.md").write_text("\n\n".join(text) + "\n")

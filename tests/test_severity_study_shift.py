@@ -202,3 +202,24 @@ def test_a_cached_evaluation_gains_the_held_out_figures_in_one_pass(tmp_path, mo
     assert json.loads((tmp_path / ev.CACHE).read_text()) == out
     assert ev.evaluate_run(tmp_path, tmp_path / "heldout", tmp_path / "val", tmp_path / "c") == out
     assert len(passes) == 1  # now cached
+
+
+def test_the_hypergradient_signal_is_pooled_over_epochs_and_seeds() -> None:
+    """Mean, standard error and share > 0 of the per-epoch SNR, against statistics' own."""
+    import math
+    import statistics
+
+    snr = {0: [1.0, -0.5, 2.0], 1: [0.5, None, -1.0]}  # None: an epoch without an update
+    runs = []
+    for seed, xs in snr.items():
+        run = _run(study.HELDOUT[2], seed, 8.0, 30.0)
+        run.result["history"] = [{"hypergrad_snr": x} for x in xs]
+        runs.append(run)
+    runs.append(_run("fixed_s1", 0, 1.0, 30.0))  # no hypergradient: not counted
+    s = study.hypergradient_signal(runs)[study.HELDOUT[2]]
+    pooled = [1.0, -0.5, 2.0, 0.5, -1.0]
+    assert s["epochs"] == 5 and s["mean SNR"] == pytest.approx(statistics.fmean(pooled))
+    assert s["se"] == pytest.approx(statistics.stdev(pooled) / math.sqrt(5))
+    assert s["share > 0"] == pytest.approx(0.6)
+    assert s["pooled z per run"] == pytest.approx([2.5 / math.sqrt(3), -0.5 / math.sqrt(2)])
+    assert "mean +0.40 ± " in study.signal_lines({study.HELDOUT[2]: s})[1]
