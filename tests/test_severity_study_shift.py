@@ -223,3 +223,15 @@ def test_the_hypergradient_signal_is_pooled_over_epochs_and_seeds() -> None:
     assert s["share > 0"] == pytest.approx(0.6)
     assert s["pooled z per run"] == pytest.approx([2.5 / math.sqrt(3), -0.5 / math.sqrt(2)])
     assert "mean +0.40 ± " in study.signal_lines({study.HELDOUT[2]: s})[1]
+
+
+def test_the_horizon_probe_pairs_its_differences() -> None:
+    """severity_study_horizon: the paired differences' mean, standard error and t as scipy's
+    one-sample t-test computes them."""
+    from severity_study_horizon import difference_stats
+
+    d = [0.010, 0.030, -0.005, 0.020, 0.015]
+    s = difference_stats(d)
+    assert s["mean"] == pytest.approx(0.014)
+    assert s["t"] == pytest.approx(stats.ttest_1samp(d, 0.0).statistic)
+    assert s["se"] == pytest.approx(stats.sem(d))

@@ -1,0 +1,122 @@
+"""Does the severity's effect on the held-out loss show after one step, or only after many?
+
+The shifted severity study (severity_study_shift.py) found the held-out split's NLL ~28 % higher
+at s = 8 than at its minimum (s ~ 0.8) after whole runs, while the held-out objective's one-step
+hypergradient from s = 8 averaged zero. This probe measures the horizon directly, by common random
+numbers: from one trained checkpoint, K training steps at s = 0.8 and the same K steps (same
+batches, same AugMix draws, only the magnitudes differ) at s = 8, then the held-out NLL of both.
+The difference d(K) = NLL(s = 8) - NLL(s = 0.8), over ``--repeats`` seeds (other batches and
+draws), says how fast the severity's effect builds up: near zero at K = 1 and clearly positive at
+larger K is the short-horizon bias of a one-step hypergradient, measured.
+
+Every run starts from the same weights with a fresh AdamW at a constant learning rate (the
+schedule's value two thirds into a run: ``LR``), so the only difference within a pair is the
+severity.
+
+    python benchmarks/severity_study_horizon.py            # needs the study's fixed_s8 seed 0 run
+    python benchmarks/severity_study_horizon.py --steps 1 10 30 90 --repeats 5
+
+Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment_info, markdown_table, write_json  # noqa: E402
+from _study import REPO, Run, run_all  # noqa: E402
+from severity_study_shift import BUDGET, prepare_sets  # noqa: E402
+
+OUT = REPO / "benchmarks" / "results" / "severity_study_shift"
+SEVERITIES = (0.8, 8.0)  # the held-out NLL's fitted minimum (0.81), and the grid's top
+LR = 5e-4  # the study's cosine at 2/3 of a run: 2e-3 x (1 + cos(2 pi / 3)) / 2
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--start", default=str(OUT / "runs" / "fixed_s8" / "seed0"),
+                   help="the run folder whose last.ckpt every probe starts from")  # fmt: skip
+    p.add_argument("--steps", nargs="+", type=int, default=[1, 10, 30, 90])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(OUT))
+    return p.parse_args()
+
+
+def difference_stats(d: list[float]) -> dict:
+    """Mean, standard error and t of the paired differences (t = mean / se)."""
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"values": d, "mean": mean, "se": se, "t": mean / se if se > 0 else float("nan")}
+
+
+def heldout_nll(ckpt: Path, heldout: Path) -> float:
+    """The held-out split's NLL (the objective's loss) of a checkpoint, as the study reads it."""
+    import json
+
+    from severity_study_eval import _logits, scores
+
+    from augmix_gpu.eval.model import load_checkpoint_model
+
+    loaded = load_checkpoint_model(ckpt, "cpu")
+    cfg = json.loads((ckpt.parent / "config.json").read_text())
+    held = _logits(loaded.model, heldout, "corrupted", classes=loaded.classes,
+                   crop=cfg["crop_size"], resize=cfg["val_resize"])  # fmt: skip
+    return scores(*held)["nll"]
+
+
+def main() -> None:
+    args = parse()
+    start = next(Path(args.start).glob("*/last.ckpt"), None)
+    if start is None:
+        sys.exit(
+            f"--start {args.start}: no */last.ckpt (run the shifted study's fixed sweep first)"
+        )
+    study_args = argparse.Namespace(shift="none", epochs=12, extra=[])
+    heldout, _, _ = prepare_sets(study_args)
+    runs = [
+        Run(f"K{k}_s{s:g}", r,
+            [*BUDGET, "--synthetic_shift", "none", "--no_c_eval", "--epochs", "1",
+             "--aug_type", "augmix_jsd", "--initial_aug_severity", f"{s:g}",
+             "--pretrained", str(start), "--max_steps_per_epoch", str(k),
+             "--schedule", "constant", "--warmup_epochs", "0", "--lr", f"{LR:g}"],
+            Path(args.out) / "horizon_runs" / f"K{k}_s{s:g}" / f"seed{r}")
+        for k in args.steps for r in range(args.repeats) for s in SEVERITIES
+    ]  # fmt: skip
+    run_all(runs, jobs=2, reuse=True)
+    nll = {(r.variant, r.seed): heldout_nll(r.finished().parent / "last.ckpt", heldout)
+           for r in runs}  # fmt: skip
+    base = heldout_nll(start, heldout)
+    lo, hi = (f"{s:g}" for s in SEVERITIES)
+    record = {"benchmark": "severity_study_horizon", "args": vars(args),
+              "environment": environment_info(), "start": str(start), "lr": LR,
+              "start held-out NLL": base, "steps": {}}  # fmt: skip
+    rows = []
+    for k in args.steps:
+        pairs = [(nll[(f"K{k}_s{lo}", r)], nll[(f"K{k}_s{hi}", r)]) for r in range(args.repeats)]
+        d = difference_stats([b - a for a, b in pairs])
+        record["steps"][str(k)] = {f"s={lo}": [a for a, _ in pairs],
+                                   f"s={hi}": [b for _, b in pairs], "difference": d}  # fmt: skip
+        rows.append([str(k), f"{statistics.fmean(a for a, _ in pairs):.4f}",
+                     f"{statistics.fmean(b for _, b in pairs):.4f}",
+                     f"{d['mean']:+.4f} ± {d['se']:.4f}", f"{d['t']:+.1f}",
+                     f"{sum(x > 0 for x in d['values'])}/{len(pairs)}"])  # fmt: skip
+    table = markdown_table(
+        ["steps K", f"held-out NLL, s = {lo}", f"s = {hi}", "difference (mean ± se)", "t",
+         "pairs > 0"], rows)  # fmt: skip
+    text = (f"From {start} (held-out NLL {base:.4f}), AdamW at lr {LR:g}, {args.repeats} seeds "
+            f"per K:\n\n{table}")  # fmt: skip
+    print(text)
+    out = Path(args.out)
+    (out / "horizon.md").write_text(text + "\n")
+    write_json(out / "horizon.json", record)
+    print(f"wrote {out / 'horizon.json'}, {out / 'horizon.md'}")
+
+
+if __name__ == "__main__":
+    main()
