@@ -149,9 +149,10 @@ class WideResNet(nn.Module):
 
 
 def _torchvision_models():
-    """torchvision.models, imported on first use: importing it costs ~3 s per process here (it
-    pulls in torch._dynamo through torchvision.ops), which every train.py, evaluate.py, torchrun
-    rank and loader worker paid even for the project's own architectures."""
+    """torchvision.models, imported on first use: it costs ~3 s per process here (it pulls in
+    torch._dynamo through torchvision.ops), which a process that never builds a torchvision model
+    need not pay (train.py refusing a bad flag, evaluating the project's own networks). A training
+    process imports torch._dynamo anyway: torch's optimisers do at construction."""
     import torchvision.models
 
     return torchvision.models

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from zygote import RUNTIME_ENV
@@ -81,8 +82,6 @@ class _Killer:
     """SIGKILL ``pid`` after ``timeout`` seconds, as subprocess.run's timeout does."""
 
     def __init__(self, pid: int, timeout: float) -> None:
-        import threading
-
         self.fired = False
         self.pid = pid
         self.timer = threading.Timer(timeout, self._kill)

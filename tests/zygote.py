@@ -36,13 +36,11 @@ def preload() -> None:
 
     prefer_passive_openmp()  # train.py does this before torch loads OpenMP
     import nvidia.dali  # noqa: F401
-    import torch
     import torch._dynamo  # noqa: F401
 
     import augmix_gpu.eval.cli  # noqa: F401
     import augmix_gpu.train.run  # noqa: F401
 
-    assert torch.get_num_threads() >= 1
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     if threads != 1:  # forking a process with threads could copy a held lock into the child
         raise RuntimeError(f"zygote: {threads} threads after the imports; cannot fork safely")
