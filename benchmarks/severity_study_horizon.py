@@ -90,15 +90,30 @@ def segment_flags(start: Path, steps: int) -> list[str]:
             "--schedule", "constant", "--warmup_epochs", "0", "--lr", f"{LR:g}"]  # fmt: skip
 
 
-def estimator_runs(start: Path, steps: int, repeats: int, out: Path) -> list[Run]:
+LENGTHS = ("fixed", "free")  # --severity_step_length: the estimator both ways
+
+
+def estimator_runs(start: Path, steps: int, repeats: int, out: Path, length: str) -> list[Run]:
     """The held-out objective at s = 8 from the same checkpoint and optimiser settings, one
     hypergradient per step (``--severity_update_every 1``) and a hyper learning rate too small to
     move the severity: its per-run mean, standard error and SNR over ``steps`` updates."""
     flags = [*segment_flags(start, steps), "--aug_type", "learnable_augmix_jsd",
              "--severity_objective", "heldout", "--initial_aug_severity", f"{HIGH:g}",
-             "--severity_update_every", "1", "--severity_hyper_lr", "1e-9"]  # fmt: skip
-    return [Run("estimator", r, flags, out / "horizon_runs" / "estimator" / f"seed{r}")
-            for r in range(repeats)]  # fmt: skip
+             "--severity_update_every", "1", "--severity_hyper_lr", "1e-9",
+             "--severity_step_length", length]  # fmt: skip
+    name = "estimator" if length == "fixed" else f"estimator-{length}"
+    return [Run(name, r, flags, out / "horizon_runs" / name / f"seed{r}") for r in range(repeats)]
+
+
+def estimator_line(length: str, runs: list[Run], steps: int) -> tuple[dict, str]:
+    """The estimator's per-run signal-to-noise and their pooled z (sum over sqrt(runs))."""
+    per_run = [{k: r.result["history"][0].get(k) for k in
+                ("hypergrad_updates", "hypergrad_mu_mean", "hypergrad_mu_se", "hypergrad_snr")}
+               for r in runs]  # fmt: skip
+    pooled = sum(h["hypergrad_snr"] for h in per_run) / math.sqrt(len(per_run))
+    snrs = ", ".join(f"{h['hypergrad_snr']:+.2f}" for h in per_run)
+    line = f"- step length {length}: SNR per seed {snrs}; pooled z {pooled:+.2f}"
+    return {"steps": steps, "runs": per_run, "pooled z": pooled}, line
 
 
 def main() -> None:
@@ -116,9 +131,10 @@ def main() -> None:
             Path(args.out) / "horizon_runs" / f"K{k}_s{s:g}" / f"seed{r}")
         for k in args.steps for r in range(args.repeats) for s in (args.low, HIGH)
     ]  # fmt: skip
-    estimators = (estimator_runs(start, args.estimator_steps, args.repeats, Path(args.out))
-                  if args.estimator_steps else [])  # fmt: skip
-    run_all(runs + estimators, jobs=2, reuse=True)
+    estimators = {length: estimator_runs(start, args.estimator_steps, args.repeats,
+                                         Path(args.out), length)
+                  for length in (LENGTHS if args.estimator_steps else ())}  # fmt: skip
+    run_all(runs + [r for rs in estimators.values() for r in rs], jobs=2, reuse=True)
     nll = {(r.variant, r.seed): heldout_nll(r.finished().parent / "last.ckpt", heldout)
            for r in runs}  # fmt: skip
     base = heldout_nll(start, heldout)
@@ -136,29 +152,20 @@ def main() -> None:
                      f"{statistics.fmean(b for _, b in pairs):.4f}",
                      f"{d['mean']:+.4f} ± {d['se']:.4f}", f"{d['t']:+.1f}",
                      f"{sum(x > 0 for x in d['values'])}/{len(pairs)}"])  # fmt: skip
-    if estimators:
-        per_run = [r.result["history"][0] for r in estimators]
-        record["estimator"] = {
-            "steps": args.estimator_steps,
-            "runs": [{k: h.get(k) for k in ("hypergrad_updates", "hypergrad_mu_mean",
-                                            "hypergrad_mu_se", "hypergrad_snr")}
-                     for h in per_run],
-        }  # fmt: skip
     table = markdown_table(
         ["steps K", f"held-out NLL, s = {lo}", f"s = {hi}", "difference (mean ± se)", "t",
          "pairs > 0"], rows)  # fmt: skip
     text = (f"From {start} (held-out NLL {base:.4f}), AdamW at lr {LR:g}, {args.repeats} seeds "
             f"per K:\n\n{table}")  # fmt: skip
     if estimators:
-        snrs = ", ".join(f"{h['hypergrad_snr']:+.2f}" for h in record["estimator"]["runs"])
-        pooled = sum(h["hypergrad_snr"] for h in record["estimator"]["runs"]) / math.sqrt(
-            len(estimators)
-        )
-        record["estimator"]["pooled z"] = pooled
-        text += (f"\n\nThe held-out objective's hypergradient of mu at s = {HIGH:g} from "
-                 f"the same checkpoint, one per step over {args.estimator_steps} steps, per seed: "
-                 f"SNR {snrs} (pooled z {pooled:+.2f}; > 0: the severity is pushed down, as the "
-                 f"paired differences above say it should be).")  # fmt: skip
+        record["estimator"], lines = {}, []
+        for length, est in estimators.items():
+            record["estimator"][length], line = estimator_line(length, est, args.estimator_steps)
+            lines.append(line)
+        text += (f"\n\nThe held-out objective's hypergradient of mu at s = {HIGH:g} from the same "
+                 f"checkpoint, one per step over {args.estimator_steps} steps (> 0: the severity "
+                 "is pushed down, as the paired differences above say it should be):\n\n"
+                 + "\n".join(lines))  # fmt: skip
     print(text)
     out = Path(args.out)
     name = "horizon" if args.low == LOW else f"horizon-low{args.low:g}"

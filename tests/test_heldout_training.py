@@ -128,3 +128,20 @@ def test_heldout_resume_is_exact(cache, tmp_path) -> None:
         rb["history"][-1]["severity_mu"], abs=1e-6
     )
     assert ra["history"][-1]["severity_mu"] != ra["history"][0]["severity_mu"]
+
+
+def test_the_step_length_flag_reaches_the_hypergradient(cache, tmp_path) -> None:
+    """--severity_step_length free: the same run (seed, batches, draws) takes other severity
+    updates than with the length fixed; a value outside the two is refused in one line."""
+    bad = run_train(HELDOUT + ["--severity_step_length", "long"], cache)
+    assert bad.returncode == 2 and "invalid choice: 'long'" in bad.stderr
+    args = SMALL + HELDOUT + ["--max_steps_per_epoch", "4", "--severity_hyper_lr", "0.5"]
+    mus = {}
+    for length in ("fixed", "free"):
+        out = tmp_path / length
+        ok(run_train(args + ["--severity_step_length", length, "--ckpt_dir_base", str(out)], cache))
+        res = results(out / "learnable_augmix_jsd")
+        assert res["config"]["severity_step_length"] == length
+        mus[length] = [h["hypergrad_mu_mean"] for h in res["history"]]
+    assert all(m is not None for m in mus["fixed"] + mus["free"])
+    assert mus["fixed"] != mus["free"]

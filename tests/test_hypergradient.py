@@ -139,8 +139,10 @@ def _smooth_views(net, sev, x, mu: float, grad: bool) -> torch.Tensor:
         return torch.cat(aug.apply(x, params, s))
 
 
-def test_hypergradient_matches_a_finite_difference_of_the_lookahead() -> None:
-    """d/dmu of L_val(w + |a| a(mu)/|a(mu)|), a(mu) = -lr grad_w L_train(w, views(mu)), float64."""
+@pytest.mark.parametrize("fixed_length", [True, False])
+def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length: bool) -> None:
+    """d/dmu of L_val(w + |a| a(mu)/|a(mu)|), a(mu) = -lr grad_w L_train(w, views(mu)), float64;
+    with the length free, of L_val(w + a(mu))."""
     net, sev, x, y, xh, yh, valid = _setup()
     model = net.model
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
@@ -158,7 +160,7 @@ def test_hypergradient_matches_a_finite_difference_of_the_lookahead() -> None:
     def lookahead_loss(mu: float) -> float:
         """The step's direction follows mu, its length is held at the actual one (module doc)."""
         a = step(mu)
-        scale = length / math.sqrt(sum(float((t**2).sum()) for t in a))
+        scale = length / math.sqrt(sum(float((t**2).sum()) for t in a)) if fixed_length else 1.0
         state = {n: p.detach() + scale * t for (n, p), t in zip(model.named_parameters(), a)}
         logits = torch.func.functional_call(model, state, (xh,))
         ce = nn.functional.cross_entropy(logits, yh, reduction="none")
@@ -173,7 +175,9 @@ def test_hypergradient_matches_a_finite_difference_of_the_lookahead() -> None:
     opt.zero_grad()
     _train_loss(net.classify(views.detach()), y).backward()
     opt.step()
-    result = severity_hypergradient(net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0)
+    result = severity_hypergradient(
+        net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0, fixed_length=fixed_length
+    )
     assert result.finite
     assert abs(expected) > 1e-7, "degenerate check: the lookahead does not depend on mu"
     # Evaluated around w' instead of w (an O(lr) difference, ~0.2 % here); and pixels that cross

@@ -297,6 +297,13 @@ class SeveritySettings:
         "lookahead on its own held-out batch (less noise; N x the cost per update)",
         check=at_least(1),
     )
+    severity_step_length: str = flag(
+        "fixed",
+        "heldout: the lookahead's step length held fixed, the severity choosing its direction "
+        "only (fixed: plain DARTS rewarded longer steps), or free to follow the severity as the "
+        "optimiser's step does (docs/studies.md: the horizon probe)",
+        choices=("fixed", "free"),
+    )
     severity_hyper_lr: float = flag(
         0.05,
         "heldout: Adam learning rate of (mu, log_sigma), log-severity per update",

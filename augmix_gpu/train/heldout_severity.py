@@ -132,6 +132,7 @@ def severity_hypergradient(
     env: DistEnv,
     *,
     beta_jsd: float,
+    fixed_length: bool = True,
 ) -> Hypergradient:
     """``d L_val(w'(s)) / d (mu, log_sigma)`` for one lookahead; nothing is changed.
 
@@ -149,6 +150,8 @@ def severity_hypergradient(
         heldout_images, heldout_labels, heldout_valid: this rank's held-out batch (normalised
             images ``[H,3,h,w]``; ``valid`` marks real samples, False for padding).
         beta_jsd: the JSD weight of the training loss.
+        fixed_length: the step's length held fixed (the default: the module docstring says
+            why); False lets it follow the severity, as the real optimiser's step does.
     """
     named = [(n, p) for n, p in net.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -157,7 +160,7 @@ def severity_hypergradient(
     v, heldout_loss = heldout_gradient(
         net, params, heldout_images, heldout_labels, heldout_valid, env
     )
-    c = lookahead_direction(optimizer, params, v)
+    c = lookahead_direction(optimizer, params, v, fixed_length=fixed_length)
     mixed = mixed_derivative(net, named, c, views, labels, beta_jsd)
 
     # 4. Through AugMix to (mu, log_sigma), averaged over ranks.
@@ -194,12 +197,15 @@ def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[
 
 
 def lookahead_direction(
-    optimizer: torch.optim.Optimizer, params: list[Tensor], v: Tensor
+    optimizer: torch.optim.Optimizer, params: list[Tensor], v: Tensor, *, fixed_length: bool = True
 ) -> list[Tensor]:
     """2. c = J v - (v^T a / |a|^2) J a with a = J g the step: the change of w' along v per unit
-    change of the training gradient, the step's length held fixed (see the module docstring)."""
+    change of the training gradient, the step's length held fixed (see the module docstring);
+    ``fixed_length=False``: c = J v, the step as the optimiser's linearised update makes it."""
     jac = update_jacobian(optimizer)
     vs = _split(v, params)
+    if not fixed_length:
+        return [jac[p] * vv for p, vv in zip(params, vs)]
     a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
     v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
     coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
@@ -305,6 +311,7 @@ class HeldoutSeverityUpdater:
         lr: float,
         beta_jsd: float,
         lookaheads: int = 1,
+        fixed_length: bool = True,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -314,6 +321,7 @@ class HeldoutSeverityUpdater:
             raise ValueError("the held-out objective needs a LearnableSeverity in the augmenter")
         self.net, self.loader, self.env = net, heldout_loader, env
         self.every, self.lookaheads, self.beta_jsd = int(every), int(lookaheads), float(beta_jsd)
+        self.fixed_length = bool(fixed_length)
         # fused: a skipped update (non-finite) is skipped on the device, no host read
         self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr, fused=True)
         self._batches: Any = None
@@ -365,7 +373,7 @@ class HeldoutSeverityUpdater:
         images, h_labels, valid = self._heldout_batch(self._batch_index(global_step))
         result = severity_hypergradient(
             self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,
-            self.env, beta_jsd=self.beta_jsd,
+            self.env, beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
         )  # fmt: skip
         bad = ~result.finite if step_skipped is None else step_skipped | ~result.finite
         self._sums += torch.stack(

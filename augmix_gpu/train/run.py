@@ -126,7 +126,8 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
     if heldout_loader is not None:
         updater = HeldoutSeverityUpdater(net, heldout_loader, env, every=sev.severity_update_every,
                                          lr=sev.severity_hyper_lr, beta_jsd=settings.augment.beta_jsd,
-                                         lookaheads=sev.severity_lookaheads)  # fmt: skip
+                                         lookaheads=sev.severity_lookaheads,
+                                         fixed_length=sev.severity_step_length == "fixed")  # fmt: skip
     run = settings.run
     return Run(
         settings=settings,
