@@ -29,7 +29,8 @@ of the update, not its size. Why: a stronger severity makes the JSD gradient lar
 length free (plain DARTS) the lookahead rewards any larger step that is positively aligned with
 the held-out gradient: in the pilot runs plain DARTS pushed a start at s = 8 into the bound within
 3 epochs. Adam's step length does not follow the gradient's scale beyond a few hundred steps
-anyway, and with SGD the schedule sets it. (A greedy one-step objective is biased towards what helps the next step, the short-horizon bias
+anyway, and with SGD the schedule sets it. ``--severity_step_length free`` leaves the length to
+the severity (``c = J v``); on the horizon probe both read the same (docs/studies.md). (A greedy one-step objective is biased towards what helps the next step, the short-horizon bias
 of Wu et al. 2018; docs/studies.md has what the studies measured.)
 
 Cost per update: one held-out forward/backward (eval mode, no AugMix), one forward/backward of the
