@@ -20,9 +20,11 @@ estimator see what the pairs see?
     python benchmarks/severity_study_horizon.py            # needs the study's fixed_s8 seed 0 run
     python benchmarks/severity_study_horizon.py --steps 1 10 30 90 --repeats 5
     python benchmarks/severity_study_horizon.py --low 6 --steps 1 10 --estimator_steps 0  # local
+    python benchmarks/severity_study_horizon.py --steps 1 10 --lengths fixed --tag sgd \
+        --extra --optimizer sgd --momentum 0 --lr 0.05          # no momentum: a one-step lookahead is exact
 
 Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md`` (with ``--low``:
-``horizon-low<LOW>.*``); the runs go under ``horizon_runs/`` (not committed) and are reused.
+``horizon-low<LOW>.*``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under ``horizon_runs/`` (not committed) and are reused.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def parse() -> argparse.Namespace:
                    help="the lower severity of each pair (the other is 8); not 0.8: the files "
                         "are named horizon-low<LOW>")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=LENGTHS,
+                   help="the estimator's --severity_step_length values")  # fmt: skip
+    p.add_argument("--tag", default="",
+                   help="a name for a variant (its runs and files: horizon-<TAG>.*), with --extra")  # fmt: skip
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more train.py flags for every run (e.g. --optimizer sgd --lr 0.05)")  # fmt: skip
     p.add_argument("--estimator_steps", type=int, default=90,
                    help="and the held-out objective's own hypergradient at s = 8 from the same "
                         "checkpoint, one per step for this many steps (0: skip)")  # fmt: skip
@@ -68,41 +76,53 @@ def difference_stats(d: list[float]) -> dict:
     return {"values": d, "mean": mean, "se": se, "t": mean / se if se > 0 else float("nan")}
 
 
-def heldout_nll(ckpt: Path, heldout: Path) -> float:
-    """The held-out split's NLL (the objective's loss) of a checkpoint, as the study reads it."""
+def heldout_nll(ckpt: Path, heldout: Path, statistics_of: Path | None = None) -> float:
+    """The held-out split's NLL (the objective's loss) of a checkpoint, as the study reads it;
+    ``statistics_of``: with the BatchNorm running statistics of that checkpoint instead of its
+    own (the weights' part of a change alone: a training step also moves those statistics toward
+    its views', which the held-out objective's lookahead leaves out)."""
     import json
 
     from severity_study_eval import _logits, scores
+    from torch.nn.modules.batchnorm import _BatchNorm
 
     from augmix_gpu.eval.model import load_checkpoint_model
 
     loaded = load_checkpoint_model(ckpt, "cpu")
+    if statistics_of is not None:
+        other = dict(load_checkpoint_model(statistics_of, "cpu").model.named_modules())
+        for name, m in loaded.model.named_modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.copy_(other[name].running_mean)
+                m.running_var.copy_(other[name].running_var)
     cfg = json.loads((ckpt.parent / "config.json").read_text())
     held = _logits(loaded.model, heldout, "corrupted", classes=loaded.classes,
                    crop=cfg["crop_size"], resize=cfg["val_resize"])  # fmt: skip
     return scores(*held)["nll"]
 
 
-def segment_flags(start: Path, steps: int) -> list[str]:
-    """K steps from ``start`` at the study's budget: a fresh AdamW at ``LR``, constant."""
+def segment_flags(start: Path, steps: int, extra: list[str]) -> list[str]:
+    """K steps from ``start`` at the study's budget: a fresh AdamW at ``LR``, constant (unless
+    ``extra`` says otherwise)."""
     return [*BUDGET, "--synthetic_shift", "none", "--no_c_eval", "--epochs", "1",
             "--pretrained", str(start), "--max_steps_per_epoch", str(steps),
-            "--schedule", "constant", "--warmup_epochs", "0", "--lr", f"{LR:g}"]  # fmt: skip
+            "--schedule", "constant", "--warmup_epochs", "0", "--lr", f"{LR:g}", *extra]  # fmt: skip
 
 
 LENGTHS = ("fixed", "free")  # --severity_step_length: the estimator both ways
 
 
-def estimator_runs(start: Path, steps: int, repeats: int, out: Path, length: str) -> list[Run]:
+def estimator_runs(start: Path, steps: int, repeats: int, out: Path, length: str,
+                   extra: list[str]) -> list[Run]:  # fmt: skip
     """The held-out objective at s = 8 from the same checkpoint and optimiser settings, one
     hypergradient per step (``--severity_update_every 1``) and a hyper learning rate too small to
     move the severity: its per-run mean, standard error and SNR over ``steps`` updates."""
-    flags = [*segment_flags(start, steps), "--aug_type", "learnable_augmix_jsd",
+    flags = [*segment_flags(start, steps, extra), "--aug_type", "learnable_augmix_jsd",
              "--severity_objective", "heldout", "--initial_aug_severity", f"{HIGH:g}",
              "--severity_update_every", "1", "--severity_hyper_lr", "1e-9",
              "--severity_step_length", length]  # fmt: skip
     name = "estimator" if length == "fixed" else f"estimator-{length}"
-    return [Run(name, r, flags, out / "horizon_runs" / name / f"seed{r}") for r in range(repeats)]
+    return [Run(name, r, flags, out / name / f"seed{r}") for r in range(repeats)]
 
 
 def estimator_line(length: str, runs: list[Run], steps: int) -> tuple[dict, str]:
@@ -125,38 +145,44 @@ def main() -> None:
         )
     study_args = argparse.Namespace(shift="none", epochs=12, extra=[])
     heldout, _, _ = prepare_sets(study_args)
+    runs_dir = Path(args.out) / "horizon_runs" / args.tag  # the tag's own runs
     runs = [
         Run(f"K{k}_s{s:g}", r,
-            [*segment_flags(start, k), "--aug_type", "augmix_jsd", "--initial_aug_severity", f"{s:g}"],
-            Path(args.out) / "horizon_runs" / f"K{k}_s{s:g}" / f"seed{r}")
+            [*segment_flags(start, k, args.extra), "--aug_type", "augmix_jsd", "--initial_aug_severity", f"{s:g}"],
+            runs_dir / f"K{k}_s{s:g}" / f"seed{r}")
         for k in args.steps for r in range(args.repeats) for s in (args.low, HIGH)
     ]  # fmt: skip
-    estimators = {length: estimator_runs(start, args.estimator_steps, args.repeats,
-                                         Path(args.out), length)
-                  for length in (LENGTHS if args.estimator_steps else ())}  # fmt: skip
+    estimators = {length: estimator_runs(start, args.estimator_steps, args.repeats, runs_dir,
+                                         length, args.extra)
+                  for length in (args.lengths if args.estimator_steps else ())}  # fmt: skip
     run_all(runs + [r for rs in estimators.values() for r in rs], jobs=2, reuse=True)
-    nll = {(r.variant, r.seed): heldout_nll(r.finished().parent / "last.ckpt", heldout)
-           for r in runs}  # fmt: skip
     base = heldout_nll(start, heldout)
     lo, hi = f"{args.low:g}", f"{HIGH:g}"
     record = {"benchmark": "severity_study_horizon", "args": vars(args),
               "environment": environment_info(), "start": str(start), "lr": LR,
               "start held-out NLL": base, "steps": {}}  # fmt: skip
-    rows = []
-    for k in args.steps:
-        pairs = [(nll[(f"K{k}_s{lo}", r)], nll[(f"K{k}_s{hi}", r)]) for r in range(args.repeats)]
-        d = difference_stats([b - a for a, b in pairs])
-        record["steps"][str(k)] = {f"s={lo}": [a for a, _ in pairs],
-                                   f"s={hi}": [b for _, b in pairs], "difference": d}  # fmt: skip
-        rows.append([str(k), f"{statistics.fmean(a for a, _ in pairs):.4f}",
-                     f"{statistics.fmean(b for _, b in pairs):.4f}",
-                     f"{d['mean']:+.4f} ± {d['se']:.4f}", f"{d['t']:+.1f}",
-                     f"{sum(x > 0 for x in d['values'])}/{len(pairs)}"])  # fmt: skip
-    table = markdown_table(
-        ["steps K", f"held-out NLL, s = {lo}", f"s = {hi}", "difference (mean ± se)", "t",
-         "pairs > 0"], rows)  # fmt: skip
-    text = (f"From {start} (held-out NLL {base:.4f}), AdamW at lr {LR:g}, {args.repeats} seeds "
-            f"per K:\n\n{table}")  # fmt: skip
+    how = f"AdamW at lr {LR:g}" + (f", then {' '.join(args.extra)}" if args.extra else "")
+    text = f"From {start} (held-out NLL {base:.4f}), {how}, {args.repeats} seeds per K."
+    readings = {"as trained": None, "weights only (the start's BatchNorm statistics)": start}
+    for reading, statistics_of in readings.items():
+        nll = {(r.variant, r.seed): heldout_nll(r.finished().parent / "last.ckpt", heldout,
+                                                statistics_of) for r in runs}  # fmt: skip
+        rows, record["steps"][reading] = [], {}
+        for k in args.steps:
+            pairs = [(nll[(f"K{k}_s{lo}", r)], nll[(f"K{k}_s{hi}", r)])
+                     for r in range(args.repeats)]  # fmt: skip
+            d = difference_stats([b - a for a, b in pairs])
+            record["steps"][reading][str(k)] = {f"s={lo}": [a for a, _ in pairs],
+                                                f"s={hi}": [b for _, b in pairs],
+                                                "difference": d}  # fmt: skip
+            rows.append([str(k), f"{statistics.fmean(a for a, _ in pairs):.4f}",
+                         f"{statistics.fmean(b for _, b in pairs):.4f}",
+                         f"{d['mean']:+.4f} ± {d['se']:.4f}", f"{d['t']:+.1f}",
+                         f"{sum(x > 0 for x in d['values'])}/{len(pairs)}"])  # fmt: skip
+        table = markdown_table(
+            ["steps K", f"held-out NLL, s = {lo}", f"s = {hi}", "difference (mean ± se)", "t",
+             "pairs > 0"], rows)  # fmt: skip
+        text += f"\n\nHeld-out NLL {reading}:\n\n{table}"
     if estimators:
         record["estimator"], lines = {}, []
         for length, est in estimators.items():
@@ -168,7 +194,8 @@ def main() -> None:
                  + "\n".join(lines))  # fmt: skip
     print(text)
     out = Path(args.out)
-    name = "horizon" if args.low == LOW else f"horizon-low{args.low:g}"
+    name = "horizon" + ("" if args.low == LOW else f"-low{args.low:g}")
+    name += f"-{args.tag}" if args.tag else ""
     (out / f"{name}.md").write_text(text + "\n")
     write_json(out / f"{name}.json", record)
     print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}")
