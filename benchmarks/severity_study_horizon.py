@@ -6,12 +6,14 @@ hypergradient from s = 8 averaged zero. This probe measures the horizon directly
 numbers: from one trained checkpoint, K training steps at s = 0.8 and the same K steps (same
 batches, same AugMix draws, only the magnitudes differ) at s = 8, then the held-out NLL of both.
 The difference d(K) = NLL(s = 8) - NLL(s = 0.8), over ``--repeats`` seeds (other batches and
-draws), says how fast the severity's effect builds up: near zero at K = 1 and clearly positive at
-larger K is the short-horizon bias of a one-step hypergradient, measured.
+draws), says how fast the severity's effect builds up (near zero at K = 1 and clearly positive
+at larger K would be the short-horizon bias of a one-step hypergradient; it is not what was found:
+docs/studies.md). Each run is read twice: as trained, and with the start's BatchNorm running
+statistics put back (the weights' change alone, which is all a lookahead models).
 
 Every run starts from the same weights with a fresh AdamW at a constant learning rate (the
-schedule's value two thirds into a run: ``LR``), so the only difference within a pair is the
-severity.
+schedule's value two thirds into a run: ``LR``; ``--extra`` changes the optimiser), so the only
+difference within a pair is the severity.
 
 Beside the pairs, the held-out objective's own hypergradient at s = 8 from the same checkpoint
 and optimiser settings (``--estimator_steps``: one per step, the severity held in place): does the
@@ -21,10 +23,11 @@ estimator see what the pairs see?
     python benchmarks/severity_study_horizon.py --steps 1 10 30 90 --repeats 5
     python benchmarks/severity_study_horizon.py --low 6 --steps 1 10 --estimator_steps 0  # local
     python benchmarks/severity_study_horizon.py --steps 1 10 --lengths fixed --tag sgd \
-        --extra --optimizer sgd --momentum 0 --lr 0.05          # no momentum: a one-step lookahead is exact
+        --extra --optimizer sgd --momentum 0 --lr 0.05   # no momentum: one step is the lookahead
 
-Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md`` (with ``--low``:
-``horizon-low<LOW>.*``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under ``horizon_runs/`` (not committed) and are reused.
+Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md`` (with
+``--low``: ``horizon-low<LOW>.*``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under
+``horizon_runs/`` (not committed) and are reused.
 """
 
 from __future__ import annotations
