@@ -40,6 +40,11 @@ def summarize(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def pooled_z(snrs: Sequence[float]) -> float:
+    """Independent signal-to-noise ratios pooled into one z: their sum over sqrt(their number)."""
+    return sum(snrs) / math.sqrt(len(snrs))
+
+
 def beyond_spread(a: Sequence[float], b: Sequence[float]) -> bool:
     """|mean_a - mean_b| > 2 standard errors of the difference (Welch): a coarse screen."""
     if len(a) < 2 or len(b) < 2:

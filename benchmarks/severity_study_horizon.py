@@ -33,6 +33,7 @@ Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -40,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_info, markdown_table, write_json  # noqa: E402
-from _study import REPO, Run, run_all  # noqa: E402
+from _study import REPO, Run, pooled_z, run_all  # noqa: E402
 from severity_study_shift import BUDGET, prepare_sets  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "severity_study_shift"
@@ -79,6 +80,18 @@ def difference_stats(d: list[float]) -> dict:
     return {"values": d, "mean": mean, "se": se, "t": mean / se if se > 0 else float("nan")}
 
 
+@functools.lru_cache(maxsize=4)
+def _batchnorm_statistics(ckpt: Path) -> dict:
+    """{module name: (running mean, running var)} of a checkpoint's BatchNorm layers, read once."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from augmix_gpu.eval.model import load_checkpoint_model
+
+    model = load_checkpoint_model(ckpt, "cpu").model
+    return {n: (m.running_mean.clone(), m.running_var.clone())
+            for n, m in model.named_modules() if isinstance(m, _BatchNorm)}  # fmt: skip
+
+
 def heldout_nll(ckpt: Path, heldout: Path, statistics_of: Path | None = None) -> float:
     """The held-out split's NLL (the objective's loss) of a checkpoint, as the study reads it;
     ``statistics_of``: with the BatchNorm running statistics of that checkpoint instead of its
@@ -93,11 +106,11 @@ def heldout_nll(ckpt: Path, heldout: Path, statistics_of: Path | None = None) ->
 
     loaded = load_checkpoint_model(ckpt, "cpu")
     if statistics_of is not None:
-        other = dict(load_checkpoint_model(statistics_of, "cpu").model.named_modules())
+        start_stats = _batchnorm_statistics(statistics_of)
         for name, m in loaded.model.named_modules():
             if isinstance(m, _BatchNorm):
-                m.running_mean.copy_(other[name].running_mean)
-                m.running_var.copy_(other[name].running_var)
+                m.running_mean.copy_(start_stats[name][0])
+                m.running_var.copy_(start_stats[name][1])
     cfg = json.loads((ckpt.parent / "config.json").read_text())
     held = _logits(loaded.model, heldout, "corrupted", classes=loaded.classes,
                    crop=cfg["crop_size"], resize=cfg["val_resize"])  # fmt: skip
@@ -133,7 +146,7 @@ def estimator_line(length: str, runs: list[Run], steps: int) -> tuple[dict, str]
     per_run = [{k: r.result["history"][0].get(k) for k in
                 ("hypergrad_updates", "hypergrad_mu_mean", "hypergrad_mu_se", "hypergrad_snr")}
                for r in runs]  # fmt: skip
-    pooled = sum(h["hypergrad_snr"] for h in per_run) / math.sqrt(len(per_run))
+    pooled = pooled_z([h["hypergrad_snr"] for h in per_run])
     snrs = ", ".join(f"{h['hypergrad_snr']:+.2f}" for h in per_run)
     line = f"- step length {length}: SNR per seed {snrs}; pooled z {pooled:+.2f}"
     return {"steps": steps, "runs": per_run, "pooled z": pooled}, line

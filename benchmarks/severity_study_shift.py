@@ -42,7 +42,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_info, markdown_table, write_json  # noqa: E402
-from _study import REPO, Run, quadratic_fit, run_all, summarize_runs, welch  # noqa: E402
+from _study import (  # noqa: E402
+    REPO,
+    Run,
+    pooled_z,
+    quadratic_fit,
+    run_all,
+    summarize,
+    summarize_runs,
+    welch,
+)
 from severity_study import LEARNED, final_severity  # noqa: E402
 
 from augmix_gpu.data.synthetic import SHIFTS  # noqa: E402
@@ -119,6 +128,15 @@ MCE = "mean corruption error"
 # judged on finding its own optimum. Each with its print digits and its files' suffix.
 JUDGED = {MCE: 1, "-C NLL": 3, "held-out NLL": 3}
 SUFFIX = {MCE: "", "-C NLL": "-nll", "held-out NLL": "-heldout-nll"}
+# The metrics the Welch comparisons cover
+COMPARED = (
+    "clean error",
+    MCE,
+    "-C NLL",
+    "-C RMS calib.",
+    "-C RMS calib. (T-scaled)",
+    "held-out NLL",
+)
 
 
 def parse() -> argparse.Namespace:
@@ -271,14 +289,7 @@ def comparisons(summary: dict, fit: dict) -> dict:
             continue
         out["rows"][v] = {
             m: welch(metrics[m]["values"], summary[ref][m]["values"])
-            for m in (
-                "clean error",
-                MCE,
-                "-C NLL",
-                "-C RMS calib.",
-                "-C RMS calib. (T-scaled)",
-                "held-out NLL",
-            )
+            for m in COMPARED
             if metrics.get(m) and summary[ref].get(m) and len(metrics[m]["values"]) > 1
         }
     return out
@@ -299,11 +310,10 @@ def hypergradient_signal(runs: list[Run]) -> dict:
         pooled = [x for xs in per_run for x in xs]
         if len(pooled) < 2:
             continue
-        mean = sum(pooled) / len(pooled)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in pooled) / (len(pooled) - 1))
+        mean, sd = summarize(pooled)
         out[v] = {"epochs": len(pooled), "mean SNR": mean, "se": sd / math.sqrt(len(pooled)),
                   "share > 0": sum(x > 0 for x in pooled) / len(pooled),
-                  "pooled z per run": [sum(xs) / math.sqrt(len(xs)) for xs in per_run]}  # fmt: skip
+                  "pooled z per run": [pooled_z(xs) for xs in per_run]}  # fmt: skip
     return out
 
 
