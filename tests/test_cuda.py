@@ -269,11 +269,12 @@ def test_the_collectives_on_a_one_rank_nccl_group(tmp_path) -> None:
         all_reduce_sum,
         any_rank,
         broadcast_object,
+        start_process_group,
     )
 
     device = torch.device("cuda", 0)
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
+    start_process_group(backend="nccl", store=store, rank=0, world_size=1, device_id=device)
     try:
         env = DistEnv(0, 0, 1, device, "nccl", dist.new_group(backend="gloo"))
         counts = torch.arange(4.0, device=device)

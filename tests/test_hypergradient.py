@@ -15,7 +15,7 @@ from torch import nn
 from augmix_gpu.augment.augmix import AugMixBatch
 from augmix_gpu.augment.losses import augmix_objective
 from augmix_gpu.augment.severity import LearnableSeverity
-from augmix_gpu.distributed import DistEnv
+from augmix_gpu.distributed import DistEnv, start_process_group
 from augmix_gpu.models import TinyResNet
 from augmix_gpu.train.heldout_severity import (
     mixed_derivative,
@@ -239,7 +239,7 @@ def _hyper_on(rank: int, world: int):
 
 def _worker(rank: int, world: int, init: str, queue) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    start_process_group(backend="gloo", init_method=init, rank=rank, world_size=world)
     try:
         result, mu = _hyper_on(rank, world)
         values = (result.grad_mu, result.grad_log_sigma, result.heldout_loss)
