@@ -573,3 +573,32 @@ def test_the_gradient_path_and_the_in_place_path_agree():
     assert tracked[1].requires_grad and not plain[1].requires_grad
     for u, v in zip(plain, tracked):
         torch.testing.assert_close(u, v.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "static", "fused"])
+def test_a_subset_draws_only_its_ops_and_applies_them_as_the_whole_set_does(strategy):
+    """``ops=``: the chains draw from the named ops alone (in the table's order, whatever the
+    order given), and a draw runs as the same draw does in the paper's 9 (its ops' indices mapped
+    there), which test_ops pins to PIL: equalize (statistics), rotate and translate_y (the warp),
+    solarize (a threshold) cover each kind of op; every form, learnable severity's gradient too."""
+    if strategy == "fused" and not _fused_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py)")
+    names = ["equalize", "rotate", "solarize", "translate_y"]
+    sub = AugMixBatch(ops=list(reversed(names)), strategy=strategy)
+    full = AugMixBatch(strategy=strategy)
+    assert sub.op_names == tuple(names)
+    p = sub.sample_params(8, gen(3))
+    assert sorted(p.ops.unique().tolist()) == [0, 1, 2, 3]  # each drawn, nothing else
+    to_full = torch.tensor([AUGMENTATIONS.index(n) for n in names])
+    mapped = AugMixParams(to_full[p.ops], p.depth, p.level_u, p.signs, p.weights, p.mix)
+    x = natural_batch(8, 16, seed=5)
+    grads = []
+    for aug, params in ((sub, p), (full, mapped)):
+        s = torch.full((8,), 6.0, requires_grad=True)
+        views = aug.apply(x, params, s)
+        torch.stack([(v * v).mean() for v in views[1:]]).sum().backward()
+        grads.append((views, s.grad))
+    for u, v in zip(grads[0][0], grads[1][0]):
+        torch.testing.assert_close(u, v, atol=0, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=0, rtol=0)
+    assert grads[0][1].abs().sum() > 0

@@ -303,3 +303,13 @@ def test_cifar_c_layout_errors(tmp_path):
     np.save(tmp_path / "labels.npy", np.zeros(10, dtype=np.int64))
     with pytest.raises(DatasetError, match=r"missing .*fog\.npy"):
         check_cifar_c_layout(tmp_path, ["fog"])
+
+
+def test_the_report_names_the_op_subset_a_model_was_trained_with():
+    from augmix_gpu.eval.model import ModelCard, describe_model
+
+    card = ModelCard.from_settings({"all_ops": False, "aug_ops": ["rotate", "equalize"]})
+    assert describe_model(card, None)["ops"] == "only rotate, equalize"
+    assert describe_model(ModelCard.from_settings({"all_ops": False}), None)["ops"] == (
+        "paper's 9 ops (no overlap with ImageNet-C)"
+    )

@@ -185,3 +185,29 @@ def test_a_presets_true_switches_off_on_the_command_line(tmp_path):
     assert off.model.channels_last is False
     again = resolve_settings(["--config", str(preset), "--no-channels_last", "--channels_last"])
     assert again.model.channels_last is True
+
+
+def test_aug_ops_names_the_ops_the_augmenter_draws():
+    """--aug_ops: a subset of the table (its order kept), refused with --all_ops, twice-named or
+    unknown ops; a run cannot resume under another set."""
+    from augmix_gpu.train.config import resume_conflicts
+    from augmix_gpu.train.run import build_augmenter
+
+    s = resolve_settings(["--aug_ops", "solarize", "rotate", "autocontrast"])
+    validate_settings(s, 1)
+    aug = build_augmenter(s.augment, s.severity, s.data.normalization)
+    assert aug.op_names == ("autocontrast", "rotate", "solarize")
+    default = resolve_settings([])
+    assert build_augmenter(default.augment, default.severity, "imagenet").op_names == tuple(
+        n for n in ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x",
+                    "shear_y", "translate_x", "translate_y")
+    )  # fmt: skip
+    assert resume_conflicts(default, s) == [("aug_ops", [], ["solarize", "rotate", "autocontrast"])]
+    with pytest.raises(
+        ValueError, match=r"--aug_ops 'rotate': names the whole set: drop --all_ops"
+    ):
+        validate_settings(resolve_settings(["--aug_ops", "rotate", "--all_ops"]), 1)
+    with pytest.raises(ValueError, match="names an op more than once"):
+        resolve_settings(["--aug_ops", "rotate", "rotate"])
+    with pytest.raises(SystemExit):  # argparse: invalid choice, listing the names
+        resolve_settings(["--aug_ops", "blur"])

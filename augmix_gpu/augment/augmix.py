@@ -28,6 +28,7 @@ is folded into the mixing coefficients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -209,6 +210,8 @@ class AugMixBatch(nn.Module):
         depth: ops per chain; -1 draws 1..3 per chain (official ``mixture_depth``).
         alpha: Dirichlet / Beta concentration (official 1.0).
         all_ops: add color, contrast, brightness, sharpness (they overlap ImageNet-C).
+        ops: the names of the ops to draw from instead (``ops.OPS``; not with ``all_ops``), e.g.
+            the paper's 9 without posterize and solarize; every form runs any subset.
         severity: a float in (0, 10], or an ``nn.Module`` with
             ``rsample(batch_size, generator=None) -> Tensor`` ([] or [B], differentiable),
             e.g. ``augmix_gpu.LearnableSeverity``; its parameters register here.
@@ -249,6 +252,7 @@ class AugMixBatch(nn.Module):
         std: tuple[float, float, float] = IMAGENET_STD,
         strategy: str = "auto",
         levels: str = "continuous",
+        ops: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.width = check_int_at_least(width, "width", 1)
@@ -275,7 +279,7 @@ class AugMixBatch(nn.Module):
         self.strategy = strategy
         self.levels = _check_levels(levels, self.severity)
 
-        self.ops: tuple[Op, ...] = get_ops(self.all_ops)
+        self.ops: tuple[Op, ...] = get_ops(self.all_ops, ops)
         self._groups = OpGroups.of(self.ops)
         for name, table in op_tables(self.ops, self._groups, mean, std).items():
             self.register_buffer(name, table, persistent=False)
@@ -294,7 +298,7 @@ class AugMixBatch(nn.Module):
     def extra_repr(self) -> str:
         sev = self.severity if isinstance(self.severity, float) else type(self.severity).__name__
         return (
-            f"width={self.width}, depth={self.depth}, alpha={self.alpha}, all_ops={self.all_ops}, "
+            f"width={self.width}, depth={self.depth}, alpha={self.alpha}, ops={self.op_names}, "
             f"severity={sev}, normalize={self.normalize}, num_views={self.num_views}, "
             f"strategy={self.strategy}, levels={self.levels}"
         )

@@ -20,7 +20,7 @@ a separable box sum on the CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import kornia.enhance as KE
@@ -442,6 +442,21 @@ AUGMENTATIONS_ALL: tuple[str, ...] = tuple(OPS)
 GRADIENT_KINDS = ("exact", "straight_through", "none")
 
 
-def get_ops(all_ops: bool = False) -> tuple[Op, ...]:
-    """The op tuple AugMix draws from: the paper's 9, or all 13 with ``all_ops``."""
-    return tuple(OPS[n] for n in (AUGMENTATIONS_ALL if all_ops else AUGMENTATIONS))
+def get_ops(all_ops: bool = False, names: Sequence[str] | None = None) -> tuple[Op, ...]:
+    """The op tuple AugMix draws from: the paper's 9, all 13 with ``all_ops``, or the ops
+    ``names`` (a subset, e.g. to study what one op does), kept in the table's order so that the
+    same set draws the same chains whatever order it was written in."""
+    if names is None:
+        return tuple(OPS[n] for n in (AUGMENTATIONS_ALL if all_ops else AUGMENTATIONS))
+    names = list(names)
+    unknown = [n for n in names if n not in OPS]
+    if unknown or not names:
+        raise ValueError(
+            f"ops: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'no op named'}: "
+            f"expected names among {', '.join(OPS)}"
+        )
+    if len(set(names)) < len(names):
+        raise ValueError(f"ops: {names} names an op more than once")
+    if all_ops:
+        raise ValueError("ops and all_ops: pass one of them (ops names the whole set)")
+    return tuple(op for n, op in OPS.items() if n in names)

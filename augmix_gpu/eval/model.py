@@ -37,6 +37,7 @@ class ModelCard:
     arch: str | None = None
     aug_type: str | None = None
     all_ops: bool | None = None
+    aug_ops: list[str] | None = None  # a subset drawn instead (--aug_ops); [] or None: none
     crop_size: int | None = None
     val_resize: int | None = None
     normalization: str | None = None  # None (a checkpoint from before the setting): ImageNet's
@@ -71,7 +72,11 @@ def describe_model(card: ModelCard, weights_path: str | os.PathLike | None, **ex
         "sha256": file_sha256(weights_path) if weights_path else None,
         "aug_type": card.aug_type,
         "all_ops": card.all_ops,
-        "ops": OPS_DESCRIPTION.get(card.all_ops, "unknown (not recorded in the checkpoint)"),
+        "ops": (
+            "only " + ", ".join(card.aug_ops)
+            if card.aug_ops
+            else OPS_DESCRIPTION.get(card.all_ops, "unknown (not recorded in the checkpoint)")
+        ),
     }
     info.update(extra)
     return info

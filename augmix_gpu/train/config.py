@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..augment.augmix import LEVELS, STRATEGIES
+from ..augment.ops import AUGMENTATIONS_ALL
 from ..augment.severity import OBJECTIVES
 from ..checks import add_flags, at_least, check_flag_value, flag, flag_fields, positive
 from ..data.heldout import check_heldout_corruptions
@@ -242,6 +243,13 @@ class AugmentSettings:
         3.0, "fixed severity, or the learnable start", check=positive
     )
     all_ops: bool = flag(False, "add color/contrast/brightness/sharpness (overlap -C)")
+    aug_ops: list[str] = flag(
+        [],
+        "draw only these ops (not with --all_ops), e.g. to leave posterize and solarize out; "
+        "none given: the paper's 9, or all 13 with --all_ops",
+        choices=AUGMENTATIONS_ALL,
+        check=lambda v: None if len(set(v)) == len(v) else "names an op more than once",
+    )
     augmix_strategy: str = flag(
         "auto",
         "AugMix's form: grouped (one host sync per call), static (none), fused (Triton kernels, "
@@ -476,6 +484,7 @@ RESUME_MUST_MATCH = (
     ("model", "arch"),
     ("data", "dataset"),
     ("augment", "all_ops"),
+    ("augment", "aug_ops"),
     ("run", "batch"),
     ("severity", "severity_objective"),
 )
@@ -571,6 +580,8 @@ def validate_settings(s: Settings, world_size: int) -> None:
             "truncated magnitudes carry no gradient to a learnable severity: use --op_levels "
             "continuous, or a fixed severity (--aug_type augmix_jsd)",
         )
+    if s.augment.aug_ops and s.augment.all_ops:
+        raise _bad("aug_ops", " ".join(s.augment.aug_ops), "names the whole set: drop --all_ops")
     if s.optim.nesterov and (s.optim.optimizer != "sgd" or s.optim.momentum <= 0):
         raise _bad("nesterov", True, "needs --optimizer sgd and --momentum > 0")
     check_arch(s.model.arch)

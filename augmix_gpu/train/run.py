@@ -61,6 +61,7 @@ def build_augmenter(
         depth=augment.augmix_mixture_depth,
         alpha=1.0,
         all_ops=augment.all_ops,
+        ops=augment.aug_ops or None,
         severity=s,
         num_views=1 if augment.aug_type == "augmix" else 2,
         strategy=augment.augmix_strategy,
