@@ -3,6 +3,7 @@ same severity), and exact resume through the held-out updates."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -130,18 +131,23 @@ def test_heldout_resume_is_exact(cache, tmp_path) -> None:
     assert ra["history"][-1]["severity_mu"] != ra["history"][0]["severity_mu"]
 
 
-def test_the_step_length_flag_reaches_the_hypergradient(cache, tmp_path) -> None:
-    """--severity_step_length free: the same run (seed, batches, draws) takes other severity
-    updates than with the length fixed; a value outside the two is refused in one line."""
+def test_the_estimator_flags_reach_the_hypergradient(cache, tmp_path) -> None:
+    """--severity_step_length free and --severity_estimator paired: the same run (seed, batches,
+    draws) takes other severity updates than with the defaults (fixed, pathwise); a value outside
+    the choices is refused in one line."""
     bad = run_train(HELDOUT + ["--severity_step_length", "long"], cache)
     assert bad.returncode == 2 and "invalid choice: 'long'" in bad.stderr
     args = SMALL + HELDOUT + ["--max_steps_per_epoch", "4", "--severity_hyper_lr", "0.5"]
     mus = {}
-    for length in ("fixed", "free"):
-        out = tmp_path / length
-        ok(run_train(args + ["--severity_step_length", length, "--ckpt_dir_base", str(out)], cache))
+    for name, flags in (("default", []), ("free", ["--severity_step_length", "free"]),
+                        ("paired", ["--severity_estimator", "paired"])):  # fmt: skip
+        out = tmp_path / name
+        ok(run_train(args + flags + ["--ckpt_dir_base", str(out)], cache))
         res = results(out / "learnable_augmix_jsd")
-        assert res["config"]["severity_step_length"] == length
-        mus[length] = [h["hypergrad_mu_mean"] for h in res["history"]]
-    assert all(m is not None for m in mus["fixed"] + mus["free"])
-    assert mus["fixed"] != mus["free"]
+        config = res["config"]
+        assert (config["severity_step_length"], config["severity_estimator"]) == {
+            "default": ("fixed", "pathwise"), "free": ("free", "pathwise"),
+            "paired": ("fixed", "paired")}[name]  # fmt: skip
+        mus[name] = [h["hypergrad_mu_mean"] for h in res["history"]]
+        assert all(m is not None and math.isfinite(m) for m in mus[name])
+    assert mus["default"] != mus["free"] and mus["default"] != mus["paired"]

@@ -19,6 +19,7 @@ from augmix_gpu.distributed import DistEnv, start_process_group
 from augmix_gpu.models import TinyResNet
 from augmix_gpu.train.heldout_severity import (
     mixed_derivative,
+    paired_hypergradient,
     severity_hypergradient,
     update_jacobian,
 )
@@ -187,6 +188,88 @@ def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length
     with torch.no_grad():
         ce = nn.functional.cross_entropy(model(xh), yh, reduction="none")
     assert result.heldout_loss == pytest.approx(float((ce * valid).sum() / valid.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("fixed_length", [True, False])
+def test_paired_estimator_is_the_wide_difference_of_the_lookahead(fixed_length: bool) -> None:
+    """(L_val(w'(mu + d)) - L_val(w'(mu - d))) / 2d with d = 0.5, brute force: every op as
+    drawn (posterize, solarize, autocontrast, equalize too: no derivative is taken), the
+    severity s = exp(mu + sigma eps) for one eps; the estimator renders the step's draws again."""
+    net, sev, x, y, xh, yh, valid = _setup()
+    model, aug = net.model, net.augmenter
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, d = 1e-2, 0.5
+    mu0, sigma = sev.log_severity_mu.item(), float(sev.log_severity_log_sigma.detach().exp())
+    g = torch.Generator().manual_seed(4)
+    draws = aug.sample_params(B, generator=g)
+    eps = torch.randn((), generator=g, dtype=torch.float64)
+    names = aug.op_names
+    assert all((draws.ops == names.index(n)).any() for n in ("posterize", "solarize"))
+
+    def severity(mu: float) -> torch.Tensor:
+        return torch.exp(mu + sigma * eps)
+
+    def step(mu: float) -> list[torch.Tensor]:
+        views = torch.cat(aug.apply(x, draws, severity(mu)))
+        model.load_state_dict(w0)
+        grads = torch.autograd.grad(_train_loss(model(views), y), list(model.parameters()))
+        return [-lr * g for g in grads]
+
+    length = math.sqrt(sum(float((t**2).sum()) for t in step(mu0)))
+
+    def lookahead_loss(mu: float) -> float:
+        a = step(mu)
+        scale = length / math.sqrt(sum(float((t**2).sum()) for t in a)) if fixed_length else 1.0
+        state = {n: p.detach() + scale * t for (n, p), t in zip(model.named_parameters(), a)}
+        logits = torch.func.functional_call(model, state, (xh,))
+        ce = nn.functional.cross_entropy(logits, yh, reduction="none")
+        return float((ce * valid).sum() / valid.sum())
+
+    expected = (lookahead_loss(mu0 + d) - lookahead_loss(mu0 - d)) / (2 * d)
+
+    model.load_state_dict(w0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.zero_grad()
+    _train_loss(model(torch.cat(aug.apply(x, draws, severity(mu0)))), y).backward()
+    opt.step()
+    result = paired_hypergradient(
+        net, opt, x, draws, severity(mu0), y, xh, yh, valid, SINGLE, beta_jsd=12.0,
+        fixed_length=fixed_length, log_step=d,
+    )  # fmt: skip
+    assert result.finite
+    assert abs(expected) > 1e-6, "degenerate check: the lookahead does not depend on mu"
+    # Gradients taken around w' instead of w: an O(lr) difference, as for the pathwise estimator.
+    assert result.grad_mu == pytest.approx(expected, rel=0.03)
+    assert result.grad_log_sigma == pytest.approx(expected * sigma * float(eps), rel=0.03)
+    with torch.no_grad():
+        ce = nn.functional.cross_entropy(model(xh), yh, reduction="none")
+    assert result.heldout_loss == pytest.approx(float((ce * valid).sum() / valid.sum()), rel=1e-6)
+
+
+def test_paired_and_pathwise_agree_for_a_small_step_on_smooth_views() -> None:
+    """Where the ops are smooth in s (the pathwise test's views), the pair's slope over a small
+    log-step is the pathwise derivative: two computations, one quantity."""
+    net, sev, x, y, xh, yh, valid = _setup()
+    model, aug = net.model, net.augmenter
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    views = _smooth_views(net, sev, x, sev.log_severity_mu.item(), grad=True)
+    opt.zero_grad()
+    _train_loss(net.classify(views.detach()), y).backward()
+    opt.step()
+    pathwise = severity_hypergradient(net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0)
+    # the same draws as _smooth_views (same generator), the surrogate ops replaced the same way
+    g = torch.Generator().manual_seed(0)
+    s = sev.rsample(B, generator=g).detach()
+    draws = aug.sample_params(B, generator=g)
+    names = aug.op_names
+    for name in ("posterize", "solarize", "autocontrast", "equalize"):
+        draws.ops[draws.ops == names.index(name)] = names.index("rotate")
+    paired = paired_hypergradient(
+        net, opt, x, draws, s, y, xh, yh, valid, SINGLE, beta_jsd=12.0, log_step=1e-4
+    )
+    assert abs(float(pathwise.grad_mu)) > 1e-7
+    assert paired.grad_mu == pytest.approx(float(pathwise.grad_mu), rel=0.03)
+    assert paired.grad_log_sigma == pytest.approx(float(pathwise.grad_log_sigma), rel=0.03)
 
 
 def test_hypergradient_changes_nothing() -> None:

@@ -312,6 +312,16 @@ class SeveritySettings:
         "optimiser's step does (docs/studies.md: the horizon probe)",
         choices=("fixed", "free"),
     )
+    severity_estimator: str = flag(
+        "pathwise",
+        "heldout: the hypergradient as the derivative at the sampled severity (pathwise) or as "
+        "the slope between the step rendered again at s e^+-severity_log_step (paired: common "
+        "random numbers, no derivative of the ops; docs/learnable-severity.md)",
+        choices=("pathwise", "paired"),
+    )
+    severity_log_step: float = flag(
+        0.5, "heldout, paired: half the log-severity distance of the pair", check=positive
+    )
     severity_hyper_lr: float = flag(
         0.05,
         "heldout: Adam learning rate of (mu, log_sigma), log-severity per update",

@@ -176,6 +176,113 @@ def severity_hypergradient(
     return Hypergradient(heldout_loss.detach().float(), grads[0], grads[1], finite)
 
 
+ESTIMATORS = ("pathwise", "paired")
+
+
+def paired_hypergradient(
+    net: Any,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    draws: Any,
+    severity: Tensor,
+    labels: Tensor,
+    heldout_images: Tensor,
+    heldout_labels: Tensor,
+    heldout_valid: Tensor,
+    env: DistEnv,
+    *,
+    beta_jsd: float,
+    fixed_length: bool = True,
+    log_step: float = 0.5,
+) -> Hypergradient:
+    """The same lookahead's slope in log s measured over a wide step: the step's images and
+    draws rendered again at ``s e^log_step`` and ``s e^-log_step`` (common random numbers), each
+    pair of views' training gradient turned into the optimiser's step, and the held-out loss
+    after each: ``(L_val(w'+) - L_val(w'-)) / (log s+ - log s-)``; nothing is changed.
+
+    Why: :func:`severity_hypergradient`'s derivative at the sampled s was noise on the horizon
+    probe (pooled z -0.4 / +0.4 from s = 8, with and without the straight-through ops) while
+    paired runs one step apart at s = 0.8 and 8 told the severities apart (t = 2.6-3.2): the
+    held-out loss is rough in s at the scale of one batch and smooth at the scale of a log-step.
+    The difference needs no derivative of the ops (posterize's, solarize's surrogates included).
+
+    The lookahead is :func:`severity_hypergradient`'s: ``w'(s) = w' + a(s) - a`` with ``a = J g``
+    the step as the update Jacobian makes it (``fixed_length``: ``a(s)`` rescaled to ``|a|``), its
+    gradients taken at w' (train-mode BatchNorm, nothing updated) and averaged over ranks. The
+    chain rule gives both parameters: d log s / d mu = 1, d log s / d log sigma = log s - mu
+    (exact for one severity per batch; with ``--per_sample_severity``, the batch's mean of
+    ``log s_i - mu``). Cost: two training forward/backward passes and three held-out forwards.
+
+    Args:
+        images: the step's images as the augmenter took them; ``draws`` and ``severity``: that
+            call's ``AugMixParams`` and severity sample (``[]`` or ``[B]``).
+        log_step: half the log-severity distance between the two ends (0.5: x1.65 each way);
+            the upper end is clipped at the severity's bound.
+    """
+    named = [(n, p) for n, p in net.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    jac = update_jacobian(optimizer)
+    step = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+    length = torch.sqrt(sum((t.double() ** 2).sum() for t in step))
+    sev = net.severity
+    s = severity.detach().to(torch.promote_types(severity.dtype, torch.float32))
+    top = torch.full_like(s, float(sev.max_severity))
+    ends = (torch.minimum(s * math.exp(log_step), top), s * math.exp(-log_step))
+    losses = []
+    with torch.no_grad():
+        at_step = {n: p.detach() for n, p in named}
+        losses.append(heldout_loss_at(net, at_step, heldout_images, heldout_labels,
+                                      heldout_valid, env))  # fmt: skip
+        for end in ends:
+            views = torch.cat(net.augmenter.apply(images, draws, end))
+            grads = training_gradient(net, named, views, labels, beta_jsd, env)
+            moved = [jac[p] * g for p, g in zip(params, grads)]
+            scale = 1.0
+            if fixed_length:
+                norm = torch.sqrt(sum((t.double() ** 2).sum() for t in moved))
+                scale = (length / norm.clamp_min(1e-30)).to(params[0].dtype)
+            weights = {n: p.detach() + scale * m - a
+                       for (n, p), m, a in zip(named, moved, step)}  # fmt: skip
+            losses.append(heldout_loss_at(net, weights, heldout_images, heldout_labels,
+                                          heldout_valid, env))  # fmt: skip
+    span = (ends[0].log() - ends[1].log()).mean()
+    slope = (losses[1] - losses[2]) / span
+    spread = (s.log() - sev.log_severity_mu.detach().to(s.dtype)).mean()
+    grads = torch.stack([slope, slope * spread.to(slope.dtype)])
+    finite = torch.isfinite(grads).all() & torch.isfinite(losses[0])
+    grads = torch.where(finite, grads, torch.zeros_like(grads)).float()
+    return Hypergradient(losses[0].float(), grads[0], grads[1], finite)
+
+
+def training_gradient(net, named, views, labels, beta_jsd: float, env: DistEnv) -> list[Tensor]:
+    """grad_w of the training loss (CE + JSD) of ``views`` at the current weights, averaged over
+    ranks as DDP averages the step's: fp32, BatchNorm on the batch's statistics, none updated."""
+    params = [p for _, p in named]
+    with torch.enable_grad(), _batch_statistics_only(net.model):
+        logits = net.classify(views, model=_fp32(net.model))
+        loss = augmix_objective(logits, labels, jsd=True, beta_jsd=beta_jsd).total
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    flat = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+    )
+    all_reduce_sum(flat, env)
+    return _split(flat / env.world_size, params)
+
+
+def heldout_loss_at(net, weights, images, labels, valid, env: DistEnv) -> Tensor:
+    """The mean held-out CE of the network at ``weights`` ({name: tensor}), over the global
+    held-out batch: eval mode (running BatchNorm statistics), fp32."""
+    model = net.model
+    was_training = model.training
+    model.eval()
+    run = _fp32(lambda x: functional_call(model, weights, (x,)))
+    loss_sum = _masked_ce_sum(net.classify(images, model=run), labels, valid)
+    model.train(was_training)
+    flat = torch.stack([loss_sum, valid.sum().to(loss_sum.dtype)])
+    all_reduce_sum(flat, env)
+    return flat[0] / flat[1].clamp_min(1.0)
+
+
 def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
     """1. v = grad_w of the mean held-out CE at w', over the global held-out batch, and that CE.
 
@@ -313,7 +420,13 @@ class HeldoutSeverityUpdater:
         beta_jsd: float,
         lookaheads: int = 1,
         fixed_length: bool = True,
+        estimator: str = "pathwise",
+        log_step: float = 0.5,
     ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not log_step > 0:
+            raise ValueError(f"log_step must be > 0, got {log_step}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if not 1 <= lookaheads <= every:
@@ -323,6 +436,7 @@ class HeldoutSeverityUpdater:
         self.net, self.loader, self.env = net, heldout_loader, env
         self.every, self.lookaheads, self.beta_jsd = int(every), int(lookaheads), float(beta_jsd)
         self.fixed_length = bool(fixed_length)
+        self.estimator, self.log_step = estimator, float(log_step)
         # fused: a skipped update (non-finite) is skipped on the device, no host read
         self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr, fused=True)
         self._batches: Any = None
@@ -331,6 +445,11 @@ class HeldoutSeverityUpdater:
         self.skipped = torch.zeros((), device=device)
         # this cycle's sums: grad mu, grad log sigma, held-out loss, lookaheads not finite
         self._sums = torch.zeros(4, device=device)
+
+    @property
+    def pathwise(self) -> bool:
+        """The estimator differentiates the step's views (they must carry the severity's graph)."""
+        return self.estimator == "pathwise"
 
     def _steps_to_update(self, global_step: int) -> int:
         """0 at the step that ends a cycle (and updates the severity), else the steps until it."""
@@ -367,15 +486,31 @@ class HeldoutSeverityUpdater:
         labels: Tensor,
         global_step: int,
         step_skipped: Tensor | None = None,
+        images: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """One lookahead after the network's step ``global_step``, and at a cycle's end the update;
         what to log (the update's mean hypergradient, as 0-d device tensors; nothing before it).
-        ``step_skipped`` (the network's step was skipped): this cycle's update is skipped too."""
-        images, h_labels, valid = self._heldout_batch(self._batch_index(global_step))
-        result = severity_hypergradient(
-            self.net, net_optimizer, views, labels, normalize_images(images), h_labels, valid,
-            self.env, beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
-        )  # fmt: skip
+        ``step_skipped`` (the network's step was skipped): this cycle's update is skipped too.
+        ``views``: the step's, attached to the severity sample (``pathwise``); ``images``: the
+        step's images, which ``paired`` renders again with the augmenter's last draws."""
+        held, h_labels, valid = self._heldout_batch(self._batch_index(global_step))
+        held = normalize_images(held)
+        if self.estimator == "paired":
+            if images is None:
+                raise ValueError(
+                    "the paired estimator renders the step's images again: pass images"
+                )
+            aug = self.net.augmenter
+            result = paired_hypergradient(
+                self.net, net_optimizer, images, aug.last_params, aug.last_severity, labels, held,
+                h_labels, valid, self.env, beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
+                log_step=self.log_step,
+            )  # fmt: skip
+        else:
+            result = severity_hypergradient(
+                self.net, net_optimizer, views, labels, held, h_labels, valid, self.env,
+                beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
+            )  # fmt: skip
         bad = ~result.finite if step_skipped is None else step_skipped | ~result.finite
         self._sums += torch.stack(
             [result.grad_mu, result.grad_log_sigma, result.heldout_loss, bad.float()]

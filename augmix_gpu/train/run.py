@@ -128,7 +128,9 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
         updater = HeldoutSeverityUpdater(net, heldout_loader, env, every=sev.severity_update_every,
                                          lr=sev.severity_hyper_lr, beta_jsd=settings.augment.beta_jsd,
                                          lookaheads=sev.severity_lookaheads,
-                                         fixed_length=sev.severity_step_length == "fixed")  # fmt: skip
+                                         fixed_length=sev.severity_step_length == "fixed",
+                                         estimator=sev.severity_estimator,
+                                         log_step=sev.severity_log_step)  # fmt: skip
     run = settings.run
     return Run(
         settings=settings,

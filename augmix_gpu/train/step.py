@@ -229,8 +229,9 @@ def train_step(
     severity = net.severity
     updater = ctx.severity_updater
     hyper_step = updater is not None and updater.due(state.global_step)
-    if hyper_step:  # views attached to the severity sample; the network gets a detached copy
-        views = net.views(images, generator=ctx.generator, severity_grad=True)
+    if hyper_step:  # views attached to the severity sample (the pathwise estimator needs them;
+        # the paired one renders the images again); the network gets a detached copy
+        views = net.views(images, generator=ctx.generator, severity_grad=updater.pathwise)
         logits = ctx.ddp_net(images, views=views.detach())
     else:
         logits = ctx.ddp_net(images, generator=ctx.generator)
@@ -267,7 +268,7 @@ def train_step(
     out = {"loss": loss.detach(), "ce": parts.ce.detach(), "jsd": parts.jsd.detach(),
            "kl": parts.kl.detach(), "skipped": skip}  # fmt: skip
     if hyper_step:
-        out.update(updater.update(ctx.optimizer, views, labels, state.global_step, skip))
+        out.update(updater.update(ctx.optimizer, views, labels, state.global_step, skip, images))
     if severity is not None:
         out.update(severity.stats_tensors())
     # A stop (SIGTERM on any rank) is agreed host to host, so every rank stops at the same step.
