@@ -140,18 +140,14 @@ def _smooth_views(net, sev, x, mu: float, grad: bool) -> torch.Tensor:
         return torch.cat(aug.apply(x, params, s))
 
 
-@pytest.mark.parametrize("fixed_length", [True, False])
-def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length: bool) -> None:
-    """d/dmu of L_val(w + |a| a(mu)/|a(mu)|), a(mu) = -lr grad_w L_train(w, views(mu)), float64;
-    with the length free, of L_val(w + a(mu))."""
-    net, sev, x, y, xh, yh, valid = _setup()
-    model = net.model
+def _lookahead_difference(model, views_of, y, xh, yh, valid, mu0, d, *, fixed_length, lr):
+    """(L_val(w + a(mu0 + d)) - L_val(w + a(mu0 - d))) / 2d by brute force, a(mu) = -lr grad_w
+    L_train(w, views_of(mu)) the SGD step (rescaled to |a(mu0)| with ``fixed_length``); the
+    model's weights are left at w."""
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    lr = 1e-2
-    mu0 = sev.log_severity_mu.item()
 
     def step(mu: float) -> list[torch.Tensor]:
-        views = _smooth_views(net, sev, x, mu, grad=False)
+        views = views_of(mu)
         model.load_state_dict(w0)
         grads = torch.autograd.grad(_train_loss(model(views), y), list(model.parameters()))
         return [-lr * g for g in grads]  # the SGD step a(mu) = J g(w, mu)
@@ -167,10 +163,24 @@ def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length
         ce = nn.functional.cross_entropy(logits, yh, reduction="none")
         return float((ce * valid).sum() / valid.sum())
 
-    delta = 1e-4
-    expected = (lookahead_loss(mu0 + delta) - lookahead_loss(mu0 - delta)) / (2 * delta)
-
+    out = (lookahead_loss(mu0 + d) - lookahead_loss(mu0 - d)) / (2 * d)
     model.load_state_dict(w0)
+    return out
+
+
+@pytest.mark.parametrize("fixed_length", [True, False])
+def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length: bool) -> None:
+    """d/dmu of L_val(w + |a| a(mu)/|a(mu)|), a(mu) = -lr grad_w L_train(w, views(mu)), float64;
+    with the length free, of L_val(w + a(mu))."""
+    net, sev, x, y, xh, yh, valid = _setup()
+    model = net.model
+    lr = 1e-2
+    mu0 = sev.log_severity_mu.item()
+    expected = _lookahead_difference(
+        model, lambda mu: _smooth_views(net, sev, x, mu, grad=False), y, xh, yh, valid, mu0,
+        1e-4, fixed_length=fixed_length, lr=lr,
+    )  # fmt: skip
+
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     views = _smooth_views(net, sev, x, mu0, grad=True)
     opt.zero_grad()
@@ -197,7 +207,6 @@ def test_paired_estimator_is_the_wide_difference_of_the_lookahead(fixed_length: 
     severity s = exp(mu + sigma eps) for one eps; the estimator renders the step's draws again."""
     net, sev, x, y, xh, yh, valid = _setup()
     model, aug = net.model, net.augmenter
-    w0 = {k: v.clone() for k, v in model.state_dict().items()}
     lr, d = 1e-2, 0.5
     mu0, sigma = sev.log_severity_mu.item(), float(sev.log_severity_log_sigma.detach().exp())
     g = torch.Generator().manual_seed(4)
@@ -209,25 +218,11 @@ def test_paired_estimator_is_the_wide_difference_of_the_lookahead(fixed_length: 
     def severity(mu: float) -> torch.Tensor:
         return torch.exp(mu + sigma * eps)
 
-    def step(mu: float) -> list[torch.Tensor]:
-        views = torch.cat(aug.apply(x, draws, severity(mu)))
-        model.load_state_dict(w0)
-        grads = torch.autograd.grad(_train_loss(model(views), y), list(model.parameters()))
-        return [-lr * g for g in grads]
+    expected = _lookahead_difference(
+        model, lambda mu: torch.cat(aug.apply(x, draws, severity(mu))), y, xh, yh, valid, mu0, d,
+        fixed_length=fixed_length, lr=lr,
+    )  # fmt: skip
 
-    length = math.sqrt(sum(float((t**2).sum()) for t in step(mu0)))
-
-    def lookahead_loss(mu: float) -> float:
-        a = step(mu)
-        scale = length / math.sqrt(sum(float((t**2).sum()) for t in a)) if fixed_length else 1.0
-        state = {n: p.detach() + scale * t for (n, p), t in zip(model.named_parameters(), a)}
-        logits = torch.func.functional_call(model, state, (xh,))
-        ce = nn.functional.cross_entropy(logits, yh, reduction="none")
-        return float((ce * valid).sum() / valid.sum())
-
-    expected = (lookahead_loss(mu0 + d) - lookahead_loss(mu0 - d)) / (2 * d)
-
-    model.load_state_dict(w0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
     _train_loss(model(torch.cat(aug.apply(x, draws, severity(mu0)))), y).backward()
