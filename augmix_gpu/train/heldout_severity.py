@@ -33,7 +33,12 @@ anyway, and with SGD the schedule sets it. ``--severity_step_length free`` leave
 the severity (``c = J v``); on the horizon probe both read the same (docs/studies.md). (A greedy one-step objective is biased towards what helps the next step, the short-horizon bias
 of Wu et al. 2018; docs/studies.md has what the studies measured.)
 
-Cost per update: one held-out forward/backward (eval mode, no AugMix), one forward/backward of the
+``--severity_estimator paired`` (:func:`paired_hypergradient`) measures the same lookahead's
+slope over a wide log-step instead of differentiating it at the sampled severity: on the horizon
+probe the derivative read zero from s = 8 where paired runs saw the severity's effect, and the
+paired difference read its sign in every seed (docs/studies.md).
+
+Cost per update (pathwise): one held-out forward/backward (eval mode, no AugMix), one forward/backward of the
 training batch to its input carried in forward mode along c (about 2.7 training steps), and one
 backward through AugMix to the severity; the trainer runs it every ``--severity_update_every`` steps (averaged over
 the last ``--severity_lookaheads`` steps of each such cycle, each with its own held-out batch,
@@ -393,7 +398,8 @@ class HeldoutSeverityUpdater:
     Every ``every`` training steps (after the network's own update) it takes one Adam step on
     ``(mu, log_sigma)`` with learning rate ``lr``, along the mean of :func:`severity_hypergradient`
     over the last ``lookaheads`` steps of the cycle (default 1: the update's step alone), each
-    lookahead on the next held-out batch. Adam, not the network's optimiser: the hypergradient's
+    lookahead on the next held-out batch (``estimator``: :func:`severity_hypergradient`, or
+    :func:`paired_hypergradient` with ``log_step``). Adam, not the network's optimiser: the hypergradient's
     scale follows the network's learning rate and loss landscape, and Adam's normalised step makes
     ``lr`` mean "log-severity per update" whatever they are. Why several lookaheads: each one sees
     one draw of AugMix and one held-out batch; their mean has less noise, at ``lookaheads`` times
