@@ -30,6 +30,7 @@ from ..eval.settings import NORMALIZATIONS
 from ..models import check_arch
 from ..protocols import EXTRA_CORRUPTIONS
 from ..runtime import PRECISIONS
+from .heldout_severity import ESTIMATORS
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
@@ -317,7 +318,7 @@ class SeveritySettings:
         "heldout: the hypergradient as the derivative at the sampled severity (pathwise) or as "
         "the slope between the step rendered again at s e^+-severity_log_step (paired: common "
         "random numbers, no derivative of the ops; docs/learnable-severity.md)",
-        choices=("pathwise", "paired"),
+        choices=ESTIMATORS,
     )
     severity_log_step: float = flag(
         0.5, "heldout, paired: half the log-severity distance of the pair", check=positive

@@ -207,9 +207,12 @@ def paired_hypergradient(
 
     Why: :func:`severity_hypergradient`'s derivative at the sampled s was noise on the horizon
     probe (pooled z -0.4 / +0.4 from s = 8, with and without the straight-through ops) while
-    paired runs one step apart at s = 0.8 and 8 told the severities apart (t = 2.6-3.2): the
-    held-out loss is rough in s at the scale of one batch and smooth at the scale of a log-step.
-    The difference needs no derivative of the ops (posterize's, solarize's surrogates included).
+    paired runs one step apart at s = 0.8 and 8 told the severities apart (t = 2.6-3.2); this
+    difference read their sign in every seed (z +4.0). The reading that fits: one batch's held-out
+    loss is rough in s at the scale of a derivative and smooth over a log-step. It needs no
+    derivative of the ops (posterize's, solarize's surrogates included). In the severity study
+    it moved no start closer to the optimum: the one-step objective itself points elsewhere for
+    most of a run (docs/studies.md).
 
     The lookahead is :func:`severity_hypergradient`'s: ``w'(s) = w' + a(s) - a`` with ``a = J g``
     the step as the update Jacobian makes it (``fixed_length``: ``a(s)`` rescaled to ``|a|``), its
