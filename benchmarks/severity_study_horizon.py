@@ -24,6 +24,10 @@ estimator see what the pairs see?
     python benchmarks/severity_study_horizon.py --low 6 --steps 1 10 --estimator_steps 0  # local
     python benchmarks/severity_study_horizon.py --steps 1 10 --lengths fixed --tag sgd \
         --extra --optimizer sgd --momentum 0 --lr 0.05   # no momentum: one step is the lookahead
+    python benchmarks/severity_study_horizon.py --steps 1 --lengths fixed --tag paired \
+        --extra --severity_estimator paired              # the paired estimator
+    python benchmarks/severity_study_horizon.py --stage 2 --steps 1 --lengths fixed \
+        --tag stage2 --extra --severity_estimator paired # from the end of epoch 2 (1..12)
 
 Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md`` (with
 ``--low``: ``horizon-low<LOW>.*``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under
@@ -67,6 +71,10 @@ def parse() -> argparse.Namespace:
                    help="a name for a variant (its runs and files: horizon-<TAG>.*), with --extra")  # fmt: skip
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more train.py flags for every run (e.g. --optimizer sgd --lr 0.05)")  # fmt: skip
+    p.add_argument("--stage", type=int, default=None,
+                   help="start instead from the end of this epoch of the same run (fixed_s8, "
+                        "seed 0), made again by train.py stopped there and resumed: where in "
+                        "training does the one-step slope turn?")  # fmt: skip
     p.add_argument("--estimator_steps", type=int, default=90,
                    help="and the held-out objective's own hypergradient at s = 8 from the same "
                         "checkpoint, one per step for this many steps (0: skip)")  # fmt: skip
@@ -152,8 +160,46 @@ def estimator_line(length: str, runs: list[Run], steps: int) -> tuple[dict, str]
     return {"steps": steps, "runs": per_run, "pooled z": pooled}, line
 
 
+STEPS_PER_EPOCH = 93  # the study's budget: 3000 training images, batch 32
+
+
+def stage_checkpoint(stage: int, out: Path) -> Path:
+    """The study's fixed_s8 seed 0 run at the end of epoch ``stage``: the run made again in
+    segments (``--debug_stop_at_step`` at each asked epoch's last step, then ``--resume auto``:
+    exact, so its epoch 12 is the study's run), each stage's checkpoint kept in its own folder."""
+    import os
+    import shutil
+    import subprocess
+
+    from severity_study_shift import _flags
+
+    from augmix_gpu.checkpoint import load_checkpoint
+
+    folder = out / "horizon_runs" / "stages"
+    dest = folder / f"e{stage}" / "augmix_jsd"
+    if (dest / "last.ckpt").is_file():
+        return dest.parent
+    study_args = argparse.Namespace(shift="none", epochs=12, extra=[])
+    run = Run("fixed_s8", 0, _flags("fixed_s8", study_args), folder / "run")
+    done = folder / "run" / "augmix_jsd" / "last.ckpt"
+    target = STEPS_PER_EPOCH * stage
+    command = run.command() + ["--debug_stop_at_step", str(target)]
+    if done.is_file() and load_checkpoint(done)["train_state"]["global_step"] < target:
+        command += ["--resume", "auto"]  # on from the latest stage made
+    else:
+        shutil.rmtree(folder / "run", ignore_errors=True)  # past it: from the start again
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("last.ckpt", "config.json"):
+        shutil.copy2(done.parent / name, dest / name)
+    return dest.parent
+
+
 def main() -> None:
     args = parse()
+    if args.stage is not None:
+        args.start = str(stage_checkpoint(args.stage, Path(args.out)))
     start = next(Path(args.start).glob("*/last.ckpt"), None)
     if start is None:
         sys.exit(
