@@ -189,7 +189,9 @@ def stage_checkpoint(stage: int, out: Path) -> Path:
     else:
         shutil.rmtree(folder / "run", ignore_errors=True)  # past it: from the start again
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"--stage {stage}: train.py exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("last.ckpt", "config.json"):
         shutil.copy2(done.parent / name, dest / name)
