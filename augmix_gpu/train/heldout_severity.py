@@ -119,6 +119,34 @@ def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _flat(tensors: list[Tensor | None], like: list[Tensor]) -> Tensor:
+    """One flat vector of ``tensors`` (a missing gradient as zeros): one all-reduce for all."""
+    return torch.cat(
+        [(torch.zeros_like(p) if t is None else t).reshape(-1) for p, t in zip(like, tensors)]
+    )
+
+
+def _squared_norm(tensors: list[Tensor]) -> Tensor:
+    """Sum of squares over a list of tensors, in float64."""
+    return sum((t.double() ** 2).sum() for t in tensors)
+
+
+def taken_step(jac: dict[Tensor, Tensor | float], params: list[Tensor]) -> list[Tensor]:
+    """a = J g: the step the update Jacobian makes of each parameter's ``.grad`` (the step's)."""
+    return [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (running BatchNorm statistics, none updated), then as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _masked_ce_sum(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """Sum of the cross-entropy over the valid (non-padding) samples, in fp32 at least, no host sync."""
     ce = F.cross_entropy(
@@ -230,8 +258,8 @@ def paired_hypergradient(
     named = [(n, p) for n, p in net.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     jac = update_jacobian(optimizer)
-    step = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
-    length = torch.sqrt(sum((t.double() ** 2).sum() for t in step))
+    step = taken_step(jac, params)
+    length = torch.sqrt(_squared_norm(step))
     sev = net.severity
     s = severity.detach().to(torch.promote_types(severity.dtype, torch.float32))
     top = torch.full_like(s, float(sev.max_severity))
@@ -247,7 +275,7 @@ def paired_hypergradient(
             moved = [jac[p] * g for p, g in zip(params, grads)]
             scale = 1.0
             if fixed_length:
-                norm = torch.sqrt(sum((t.double() ** 2).sum() for t in moved))
+                norm = torch.sqrt(_squared_norm(moved))
                 scale = (length / norm.clamp_min(1e-30)).to(params[0].dtype)
             weights = {n: p.detach() + scale * m - a
                        for (n, p), m, a in zip(named, moved, step)}  # fmt: skip
@@ -270,9 +298,7 @@ def training_gradient(net, named, views, labels, beta_jsd: float, env: DistEnv) 
         logits = net.classify(views, model=_fp32(net.model))
         loss = augmix_objective(logits, labels, jsd=True, beta_jsd=beta_jsd).total
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = torch.cat(
-        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
-    )
+    flat = _flat(list(grads), params)
     all_reduce_sum(flat, env)
     return _split(flat / env.world_size, params)
 
@@ -281,11 +307,9 @@ def heldout_loss_at(net, weights, images, labels, valid, env: DistEnv) -> Tensor
     """The mean held-out CE of the network at ``weights`` ({name: tensor}), over the global
     held-out batch: eval mode (running BatchNorm statistics), fp32."""
     model = net.model
-    was_training = model.training
-    model.eval()
     run = _fp32(lambda x: functional_call(model, weights, (x,)))
-    loss_sum = _masked_ce_sum(net.classify(images, model=run), labels, valid)
-    model.train(was_training)
+    with _eval_mode(model):
+        loss_sum = _masked_ce_sum(net.classify(images, model=run), labels, valid)
     flat = torch.stack([loss_sum, valid.sum().to(loss_sum.dtype)])
     all_reduce_sum(flat, env)
     return flat[0] / flat[1].clamp_min(1.0)
@@ -297,16 +321,11 @@ def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[
     Eval mode: the held-out images are scored as at test time (running BatchNorm statistics, none
     updated)."""
     model = net.model
-    was_training = model.training
-    model.eval()
-    with torch.enable_grad():
+    with _eval_mode(model), torch.enable_grad():
         loss_sum = _masked_ce_sum(net.classify(images, model=_fp32(model)), labels, valid)
         grads = torch.autograd.grad(loss_sum, params, allow_unused=True)
-    model.train(was_training)
-    flat = torch.cat(
-        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
-        + [loss_sum.detach().reshape(1), valid.sum().to(loss_sum.dtype).reshape(1)]
-    )
+    counts = torch.stack([loss_sum.detach(), valid.sum().to(loss_sum.dtype)])
+    flat = torch.cat([_flat(list(grads), params), counts])
     all_reduce_sum(flat, env)
     count = flat[-1].clamp_min(1.0)
     return flat[:-2] / count, flat[-2] / count
@@ -322,9 +341,9 @@ def lookahead_direction(
     vs = _split(v, params)
     if not fixed_length:
         return [jac[p] * vv for p, vv in zip(params, vs)]
-    a = [jac[p] * (torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
+    a = taken_step(jac, params)
     v_dot_a = sum((vv.double() * t).sum() for vv, t in zip(vs, a))
-    coef = (v_dot_a / sum((t.double() ** 2).sum() for t in a).clamp_min(1e-30)).to(v.dtype)
+    coef = (v_dot_a / _squared_norm(a).clamp_min(1e-30)).to(v.dtype)
     return [jac[p] * (vv - coef * t) for p, vv, t in zip(params, vs, a)]
 
 
