@@ -132,22 +132,25 @@ def test_heldout_resume_is_exact(cache, tmp_path) -> None:
 
 
 def test_the_estimator_flags_reach_the_hypergradient(cache, tmp_path) -> None:
-    """--severity_step_length free and --severity_estimator paired: the same run (seed, batches,
-    draws) takes other severity updates than with the defaults (fixed, pathwise); a value outside
-    the choices is refused in one line."""
+    """--severity_step_length free and --severity_estimator paired (and its --severity_log_step):
+    the same run (seed, batches, draws) takes other severity updates than with the defaults
+    (fixed, pathwise, 0.5); a value outside the choices is refused in one line."""
     bad = run_train(HELDOUT + ["--severity_step_length", "long"], cache)
     assert bad.returncode == 2 and "invalid choice: 'long'" in bad.stderr
     args = SMALL + HELDOUT + ["--max_steps_per_epoch", "4", "--severity_hyper_lr", "0.5"]
     mus = {}
     for name, flags in (("default", []), ("free", ["--severity_step_length", "free"]),
-                        ("paired", ["--severity_estimator", "paired"])):  # fmt: skip
+                        ("paired", ["--severity_estimator", "paired"]),
+                        ("paired_near", ["--severity_estimator", "paired",
+                                         "--severity_log_step", "0.1"])):  # fmt: skip
         out = tmp_path / name
         ok(run_train(args + flags + ["--ckpt_dir_base", str(out)], cache))
         res = results(out / "learnable_augmix_jsd")
         config = res["config"]
         assert (config["severity_step_length"], config["severity_estimator"]) == {
             "default": ("fixed", "pathwise"), "free": ("free", "pathwise"),
-            "paired": ("fixed", "paired")}[name]  # fmt: skip
+            "paired": ("fixed", "paired"), "paired_near": ("fixed", "paired")}[name]  # fmt: skip
         mus[name] = [h["hypergrad_mu_mean"] for h in res["history"]]
         assert all(m is not None and math.isfinite(m) for m in mus[name])
     assert mus["default"] != mus["free"] and mus["default"] != mus["paired"]
+    assert mus["paired"] != mus["paired_near"]  # --severity_log_step reaches the estimator
