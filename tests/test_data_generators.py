@@ -245,3 +245,31 @@ def test_two_processes_making_the_same_set_both_succeed(tmp_path):
     assert synthetic.is_complete(tmp_path / "s")
     assert len(scan_folder(tmp_path / "s" / "train")) == 6
     assert not list(tmp_path.glob(".s.tmp-*"))  # the loser's temporary set is gone
+
+
+_GLASS = """
+import hashlib, numpy as np
+from imagecorruptions import corruptions
+from augmix_gpu.data.make_c import corrupt_image
+from conftest import natural_image
+out = corrupt_image(natural_image(64, seed=3), "glass_blur", 3, seed=5)
+stats = corruptions._shuffle_pixels_njit_glass_blur.stats
+print(len(stats.cache_hits), len(stats.cache_misses), hashlib.sha1(out.tobytes()).hexdigest())
+"""
+
+
+def test_glass_blur_is_compiled_once_per_machine_then_loaded_from_disk(tmp_path):
+    """Numba compiled glass blur's loop anew in every process that made a -C set (~5 s each,
+    two per demo). The first process now writes it to the disk cache and the next one loads it,
+    with the same output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    runs = [subprocess.run([sys.executable, "-c", _GLASS], capture_output=True, text=True,
+                           env=env, timeout=300) for _ in range(2)]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    (hits1, misses1, out1), (hits2, misses2, out2) = (r.stdout.split()[-3:] for r in runs)
+    assert (hits1, misses1) == ("0", "1") and (hits2, misses2) == ("1", "0")
+    assert out1 == out2 and list(tmp_path.rglob("*.nbi"))

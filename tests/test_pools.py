@@ -4,6 +4,9 @@ NCCL and DALI threads a fork would leave behind, and they make the same files as
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,30 @@ def test_the_heldout_maker_with_workers_equals_one_process(src, tmp_path, starte
     two = make_heldout_set(src / "train", tmp_path / "two", workers=2, **kw)
     assert started == ["forkserver"]
     assert len(_files(one.root)) == 4 and _files(one.root) == _files(two.root)
+
+
+_PROBE = """
+import sys
+sys.path.insert(0, {tmp!r})
+from augmix_gpu.data import pools
+if {named!r}:
+    pools.preload_workers(["colorsys"])
+import probe
+with pools.process_pool(1, preload=["probe"]) as pool:
+    print(pool.submit(probe.loaded, "colorsys").result())
+"""
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_modules_named_ahead_are_imported_by_the_server_not_by_each_worker(tmp_path, named):
+    """The trainer names what its three makers' pools need before the first starts the server
+    (later pools cannot add to it): a worker then has the module without importing it. Checked
+    both ways, in a fresh interpreter (this one's server may have started already)."""
+    (tmp_path / "probe.py").write_text(
+        "import sys\n\ndef loaded(name):\n    return name in sys.modules\n"
+    )
+    script = _PROBE.format(tmp=str(tmp_path), named=named)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(named)

@@ -8,8 +8,8 @@ output does not depend on `--workers` or on which corruptions are asked for.
 
 Note on small images: the corruptions' constants (blur radii, frost texture crops, zoom factors)
 were tuned for 224 px, so at 64 px the blurs are relatively stronger; they still run for every
-corruption down to the package's 32 px minimum. `glass_blur` runs a Numba loop: ~2 s of JIT
-compilation per process, then about 1 ms per 64 px image (10 ms at 224 px) on this machine.
+corruption down to the package's 32 px minimum. `glass_blur` runs a Numba loop, compiled
+once per machine and cached on disk (~5 s), then about 1 ms per 64 px image (10 ms at 224 px).
 
     python -m augmix_gpu.data.make_c SRC OUT --severities 1 2 3 4 5 [--corruptions ...] [--extra] [--seed S] [--per_class N] [--workers N]
     python -m augmix_gpu.data.make_c CIFAR_ROOT OUT --cifar cifar10 [--corruptions ...] [--workers N]
@@ -24,8 +24,9 @@ constants the published CIFAR-C sets were made with (`cifar_corruptions.py`: hen
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,28 @@ def image_seed(seed: int, corruption: str, severity: int, index: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
+@functools.cache
+def _imagecorruptions() -> Callable[..., np.ndarray]:
+    """``imagecorruptions.corrupt``, its one Numba function (glass blur's pixel shuffle) cached on
+    disk (beside the package, or in ``NUMBA_CACHE_DIR``): compiled anew, it cost every process
+    that made a -C set ~5 s, a tenth of the demo's data preparation. The first process on a
+    machine compiles and writes it; the others load it."""
+    from imagecorruptions import corrupt, corruptions
+
+    shuffle = getattr(corruptions, "_shuffle_pixels_njit_glass_blur", None)
+    if hasattr(shuffle, "enable_caching"):  # a Numba dispatcher (not a newer package's rewrite)
+        shuffle.enable_caching()
+    return corrupt
+
+
+def compile_numba() -> None:
+    """Compile (or load) glass blur's Numba loop for both of its signatures now, into the disk
+    cache: ``make install`` runs this, so that no -C set, the demo's first included, pays it."""
+    grey = np.full((32, 32, 3), 128, dtype=np.uint8)
+    for severity in (1, 3):  # (float, int, int) and (int, int, int) constants: two signatures
+        corrupt_image(grey, "glass_blur", severity, seed=0)
+
+
 def corrupt_image(
     image: np.ndarray, corruption: str, severity: int, seed: int, constants: str = "imagenet"
 ) -> np.ndarray:
@@ -55,8 +78,7 @@ def corrupt_image(
     constants (`imagecorruptions`) or, `constants="cifar"`, CIFAR-C's (32 px images only)."""
     if constants not in CONSTANTS:
         raise ValueError(f"constants must be one of {CONSTANTS}, got {constants!r}")
-    from imagecorruptions import corrupt
-
+    corrupt = _imagecorruptions()
     kwargs = {"seed": seed} if corruption in _SEEDED_BY_ARGUMENT else {}
     state = np.random.get_state()  # noqa: NPY002  both draw from the global generator:
     np.random.seed(seed)  # noqa: NPY002  seed it, and give the caller its state back

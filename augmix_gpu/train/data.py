@@ -18,6 +18,7 @@ from ..data import ResidentLoader, build_loader, make_corrupted_dataset, make_sy
 from ..data.cifar import check_cifar_c_labels, load_cifar
 from ..data.heldout import HeldoutSet, default_root, make_heldout_set
 from ..data.make_p import make_perturbed_dataset
+from ..data.pools import preload_workers
 from ..data.replay import ReplayLoader
 from ..data.synthetic import SHIFTED_POOL
 from ..distributed import DistEnv, barrier, broadcast_object
@@ -96,6 +97,9 @@ def _synthetic(settings: Settings, env: DistEnv) -> tuple[Path, Path, str, dict[
     p_root = root / f"p-{data.synthetic_p_per_class}pc-seed{seed}"
     make_p = make_sets and not rob.no_p_eval and not rob.imagenet_p
     if env.is_main:
+        # one worker server for the three makers' pools, with what all of them import
+        preload_workers(("augmix_gpu.data.synthetic", "augmix_gpu.data.make_c", "imagecorruptions",
+                         "augmix_gpu.data.make_p"))  # fmt: skip
         make_synthetic_dataset(root, num_classes=10, train_per_class=ntr, val_per_class=nva,
                                size=64, seed=seed, shift=shift, overwrite=True,
                                workers=data.workers)  # fmt: skip
