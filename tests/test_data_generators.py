@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,10 +265,6 @@ def test_glass_blur_is_compiled_once_per_machine_then_loaded_from_disk(tmp_path)
     """Numba compiled glass blur's loop anew in every process that made a -C set (~5 s each,
     two per demo). The first process now writes it to the disk cache and the next one loads it,
     with the same output."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
     runs = [subprocess.run([sys.executable, "-c", _GLASS], capture_output=True, text=True,
                            env=env, timeout=300) for _ in range(2)]  # fmt: skip

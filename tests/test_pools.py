@@ -100,3 +100,32 @@ def test_modules_named_ahead_are_imported_by_the_server_not_by_each_worker(tmp_p
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == str(named)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_trainer_names_all_its_makers_before_its_first_pool(monkeypatch, tmp_path):
+    """The embedded task's data preparation opens the synthetic maker's pool first: by then the -C
+    and -P makers' modules (and imagecorruptions) must be named for the server."""
+    import torch
+
+    from augmix_gpu.distributed import DistEnv
+    from augmix_gpu.train import data as train_data
+    from augmix_gpu.train.config import resolve_settings
+
+    named: list[list[str]] = []
+
+    def first_maker(*args, **kwargs):
+        named.append(list(pools._PRELOAD))
+        raise _Stop
+
+    monkeypatch.setattr(pools, "_PRELOAD", [])
+    monkeypatch.setattr(train_data, "make_synthetic_dataset", first_maker)
+    monkeypatch.setenv("AUGMIX_GPU_CACHE", str(tmp_path))
+    with pytest.raises(_Stop):
+        train_data.prepare_data(resolve_settings([]), DistEnv(0, 0, 1, torch.device("cpu"), None))
+    (preload,) = named
+    wanted = {"augmix_gpu.data.synthetic", "augmix_gpu.data.make_c", "augmix_gpu.data.make_p"}
+    assert wanted | {"imagecorruptions"} <= set(preload)
