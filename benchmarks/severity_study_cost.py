@@ -31,7 +31,7 @@ from augmix_gpu.augment.losses import augmix_objective  # noqa: E402
 from augmix_gpu.augment.severity import LearnableSeverity  # noqa: E402
 from augmix_gpu.distributed import DistEnv  # noqa: E402
 from augmix_gpu.models import TinyResNet  # noqa: E402
-from augmix_gpu.train import heldout_severity as hs  # noqa: E402
+from augmix_gpu.train import lookahead as hs  # noqa: E402
 from augmix_gpu.train.step import AugmentedClassifier  # noqa: E402
 
 ENV = DistEnv(0, 0, 1, torch.device("cpu"), None)

@@ -3,7 +3,7 @@
 The held-out objective needs the mixed derivative ``c^T d(grad_w L_train)/dx`` at the step's views.
 DARTS estimates it by a central finite difference of the input gradient between the weights
 ``w +- eps c`` (``eps = scale / |c|``, DARTS: scale 0.01); the trainer now computes it exactly by
-double backward (``train/heldout_severity.py``). This script measures both, carried through AugMix
+double backward (``train/lookahead.py``). This script measures both, carried through AugMix
 to ``dL_val/dmu``, over ``--draws`` AugMix draws of one batch of the embedded task, on a network
 after ``--steps`` AdamW steps:
 - ``tiny_resnet`` (ReLU + max-pool, the studies' network) and a smooth one of the same shape
@@ -35,7 +35,7 @@ from augmix_gpu.augment.severity import LearnableSeverity  # noqa: E402
 from augmix_gpu.data.synthetic import render  # noqa: E402
 from augmix_gpu.distributed import DistEnv  # noqa: E402
 from augmix_gpu.models import TinyResNet  # noqa: E402
-from augmix_gpu.train import heldout_severity as hs  # noqa: E402
+from augmix_gpu.train import lookahead as hs  # noqa: E402
 from augmix_gpu.train.step import AugmentedClassifier  # noqa: E402
 
 SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # DARTS: 0.01

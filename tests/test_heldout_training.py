@@ -15,6 +15,7 @@ from test_train import SMALL, _weights, results
 from augmix_gpu.checkpoint import load_checkpoint
 
 HELDOUT = ["--severity_objective", "heldout", "--severity_update_every", "2"]
+PAIRED_HORIZON = ["--severity_estimator", "paired", "--severity_horizon", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,23 @@ def run_train(args: list[str], cache: Path, *, torchrun: int = 0, timeout: float
         (
             HELDOUT + ["--severity_lookaheads", "3"],
             "--severity_lookaheads 3: at most --severity_update_every (2)",
+        ),
+        (
+            HELDOUT + ["--severity_horizon", "2"],
+            "--severity_horizon 2: a horizon of more than one step is measured by pairs: add "
+            "--severity_estimator paired (got pathwise)",
+        ),
+        (
+            HELDOUT + ["--severity_estimator", "paired", "--severity_horizon", "3"],
+            "--severity_horizon 3: at most --severity_update_every (2)",
+        ),
+        (
+            HELDOUT + PAIRED_HORIZON + ["--severity_lookaheads", "2"],
+            "--severity_lookaheads 2: must be 1 with --severity_horizon > 1",
+        ),
+        (
+            HELDOUT + ["--severity_hold_epochs", "3", "--epochs", "3"],
+            "--severity_hold_epochs 3: must be below --epochs (3)",
         ),
     ],
 )
@@ -154,3 +172,39 @@ def test_the_estimator_flags_reach_the_hypergradient(cache, tmp_path) -> None:
         assert all(m is not None and math.isfinite(m) for m in mus[name])
     assert mus["default"] != mus["free"] and mus["default"] != mus["paired"]
     assert mus["paired"] != mus["paired_near"]  # --severity_log_step reaches the estimator
+
+
+@pytest.mark.slow
+def test_horizon_run_holds_its_first_epoch_and_resumes_inside_a_window(cache, tmp_path) -> None:
+    """--severity_horizon 2 every 3 steps, held for epoch 1: the severity stays at its start
+    through epoch 1 and is updated every third step after it; a run stopped with the pair
+    forked and one of its steps taken (its copies are in the checkpoint) and resumed ends as
+    the straight run does."""
+    common = SMALL + HELDOUT + PAIRED_HORIZON + [
+        "--epochs", "3", "--seed", "4", "--severity_update_every", "3",
+        "--severity_hold_epochs", "1", "--severity_hyper_lr", "0.2"]  # fmt: skip
+    ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
+    straight = tmp_path / "straight" / "learnable_augmix_jsd"
+    res = results(straight)
+    steps = res["history"][0]["global_step"]
+    updates = [t["step"] for t in res["severity_trajectory"] if "hypergrad_mu" in t]
+    first = next(s for s in range(steps + 1, 3 * steps + 1) if s % 3 == 0 and s - 3 >= steps)
+    assert updates == list(range(first, 3 * steps + 1, 3)) and len(updates) >= 2
+    mu0 = math.log(3.0)
+    assert res["history"][0]["severity_mu"] == pytest.approx(mu0, abs=1e-6), "moved in the hold"
+    assert res["history"][1]["severity_mu"] != pytest.approx(mu0, abs=1e-3)
+    # stopped after `stop` steps: 0-based step stop - 1 has its update 1 step ahead, so the pair
+    # forked after step stop - 2 and took step stop - 1; 2 steps before an update (-stop % 3 == 1)
+    stop = next(c for c in range(first, 3 * steps) if -c % 3 == 1)
+    split = tmp_path / "split"
+    ok(run_train(common + ["--ckpt_dir_base", str(split), "--debug_stop_at_step", str(stop)],
+                 cache))  # fmt: skip
+    saved = load_checkpoint(split / "learnable_augmix_jsd" / "last.ckpt")["severity_updater"]
+    assert saved["horizon_pair"] is not None and saved["horizon_pair"]["steps"] == 1
+    ok(run_train(common + ["--ckpt_dir_base", str(split), "--resume", "auto"], cache))
+    a, b = _weights(straight / "last.ckpt"), _weights(split / "learnable_augmix_jsd" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert results(split / "learnable_augmix_jsd")["history"][-1]["severity_mu"] == pytest.approx(
+        res["history"][-1]["severity_mu"], abs=1e-6
+    )

@@ -17,7 +17,7 @@ from augmix_gpu.augment.losses import augmix_objective
 from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv, start_process_group
 from augmix_gpu.models import TinyResNet
-from augmix_gpu.train.heldout_severity import (
+from augmix_gpu.train.lookahead import (
     mixed_derivative,
     paired_hypergradient,
     severity_hypergradient,

@@ -323,6 +323,20 @@ class SeveritySettings:
     severity_log_step: float = flag(
         0.5, "heldout, paired: half the log-severity distance of the pair", check=positive
     )
+    severity_horizon: int = flag(
+        1,
+        "heldout, paired: the lookahead's length in training steps. 1: the step's own update "
+        "(linearised); K > 1: two copies of the network forked K steps before each update, "
+        "trained on the run's batches and draws at s e^+-severity_log_step, their held-out "
+        "losses compared (2K more training steps per update; docs/learnable-severity.md)",
+        check=at_least(1),
+    )
+    severity_hold_epochs: int = flag(
+        0,
+        "heldout: the severity stays at its start for the first N epochs (no lookaheads, no "
+        "updates): a network at chance gives the held-out loss no slope at any horizon",
+        check=at_least(0),
+    )
     severity_hyper_lr: float = flag(
         0.05,
         "heldout: Adam learning rate of (mu, log_sigma), log-severity per update",
@@ -678,6 +692,34 @@ def _check_severity(s: Settings) -> None:
     if s.data.is_cifar:
         raise _bad(
             "severity_objective", "heldout", "needs an image-folder dataset (not CIFAR arrays)"
+        )
+    sev = s.severity
+    if sev.severity_horizon > 1 and sev.severity_estimator != "paired":
+        raise _bad(
+            "severity_horizon",
+            sev.severity_horizon,
+            f"a horizon of more than one step is measured by pairs: add --severity_estimator "
+            f"paired (got {sev.severity_estimator})",
+        )
+    if sev.severity_horizon > 1 and sev.severity_lookaheads != 1:
+        raise _bad(
+            "severity_lookaheads",
+            sev.severity_lookaheads,
+            "must be 1 with --severity_horizon > 1 (one pair per update; more held-out images "
+            "per update: --heldout_batch)",
+        )
+    if sev.severity_horizon > sev.severity_update_every:
+        raise _bad(
+            "severity_horizon",
+            sev.severity_horizon,
+            f"at most --severity_update_every ({sev.severity_update_every}): the pair trains on "
+            "the last steps of each update cycle",
+        )
+    if sev.severity_hold_epochs >= s.run.epochs:
+        raise _bad(
+            "severity_hold_epochs",
+            sev.severity_hold_epochs,
+            f"must be below --epochs ({s.run.epochs}): the severity would never move",
         )
     if s.severity.severity_lookaheads > s.severity.severity_update_every:
         raise _bad(

@@ -97,11 +97,16 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         """The steps each epoch takes: the schedule's epochs are these (--max_steps_per_epoch)."""
-        n = len(self.loaders[0])
-        return min(n, self.settings.run.max_steps_per_epoch or n)
+        return epoch_steps(self.loaders[0], self.settings)
 
     def save(self, name: str) -> None:
         self.ckpts.save(make_checkpoint(self), name, self.state.global_step)
+
+
+def epoch_steps(train_loader: Any, settings: Settings) -> int:
+    """The steps an epoch of ``train_loader`` takes under ``--max_steps_per_epoch``."""
+    n = len(train_loader)
+    return min(n, settings.run.max_steps_per_epoch or n)
 
 
 def build_run(settings: Settings, env: DistEnv) -> Run:
@@ -125,12 +130,15 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
     sev = settings.severity
     updater = None
     if heldout_loader is not None:
+        hold = sev.severity_hold_epochs * epoch_steps(train_loader, settings)
         updater = HeldoutSeverityUpdater(net, heldout_loader, env, every=sev.severity_update_every,
                                          lr=sev.severity_hyper_lr, beta_jsd=settings.augment.beta_jsd,
                                          lookaheads=sev.severity_lookaheads,
                                          fixed_length=sev.severity_step_length == "fixed",
                                          estimator=sev.severity_estimator,
-                                         log_step=sev.severity_log_step)  # fmt: skip
+                                         log_step=sev.severity_log_step,
+                                         horizon=sev.severity_horizon,
+                                         hold_steps=hold, grad_clip=settings.optim.grad_clip_val)  # fmt: skip
     run = settings.run
     return Run(
         settings=settings,
