@@ -120,6 +120,25 @@ def test_heldout_objective_under_torchrun(cache, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator", [PAIRED_HORIZON, ["--severity_estimator", "paired"]],
+                         ids=["horizon", "one_step"])  # fmt: skip
+def test_paired_estimators_under_torchrun_keep_the_ranks_alike(cache, tmp_path, estimator) -> None:
+    """Two ranks, paired every 3 steps (over a horizon of 2, or one step): each rank draws its
+    own severities, so the pair's span and spread are averaged over ranks as its held-out loss
+    and (horizon) its copies' gradients are; both ranks take the same updates and end with the
+    same network and severity, which moved."""
+    args = SMALL + HELDOUT + estimator + ["--severity_update_every", "3", "--epochs", "2",
+                                               "--device", "cpu", "--ckpt_dir_base", str(tmp_path)]  # fmt: skip
+    ok(run_train(args, cache, torchrun=2))
+    res = results(tmp_path / "learnable_augmix_jsd")
+    a, b = res["replica_checksums"]
+    assert a == b, "ranks must keep the same network AND severity"
+    updates = [t["step"] for t in res["severity_trajectory"] if "hypergrad_mu" in t]
+    assert updates == list(range(3, res["history"][-1]["global_step"] + 1, 3))
+    assert res["history"][-1]["severity_mu"] != pytest.approx(math.log(3.0), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_heldout_resume_is_exact(cache, tmp_path) -> None:
     """2 epochs straight == stopped mid-epoch 2 (between the two lookaheads of one severity
     update: their running sum is part of the checkpoint) + --resume."""

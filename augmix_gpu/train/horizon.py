@@ -38,7 +38,14 @@ from torch import Tensor, nn
 
 from ..augment.losses import augmix_objective
 from ..distributed import DistEnv, all_reduce_sum
-from .hyper_passes import Hypergradient, flatten_like, fp32_network, heldout_loss_at, split_like
+from .hyper_passes import (
+    Hypergradient,
+    flatten_like,
+    fp32_network,
+    heldout_loss_at,
+    rank_mean,
+    split_like,
+)
 
 
 class HorizonPair:
@@ -128,7 +135,9 @@ class HorizonPair:
         with torch.no_grad():
             losses = [heldout_loss_at(self.net, None, heldout_images, heldout_labels,
                                       heldout_valid, env, model=m) for m in self.models]  # fmt: skip
-        span, spread = self._sums[0] / self.steps, self._sums[1] / self.steps
+        # every rank drew its own severities: their span and spread over all ranks, so that
+        # every rank takes the same update (the losses are the global held-out batch's already)
+        span, spread = rank_mean(self._sums / self.steps, env)
         slope = (losses[0] - losses[1]) / span
         grads = torch.stack([slope, slope * spread]).float()
         finite = torch.isfinite(grads).all() & ~self._bad

@@ -97,6 +97,13 @@ def batch_statistics_only(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def rank_mean(values: Tensor, env: DistEnv) -> Tensor:
+    """The mean of ``values`` over ranks (a copy; the tensor itself is left as it is)."""
+    out = values.clone()
+    all_reduce_sum(out, env)
+    return out / env.world_size
+
+
 def training_gradient(net, named, views, labels, beta_jsd: float, env: DistEnv) -> list[Tensor]:
     """grad_w of the training loss (CE + JSD) of ``views`` at the current weights, averaged over
     ranks as DDP averages the step's: fp32, BatchNorm on the batch's statistics, none updated."""

@@ -59,6 +59,7 @@ from .hyper_passes import (
     fp32_network,
     heldout_gradient,
     heldout_loss_at,
+    rank_mean,
     split_like,
     squared_norm,
     training_gradient,
@@ -268,9 +269,12 @@ def paired_hypergradient(
                        for (n, p), m, a in zip(named, moved, step)}  # fmt: skip
             losses.append(heldout_loss_at(net, weights, heldout_images, heldout_labels,
                                           heldout_valid, env))  # fmt: skip
-    span = (ends[0].log() - ends[1].log()).mean()
-    slope = (losses[1] - losses[2]) / span
-    spread = (s.log() - sev.log_severity_mu.detach().to(s.dtype)).mean()
+    # each rank drew its own severity: the span and spread of all ranks' draws, so that every
+    # rank takes the same update (the losses are already the global held-out batch's)
+    mu = sev.log_severity_mu.detach().to(s.dtype)
+    span, spread = rank_mean(torch.stack([(ends[0].log() - ends[1].log()).mean(),
+                                          (s.log() - mu).mean()]), env)  # fmt: skip
+    slope = (losses[1] - losses[2]) / span.to(losses[1].dtype)
     grads = torch.stack([slope, slope * spread.to(slope.dtype)])
     finite = torch.isfinite(grads).all() & torch.isfinite(losses[0])
     grads = torch.where(finite, grads, torch.zeros_like(grads)).float()
