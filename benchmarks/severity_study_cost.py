@@ -32,6 +32,7 @@ from augmix_gpu.augment.severity import LearnableSeverity  # noqa: E402
 from augmix_gpu.distributed import DistEnv  # noqa: E402
 from augmix_gpu.models import TinyResNet  # noqa: E402
 from augmix_gpu.train import lookahead as hs  # noqa: E402
+from augmix_gpu.train.hyper_passes import HeldoutBatch  # noqa: E402
 from augmix_gpu.train.step import AugmentedClassifier  # noqa: E402
 
 ENV = DistEnv(0, 0, 1, torch.device("cpu"), None)
@@ -60,7 +61,7 @@ def measure(make, size: int, batch: int, repeats: int) -> dict[str, float]:
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     y = torch.arange(batch) % 10
     held = normalize_images(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8))
-    valid = torch.ones(batch, dtype=torch.bool)
+    heldout = HeldoutBatch(held, y, torch.ones(batch, dtype=torch.bool))
     g = torch.Generator().manual_seed(0)
 
     def step(views: torch.Tensor) -> None:
@@ -71,12 +72,12 @@ def measure(make, size: int, batch: int, repeats: int) -> dict[str, float]:
     def update_step() -> None:
         views = net.views(x, g, severity_grad=True)
         step(views)
-        hs.severity_hypergradient(net, opt, views, y, held, y, valid, ENV, beta_jsd=12.0)
+        hs.severity_hypergradient(net, opt, views, y, heldout, ENV, beta_jsd=12.0)
 
     named = list(net.model.named_parameters())
     params = [p for _, p in named]
     update_step()  # gradients and Adam state in place for the parts below
-    v, _ = hs.heldout_gradient(net, params, held, y, valid, ENV)
+    v, _ = hs.heldout_gradient(net, params, heldout, ENV)
     c = hs.lookahead_direction(opt, params, v)
     views = net.views(x, g).detach()
     norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in c)))
@@ -84,7 +85,7 @@ def measure(make, size: int, batch: int, repeats: int) -> dict[str, float]:
         "step": cpu_seconds(lambda: step(net.views(x, g)), repeats),
         "update step": cpu_seconds(update_step, repeats),
         "held-out gradient": cpu_seconds(
-            lambda: hs.heldout_gradient(net, params, held, y, valid, ENV), repeats
+            lambda: hs.heldout_gradient(net, params, heldout, ENV), repeats
         ),
         "mixed derivative (forward over reverse)": cpu_seconds(
             lambda: hs.mixed_derivative(net, named, c, views, y, 12.0), repeats

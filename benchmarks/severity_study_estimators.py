@@ -36,6 +36,7 @@ from augmix_gpu.data.synthetic import render  # noqa: E402
 from augmix_gpu.distributed import DistEnv  # noqa: E402
 from augmix_gpu.models import TinyResNet  # noqa: E402
 from augmix_gpu.train import lookahead as hs  # noqa: E402
+from augmix_gpu.train.hyper_passes import HeldoutBatch  # noqa: E402
 from augmix_gpu.train.step import AugmentedClassifier  # noqa: E402
 
 SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # DARTS: 0.01
@@ -101,9 +102,8 @@ def draws(net, opt, args, amp: bool) -> dict[str, list[float]]:
     xh, yh = batch(args.batch, args.size, seed=10_000)
     named = list(net.model.named_parameters())
     params = [p for _, p in named]
-    v, _ = hs.heldout_gradient(
-        net, params, normalize_images(xh), yh, torch.ones(len(yh), dtype=torch.bool), ENV
-    )
+    heldout = HeldoutBatch(normalize_images(xh), yh, torch.ones(len(yh), dtype=torch.bool))
+    v, _ = hs.heldout_gradient(net, params, heldout, ENV)
     c = hs.lookahead_direction(opt, params, v)
     norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in c)))
     sev = [net.severity.log_severity_mu]

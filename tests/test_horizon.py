@@ -20,6 +20,7 @@ from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv
 from augmix_gpu.train.heldout_severity import HeldoutSeverityUpdater
 from augmix_gpu.train.horizon import HorizonPair
+from augmix_gpu.train.hyper_passes import HeldoutBatch
 from augmix_gpu.train.step import AugmentedClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +110,7 @@ def test_the_pair_is_two_real_runs_at_its_ends() -> None:
             ref_opt.step()
     assert min(spans) < 1.0 - 1e-3, "degenerate check: the upper end was never clipped"
     held, h_labels, valid = _heldout()
-    result = pair.result(normalize_images(held), h_labels, valid, SINGLE)
+    result = pair.result(HeldoutBatch(normalize_images(held), h_labels, valid), SINGLE)
     losses = []
     for model, _ in refs:
         model.eval()
@@ -145,7 +146,7 @@ def test_a_non_finite_copy_step_is_skipped_and_marks_the_result() -> None:
     torch.testing.assert_close(dict(pair.models[1].named_parameters()), poisoned, equal_nan=True)
     assert not torch.equal(pair.models[0][0].weight, healthy["0.weight"])
     held, h_labels, valid = _heldout()
-    result = pair.result(normalize_images(held), h_labels, valid, SINGLE)
+    result = pair.result(HeldoutBatch(normalize_images(held), h_labels, valid), SINGLE)
     assert not bool(result.finite) and float(result.grad_mu) == 0.0
 
 

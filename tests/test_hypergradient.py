@@ -17,6 +17,7 @@ from augmix_gpu.augment.losses import augmix_objective
 from augmix_gpu.augment.severity import LearnableSeverity
 from augmix_gpu.distributed import DistEnv, start_process_group
 from augmix_gpu.models import TinyResNet
+from augmix_gpu.train.hyper_passes import HeldoutBatch
 from augmix_gpu.train.lookahead import (
     mixed_derivative,
     paired_hypergradient,
@@ -187,7 +188,14 @@ def test_hypergradient_matches_a_finite_difference_of_the_lookahead(fixed_length
     _train_loss(net.classify(views.detach()), y).backward()
     opt.step()
     result = severity_hypergradient(
-        net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0, fixed_length=fixed_length
+        net,
+        opt,
+        views,
+        y,
+        HeldoutBatch(xh, yh, valid),
+        SINGLE,
+        beta_jsd=12.0,
+        fixed_length=fixed_length,
     )
     assert result.finite
     assert abs(expected) > 1e-7, "degenerate check: the lookahead does not depend on mu"
@@ -228,7 +236,7 @@ def test_paired_estimator_is_the_wide_difference_of_the_lookahead(fixed_length: 
     _train_loss(model(torch.cat(aug.apply(x, draws, severity(mu0)))), y).backward()
     opt.step()
     result = paired_hypergradient(
-        net, opt, x, draws, severity(mu0), y, xh, yh, valid, SINGLE, beta_jsd=12.0,
+        net, opt, x, draws, severity(mu0), y, HeldoutBatch(xh, yh, valid), SINGLE, beta_jsd=12.0,
         fixed_length=fixed_length, log_step=d,
     )  # fmt: skip
     assert result.finite
@@ -251,7 +259,9 @@ def test_paired_and_pathwise_agree_for_a_small_step_on_smooth_views() -> None:
     opt.zero_grad()
     _train_loss(net.classify(views.detach()), y).backward()
     opt.step()
-    pathwise = severity_hypergradient(net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0)
+    pathwise = severity_hypergradient(
+        net, opt, views, y, HeldoutBatch(xh, yh, valid), SINGLE, beta_jsd=12.0
+    )
     # the same draws as _smooth_views (same generator), the surrogate ops replaced the same way
     g = torch.Generator().manual_seed(0)
     s = sev.rsample(B, generator=g).detach()
@@ -260,7 +270,7 @@ def test_paired_and_pathwise_agree_for_a_small_step_on_smooth_views() -> None:
     for name in ("posterize", "solarize", "autocontrast", "equalize"):
         draws.ops[draws.ops == names.index(name)] = names.index("rotate")
     paired = paired_hypergradient(
-        net, opt, x, draws, s, y, xh, yh, valid, SINGLE, beta_jsd=12.0, log_step=1e-4
+        net, opt, x, draws, s, y, HeldoutBatch(xh, yh, valid), SINGLE, beta_jsd=12.0, log_step=1e-4
     )
     assert abs(float(pathwise.grad_mu)) > 1e-7
     assert paired.grad_mu == pytest.approx(float(pathwise.grad_mu), rel=0.03)
@@ -279,7 +289,9 @@ def test_hypergradient_changes_nothing() -> None:
     before = {k: v.clone() for k, v in net.model.state_dict().items()}
     grads = [p.grad.clone() for p in net.model.parameters()]
     net.model.train()
-    result = severity_hypergradient(net, opt, views, y, xh, yh, valid, SINGLE, beta_jsd=12.0)
+    result = severity_hypergradient(
+        net, opt, views, y, HeldoutBatch(xh, yh, valid), SINGLE, beta_jsd=12.0
+    )
     assert result.finite and net.model.training
     after = net.model.state_dict()
     for k in before:
@@ -310,7 +322,7 @@ def _hyper_on(rank: int, world: int):
             dist.all_reduce(p.grad)
             p.grad /= world
     result = severity_hypergradient(
-        net, opt, views, y[sl], xh[slh], yh[slh], valid[slh], env, beta_jsd=12.0
+        net, opt, views, y[sl], HeldoutBatch(xh[slh], yh[slh], valid[slh]), env, beta_jsd=12.0
     )
     return result, sev.log_severity_mu.item()
 
@@ -436,7 +448,9 @@ def test_hypergradient_under_bf16_autocast_equals_fp32(seed: int) -> None:
 
     def hyper(amp_dtype) -> tuple[float, float, float]:
         net.amp_dtype = amp_dtype
-        r = severity_hypergradient(net, opt, views(), y, xh, yh, valid, SINGLE, beta_jsd=12.0)
+        r = severity_hypergradient(
+            net, opt, views(), y, HeldoutBatch(xh, yh, valid), SINGLE, beta_jsd=12.0
+        )
         return float(r.grad_mu), float(r.grad_log_sigma), float(r.heldout_loss)
 
     step_gradient(None)
@@ -493,8 +507,8 @@ def test_updater_averages_its_lookaheads_and_resumes_mid_cycle() -> None:
         if not updater.due(step):
             continue
         xh, yh = loader.images(len(expected))
-        r = severity_hypergradient(net, opt, views(step), y, normalize_images(xh), yh,
-                                   torch.ones(H, dtype=torch.bool), SINGLE, beta_jsd=12.0)  # fmt: skip
+        held = HeldoutBatch(normalize_images(xh), yh, torch.ones(H, dtype=torch.bool))
+        r = severity_hypergradient(net, opt, views(step), y, held, SINGLE, beta_jsd=12.0)
         expected.append(float(r.grad_mu))
         if step == 6:  # a resume between two lookaheads of one cycle
             state = updater.state_dict()

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..augment.augmix import normalize_images
 from ..distributed import DistEnv
 from .horizon import HorizonPair
+from .hyper_passes import HeldoutBatch
 from .lookahead import paired_hypergradient, severity_hypergradient
 
 ESTIMATORS = ("pathwise", "paired")
@@ -164,14 +165,14 @@ class HeldoutSeverityUpdater:
         update = (global_step + to_update + 1) // self.every - 1
         return update * self.lookaheads + self.lookaheads - 1 - to_update
 
-    def _heldout_batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _heldout_batch(self, index: int) -> HeldoutBatch:
         steps = len(self.loader)
         if self._batches is None or index != self._next_batch:
             epoch, start = divmod(index, steps)
             self._batches = self._cycle(epoch, start)
         self._next_batch = index + 1
         held, labels, valid = next(self._batches)
-        return normalize_images(held), labels, valid
+        return HeldoutBatch(normalize_images(held), labels, valid)
 
     def _cycle(self, epoch: int, start: int):
         while True:
@@ -197,17 +198,17 @@ class HeldoutSeverityUpdater:
             raise ValueError("the paired estimator renders the step's images again: pass images")
         if self.horizon > 1:
             return self._horizon_update(net_optimizer, labels, global_step, images)
-        held, h_labels, valid = self._heldout_batch(self._batch_index(global_step))
+        held = self._heldout_batch(self._batch_index(global_step))
         if self.estimator == "paired":
             aug = self.net.augmenter
             result = paired_hypergradient(
                 self.net, net_optimizer, images, aug.last_params, aug.last_severity, labels, held,
-                h_labels, valid, self.env, beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
+                self.env, beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
                 log_step=self.log_step,
             )  # fmt: skip
         else:
             result = severity_hypergradient(
-                self.net, net_optimizer, views, labels, held, h_labels, valid, self.env,
+                self.net, net_optimizer, views, labels, held, self.env,
                 beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
             )  # fmt: skip
         bad = ~result.finite if step_skipped is None else step_skipped | ~result.finite
@@ -237,7 +238,7 @@ class HeldoutSeverityUpdater:
                        self.env)  # fmt: skip
         if to_update:
             return {}
-        result = self.pair.result(*self._heldout_batch(self._batch_index(global_step)), self.env)
+        result = self.pair.result(self._heldout_batch(self._batch_index(global_step)), self.env)
         self.pair = None
         self._sums += torch.stack(
             [result.grad_mu, result.grad_log_sigma, result.heldout_loss, (~result.finite).float()]

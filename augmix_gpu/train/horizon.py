@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..augment.losses import augmix_objective
 from ..distributed import DistEnv, all_reduce_sum
 from .hyper_passes import (
+    HeldoutBatch,
     Hypergradient,
     flatten_like,
     fp32_network,
@@ -125,16 +126,13 @@ class HorizonPair:
         opt.zero_grad(set_to_none=True)
         self._bad |= bad
 
-    def result(
-        self, heldout_images: Tensor, heldout_labels: Tensor, heldout_valid: Tensor, env: DistEnv
-    ) -> Hypergradient:
-        """The slope of the two copies' held-out loss (this rank's share of the global held-out
-        batch, normalised) in log s, as d / d (mu, log_sigma); nothing is read to the host."""
+    def result(self, heldout: HeldoutBatch, env: DistEnv) -> Hypergradient:
+        """The slope of the two copies' held-out loss (``heldout``: this rank's share of the
+        global held-out batch) in log s, as d / d (mu, log_sigma); nothing is read to the host."""
         if not self.steps:
             raise RuntimeError("the horizon pair has taken no step")
         with torch.no_grad():
-            losses = [heldout_loss_at(self.net, None, heldout_images, heldout_labels,
-                                      heldout_valid, env, model=m) for m in self.models]  # fmt: skip
+            losses = [heldout_loss_at(self.net, None, heldout, env, model=m) for m in self.models]
         # every rank drew its own severities: their span and spread over all ranks, so that
         # every rank takes the same update (the losses are the global held-out batch's already)
         span, spread = rank_mean(self._sums / self.steps, env)

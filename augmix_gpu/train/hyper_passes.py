@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,15 @@ class Hypergradient:
     grad_mu: Tensor
     grad_log_sigma: Tensor
     finite: Tensor
+
+
+class HeldoutBatch(NamedTuple):
+    """This rank's share of one global held-out batch: normalised images ``[H,3,h,w]``, their
+    labels, and which slots are real samples (False: padding, so that ranks hold equal shares)."""
+
+    images: Tensor
+    labels: Tensor
+    valid: Tensor
 
 
 def split_like(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -117,10 +127,11 @@ def training_gradient(net, named, views, labels, beta_jsd: float, env: DistEnv) 
     return split_like(flat / env.world_size, params)
 
 
-def heldout_loss_at(net, weights, images, labels, valid, env: DistEnv, model=None) -> Tensor:
+def heldout_loss_at(net, weights, heldout: HeldoutBatch, env: DistEnv, model=None) -> Tensor:
     """The mean held-out CE of the network at ``weights`` ({name: tensor}; None: its own), over
     the global held-out batch: eval mode (running BatchNorm statistics), fp32. ``model``: another
     copy of the network to score (the horizon pair's), default ``net.model``."""
+    images, labels, valid = heldout
     model = net.model if model is None else model
     run = fp32_network(
         model if weights is None else lambda x: functional_call(model, weights, (x,))
@@ -132,11 +143,12 @@ def heldout_loss_at(net, weights, images, labels, valid, env: DistEnv, model=Non
     return flat[0] / flat[1].clamp_min(1.0)
 
 
-def heldout_gradient(net, params, images, labels, valid, env: DistEnv) -> tuple[Tensor, Tensor]:
+def heldout_gradient(net, params, heldout: HeldoutBatch, env: DistEnv) -> tuple[Tensor, Tensor]:
     """1. v = grad_w of the mean held-out CE at w', over the global held-out batch, and that CE.
 
     Eval mode: the held-out images are scored as at test time (running BatchNorm statistics, none
     updated)."""
+    images, labels, valid = heldout
     model = net.model
     with eval_mode(model), torch.enable_grad():
         loss_sum = masked_ce_sum(net.classify(images, model=fp32_network(model)), labels, valid)

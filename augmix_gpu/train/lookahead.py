@@ -54,6 +54,7 @@ from torch.func import functional_call
 from ..augment.losses import augmix_objective
 from ..distributed import DistEnv, all_reduce_sum
 from .hyper_passes import (
+    HeldoutBatch,
     Hypergradient,
     batch_statistics_only,
     fp32_network,
@@ -151,9 +152,7 @@ def severity_hypergradient(
     optimizer: torch.optim.Optimizer,
     views: Tensor,
     labels: Tensor,
-    heldout_images: Tensor,
-    heldout_labels: Tensor,
-    heldout_valid: Tensor,
+    heldout: HeldoutBatch,
     env: DistEnv,
     *,
     beta_jsd: float,
@@ -172,8 +171,7 @@ def severity_hypergradient(
             (made with ``net.views(images, severity_grad=True)``); the network was fed its
             detached copy.
         labels: the step's labels ``[B]``.
-        heldout_images, heldout_labels, heldout_valid: this rank's held-out batch (normalised
-            images ``[H,3,h,w]``; ``valid`` marks real samples, False for padding).
+        heldout: this rank's share of the held-out batch.
         beta_jsd: the JSD weight of the training loss.
         fixed_length: the step's length held fixed (the default: the module docstring says
             why); False lets it follow the severity, as the real optimiser's step does.
@@ -182,9 +180,7 @@ def severity_hypergradient(
     params = [p for _, p in named]
     severity = net.severity
     sev_params = [severity.log_severity_mu, severity.log_severity_log_sigma]
-    v, heldout_loss = heldout_gradient(
-        net, params, heldout_images, heldout_labels, heldout_valid, env
-    )
+    v, heldout_loss = heldout_gradient(net, params, heldout, env)
     c = lookahead_direction(optimizer, params, v, fixed_length=fixed_length)
     mixed = mixed_derivative(net, named, c, views, labels, beta_jsd)
 
@@ -207,9 +203,7 @@ def paired_hypergradient(
     draws: Any,
     severity: Tensor,
     labels: Tensor,
-    heldout_images: Tensor,
-    heldout_labels: Tensor,
-    heldout_valid: Tensor,
+    heldout: HeldoutBatch,
     env: DistEnv,
     *,
     beta_jsd: float,
@@ -255,8 +249,7 @@ def paired_hypergradient(
     losses = []
     with torch.no_grad():
         at_step = {n: p.detach() for n, p in named}
-        losses.append(heldout_loss_at(net, at_step, heldout_images, heldout_labels,
-                                      heldout_valid, env))  # fmt: skip
+        losses.append(heldout_loss_at(net, at_step, heldout, env))
         for end in ends:
             views = torch.cat(net.augmenter.apply(images, draws, end))
             grads = training_gradient(net, named, views, labels, beta_jsd, env)
@@ -267,8 +260,7 @@ def paired_hypergradient(
                 scale = (length / norm.clamp_min(1e-30)).to(params[0].dtype)
             weights = {n: p.detach() + scale * m - a
                        for (n, p), m, a in zip(named, moved, step)}  # fmt: skip
-            losses.append(heldout_loss_at(net, weights, heldout_images, heldout_labels,
-                                          heldout_valid, env))  # fmt: skip
+            losses.append(heldout_loss_at(net, weights, heldout, env))
     # each rank drew its own severity: the span and spread of all ranks' draws, so that every
     # rank takes the same update (the losses are already the global held-out batch's)
     mu = sev.log_severity_mu.detach().to(s.dtype)
