@@ -28,9 +28,11 @@ estimator see what the pairs see?
         --extra --severity_estimator paired              # the paired estimator
     python benchmarks/severity_study_horizon.py --stage 2 --steps 1 --lengths fixed \
         --tag stage2 --extra --severity_estimator paired # from the end of epoch 2 (1..12)
+    python benchmarks/severity_study_horizon.py --stage 4 --steps 10 30 --low 0.3 --high 0.8 \
+        --estimator_steps 0 --tag stage4-k10   # a pair below the optimum (0.8 runs reused)
 
 Writes ``benchmarks/results/severity_study_shift/horizon.json`` and ``horizon.md`` (with
-``--low``: ``horizon-low<LOW>.*``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under
+``--low``: ``horizon-low<LOW>.*``, ``--high``: ``...-high<HIGH>``, with ``--tag``: ``horizon-<TAG>.*``); the runs go under
 ``horizon_runs/`` (not committed) and are reused.
 """
 
@@ -64,6 +66,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--low", type=float, default=LOW,
                    help="the lower severity of each pair (the other is 8); not 0.8: the files "
                         "are named horizon-low<LOW>")  # fmt: skip
+    p.add_argument("--high", type=float, default=HIGH,
+                   help="the higher severity of each pair (not 8: the files are named "
+                        "horizon-...-high<HIGH>); with --low, a pair anywhere on the grid")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=LENGTHS,
                    help="the estimator's --severity_step_length values")  # fmt: skip
@@ -214,14 +219,14 @@ def main() -> None:
         Run(f"K{k}_s{s:g}", r,
             [*segment_flags(start, k, args.extra), "--aug_type", "augmix_jsd", "--initial_aug_severity", f"{s:g}"],
             runs_dir / f"K{k}_s{s:g}" / f"seed{r}")
-        for k in args.steps for r in range(args.repeats) for s in (args.low, HIGH)
+        for k in args.steps for r in range(args.repeats) for s in (args.low, args.high)
     ]  # fmt: skip
     estimators = {length: estimator_runs(start, args.estimator_steps, args.repeats, runs_dir,
                                          length, args.extra)
                   for length in (args.lengths if args.estimator_steps else ())}  # fmt: skip
     run_all(runs + [r for rs in estimators.values() for r in rs], jobs=2, reuse=True)
     base = heldout_nll(start, heldout)
-    lo, hi = f"{args.low:g}", f"{HIGH:g}"
+    lo, hi = f"{args.low:g}", f"{args.high:g}"
     record = {"benchmark": "severity_study_horizon", "args": vars(args),
               "environment": environment_info(), "start": str(start), "lr": LR,
               "start held-out NLL": base, "steps": {}}  # fmt: skip
@@ -259,6 +264,7 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     name = "horizon" + ("" if args.low == LOW else f"-low{args.low:g}")
+    name += "" if args.high == HIGH else f"-high{args.high:g}"
     name += f"-{args.tag}" if args.tag else ""
     (out / f"{name}.md").write_text(text + "\n")
     write_json(out / f"{name}.json", record)
