@@ -313,8 +313,21 @@ def hypergradient_signal(runs: list[Run]) -> dict:
         mean, sd = summarize(pooled)
         out[v] = {"epochs": len(pooled), "mean SNR": mean, "se": sd / math.sqrt(len(pooled)),
                   "share > 0": sum(x > 0 for x in pooled) / len(pooled),
-                  "pooled z per run": [pooled_z(xs) for xs in per_run]}  # fmt: skip
+                  "pooled z per run": [pooled_z(xs) for xs in per_run],
+                  "update z per run": [update_z(r) for r in runs if r.variant == v]}  # fmt: skip
     return out
+
+
+def update_z(run: Run) -> float | None:
+    """A run's hypergradient of mu over all its updates: mean over standard error. Why beside the
+    per-epoch figure: with few updates per epoch (a horizon estimator's one or two) an epoch's
+    standard error rests on two values and its SNR says nothing."""
+    trajectory = run.result.get("severity_trajectory", [])
+    g = [t["hypergrad_mu"] for t in trajectory if "hypergrad_mu" in t]
+    if len(g) < 2:
+        return None
+    mean, sd = summarize(g)
+    return mean / (sd / math.sqrt(len(g))) if sd else None
 
 
 def signal_lines(signal: dict) -> list[str]:
@@ -324,6 +337,9 @@ def signal_lines(signal: dict) -> list[str]:
         zs = ", ".join(f"{z:+.2f}" for z in s["pooled z per run"])
         lines.append(f"- {v}: mean {s['mean SNR']:+.2f} ± {s['se']:.2f} over {s['epochs']} "
                      f"epochs, {100 * s['share > 0']:.0f} % > 0; per run z = {zs}")  # fmt: skip
+        per_update = ", ".join("n/a" if z is None else f"{z:+.2f}"
+                               for z in s.get("update z per run", []))  # fmt: skip
+        lines.append(f"  over each run's updates (mean / se of every update): z = {per_update}")
     return lines
 
 

@@ -58,6 +58,10 @@ def run_train(args: list[str], cache: Path, *, torchrun: int = 0, timeout: float
             "--severity_lookaheads 2: must be 1 with --severity_horizon > 1",
         ),
         (
+            ["--exclude_heldout", "--dataset", "cifar10", "--data", "."],
+            "--exclude_heldout True: needs an image-folder dataset (not CIFAR arrays)",
+        ),
+        (
             HELDOUT + ["--severity_hold_epochs", "3", "--epochs", "3"],
             "--severity_hold_epochs 3: must be below --epochs (3)",
         ),
@@ -68,6 +72,26 @@ def test_bad_heldout_arguments_fail_before_work(args, message) -> None:
 
     with pytest.raises(ValueError, match=re.escape(message)):
         validate_settings(resolve_settings(args), world_size=1)
+
+
+def test_exclude_heldout_trains_a_fixed_run_on_the_heldout_runs_images(cache, tmp_path) -> None:
+    """A fixed severity with --exclude_heldout trains without the held-out split (108 of the
+    120 images: 5 steps of 20, not 6), the same split a held-out run takes (its root), and no
+    updater reads it."""
+    fixed = SMALL + ["--aug_type", "augmix_jsd"]
+    runs = {"plain": fixed, "excluded": fixed + ["--exclude_heldout"], "heldout": SMALL + HELDOUT}
+    for name, args in runs.items():
+        ok(run_train(args + ["--ckpt_dir_base", str(tmp_path / name)], cache))
+    plain = results(tmp_path / "plain" / "augmix_jsd")
+    excluded = results(tmp_path / "excluded" / "augmix_jsd")
+    heldout = results(tmp_path / "heldout" / "learnable_augmix_jsd")
+    assert plain["history"][0]["global_step"] == 6 and plain["heldout"] is None
+    assert excluded["history"][0]["global_step"] == 5
+    assert excluded["heldout"]["images"] == 12 and excluded["heldout"]["read_by"].startswith(
+        "nothing"
+    )
+    assert excluded["heldout"]["root"] == heldout["heldout"]["root"]
+    assert not any("hypergrad_mu" in t for t in excluded["severity_trajectory"])
 
 
 def test_too_many_heldout_images_is_one_line(cache, tmp_path) -> None:

@@ -205,7 +205,8 @@ def test_a_cached_evaluation_gains_the_held_out_figures_in_one_pass(tmp_path, mo
 
 
 def test_the_hypergradient_signal_is_pooled_over_epochs_and_seeds() -> None:
-    """Mean, standard error and share > 0 of the per-epoch SNR, against statistics' own."""
+    """Mean, standard error and share > 0 of the per-epoch SNR, and each run's z over all its
+    updates, against statistics' own."""
     import math
     import statistics
 
@@ -214,6 +215,8 @@ def test_the_hypergradient_signal_is_pooled_over_epochs_and_seeds() -> None:
     for seed, xs in snr.items():
         run = _run(study.HELDOUT[2], seed, 8.0, 30.0)
         run.result["history"] = [{"hypergrad_snr": x} for x in xs]
+        updates = {0: [0.1, 0.3, 0.2], 1: [0.5]}[seed]  # one update: no standard error
+        run.result["severity_trajectory"] = [{"step": 1}] + [{"hypergrad_mu": g} for g in updates]
         runs.append(run)
     runs.append(_run("fixed_s1", 0, 1.0, 30.0))  # no hypergradient: not counted
     s = study.hypergradient_signal(runs)[study.HELDOUT[2]]
@@ -222,7 +225,11 @@ def test_the_hypergradient_signal_is_pooled_over_epochs_and_seeds() -> None:
     assert s["se"] == pytest.approx(statistics.stdev(pooled) / math.sqrt(5))
     assert s["share > 0"] == pytest.approx(0.6)
     assert s["pooled z per run"] == pytest.approx([2.5 / math.sqrt(3), -0.5 / math.sqrt(2)])
-    assert "mean +0.40 ± " in study.signal_lines({study.HELDOUT[2]: s})[1]
+    g = [0.1, 0.3, 0.2]  # over a run's updates, whatever the epochs
+    z = statistics.fmean(g) / (statistics.stdev(g) / math.sqrt(3))
+    assert s["update z per run"] == [pytest.approx(z), None]
+    lines = study.signal_lines({study.HELDOUT[2]: s})
+    assert "mean +0.40 ± " in lines[1] and f"z = {z:+.2f}, n/a" in lines[2]
 
 
 def test_the_horizon_probe_pairs_its_differences() -> None:

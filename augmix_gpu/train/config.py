@@ -354,6 +354,12 @@ class SeveritySettings:
         check=lambda names: _problem(check_heldout_corruptions, names),
     )
     heldout_seed: int = flag(0, "heldout: the split's seed (fixed across --seed)")
+    exclude_heldout: bool = flag(
+        False,
+        "train without the held-out split even where no objective reads it: the baseline a "
+        "held-out run is compared with (the same training images, and none of the held-out "
+        "images' clean twins)",
+    )
     heldout_batch: int = flag(
         0,
         "heldout: held-out images per rank per update (0: the per-rank train batch)",
@@ -674,6 +680,8 @@ def _check_data(s: Settings) -> None:
 
 
 def _check_severity(s: Settings) -> None:
+    if s.severity.exclude_heldout and s.data.is_cifar:
+        raise _bad("exclude_heldout", True, "needs an image-folder dataset (not CIFAR arrays)")
     if s.severity.severity_objective != "heldout":
         return
     if s.data.normalization != "imagenet":

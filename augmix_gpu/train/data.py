@@ -136,8 +136,15 @@ def _cifar(settings: Settings) -> tuple[Any, Any, str, dict[str, Path]]:
     return train, val, f"{name} ({data.data})", {}
 
 
+def needs_heldout(settings: Settings) -> bool:
+    """Whether the severity's objective reads a held-out set (only then is there an updater)."""
+    sev = settings.severity
+    return settings.augment.learnable and not OBJECTIVES[sev.severity_objective].from_training_loss
+
+
 def prepare_heldout(settings: Settings, env: DistEnv, spec: DataSpec):
-    """The held-out set of an objective that needs one (None otherwise), made by rank 0 once.
+    """The held-out set of an objective that needs one, or of ``--exclude_heldout`` (None
+    otherwise), made by rank 0 once.
 
     Cached under ``$AUGMIX_GPU_CACHE/heldout-<hash>``, keyed by the training folder and every
     parameter of the split, so a changed tree or flag makes a new one. A shifted synthetic task
@@ -145,7 +152,7 @@ def prepare_heldout(settings: Settings, env: DistEnv, spec: DataSpec):
     the test split's nuisances, and their untwinned originals are left out of training.
     """
     sev = settings.severity
-    if not settings.augment.learnable or OBJECTIVES[sev.severity_objective].from_training_loss:
+    if not (needs_heldout(settings) or sev.exclude_heldout):
         return None
     params = dict(
         images=sev.heldout_images,
@@ -197,7 +204,7 @@ def build_loaders(settings: Settings, env: DistEnv, spec: DataSpec, heldout=None
     )
     # the val epoch is the same every time: decoded once, replayed (if it fits in memory)
     val = ReplayLoader(build_loader(spec.val, "val", classes=train.classes, **common))
-    if heldout is None:
+    if heldout is None or not needs_heldout(settings):  # --exclude_heldout alone: nothing reads it
         return train, val, None
     # Prepared at the crop size already: the "corrupted" recipe takes the images as stored.
     common["batch_size"] = settings.severity.heldout_batch or batch

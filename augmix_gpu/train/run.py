@@ -378,5 +378,6 @@ def heldout_summary(run: Run) -> dict[str, Any] | None:
         "images": len(run.heldout.source_files),
         "seed": run.settings.severity.heldout_seed,
         "corruptions": list(run.heldout.corruptions),
-        "skipped_nonfinite_updates": run.updater.skipped_nonfinite,
+        "skipped_nonfinite_updates": run.updater.skipped_nonfinite if run.updater else None,
+        "read_by": "the severity's objective" if run.updater else "nothing (--exclude_heldout)",
     }
