@@ -80,8 +80,13 @@ def test_exclude_heldout_trains_a_fixed_run_on_the_heldout_runs_images(cache, tm
     updater reads it."""
     fixed = SMALL + ["--aug_type", "augmix_jsd"]
     runs = {"plain": fixed, "excluded": fixed + ["--exclude_heldout"], "heldout": SMALL + HELDOUT}
+    logs = {}
     for name, args in runs.items():
-        ok(run_train(args + ["--ckpt_dir_base", str(tmp_path / name)], cache))
+        proc = run_train(args + ["--ckpt_dir_base", str(tmp_path / name)], cache)
+        ok(proc)
+        logs[name] = proc.stdout + proc.stderr
+    assert "held-out split excluded from training (--exclude_heldout)" in logs["excluded"]
+    assert "held-out objective:" in logs["heldout"] and "held-out" not in logs["plain"]
     plain = results(tmp_path / "plain" / "augmix_jsd")
     excluded = results(tmp_path / "excluded" / "augmix_jsd")
     heldout = results(tmp_path / "heldout" / "learnable_augmix_jsd")

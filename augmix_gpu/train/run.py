@@ -169,9 +169,14 @@ def describe(run: Run) -> None:
              f"steps/epoch/rank; world size {env.world_size} on {env.device}")  # fmt: skip
     if run.heldout is not None:
         sev = s.severity
-        log(env, f"held-out objective: {len(run.heldout.source_files)} training images held out "
-                 f"(seed {sev.heldout_seed}), corrupted by {', '.join(run.heldout.corruptions)} "
-                 f"in {run.heldout.root}; severity update every {sev.severity_update_every} steps")  # fmt: skip
+        held = (f"{len(run.heldout.source_files)} training images held out (seed "
+                f"{sev.heldout_seed}), corrupted by {', '.join(run.heldout.corruptions)} in "
+                f"{run.heldout.root}")  # fmt: skip
+        if run.updater is None:  # --exclude_heldout alone
+            log(env, f"held-out split excluded from training (--exclude_heldout): {held}")
+        else:
+            log(env, f"held-out objective: {held}; severity update every "
+                     f"{sev.severity_update_every} steps")  # fmt: skip
 
 
 def restore(run: Run) -> None:
