@@ -36,16 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..augment.losses import augmix_objective
-from ..distributed import DistEnv, all_reduce_sum
+from ..distributed import DistEnv
 from .hyper_passes import (
     HeldoutBatch,
     Hypergradient,
-    flatten_like,
-    fp32_network,
     heldout_loss_at,
     rank_mean,
-    split_like,
+    training_gradient,
 )
 
 
@@ -91,7 +88,10 @@ class HorizonPair:
         sev = self.net.severity
         s = severity.detach().to(torch.promote_types(severity.dtype, torch.float32))
         top = torch.full_like(s, float(sev.max_severity))
-        ends = (torch.minimum(s * math.exp(self.log_step), top), s * math.exp(-self.log_step))
+        ends = (
+            torch.minimum(s * math.exp(self.log_step), top),
+            s * math.exp(-self.log_step),
+        )
         for model, opt, end in zip(self.models, self.optimizers, ends):
             for group, main in zip(opt.param_groups, main_optimizer.param_groups):
                 group["lr"] = main["lr"]
@@ -103,21 +103,16 @@ class HorizonPair:
     def _train(self, model, opt, images, labels, draws, severity, env: DistEnv) -> None:
         """One real optimiser step of a copy: the training loss (CE + JSD) in fp32, its gradient
         averaged over ranks, clipped as the run's, skipped on the device if not finite."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
             views = torch.cat(self.net.augmenter.apply(images, draws, severity))
-        with torch.enable_grad():
-            logits = self.net.classify(views, model=fp32_network(model))
-            loss = augmix_objective(logits, labels, jsd=True, beta_jsd=self.beta_jsd).total
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = flatten_like(list(grads), params)
-        all_reduce_sum(flat, env)
-        flat /= env.world_size
-        for p, g in zip(params, split_like(flat, params)):
+        grads = training_gradient(self.net, named, views, labels, self.beta_jsd, env, model=model)
+        for (_, p), g in zip(named, grads):
             p.grad = g
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        bad = ~torch.isfinite(flat.sum())  # the same on every rank: the gradient is reduced
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], self.grad_clip)
+        # the same on every rank (the gradient is reduced); a NaN or inf anywhere makes its sum so
+        bad = ~torch.isfinite(torch.stack([g.sum() for g in grads]).sum())
         if opt.defaults.get("fused"):  # the trainer's: skipped on the device, as the run's step
             opt.found_inf = bad.float()
             opt.step()

@@ -9,7 +9,7 @@ here, once per pass (one flat all-reduce).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -114,12 +114,17 @@ def rank_mean(values: Tensor, env: DistEnv) -> Tensor:
     return out / env.world_size
 
 
-def training_gradient(net, named, views, labels, beta_jsd: float, env: DistEnv) -> list[Tensor]:
+def training_gradient(
+    net, named, views, labels, beta_jsd: float, env: DistEnv, model: nn.Module | None = None
+) -> list[Tensor]:
     """grad_w of the training loss (CE + JSD) of ``views`` at the current weights, averaged over
-    ranks as DDP averages the step's: fp32, BatchNorm on the batch's statistics, none updated."""
+    ranks as DDP averages the step's: fp32, BatchNorm on the batch's statistics, none updated.
+    ``model``: a copy of the network that trains (the horizon pair's; ``named`` its parameters),
+    whose BatchNorm statistics follow its batches as the run's do."""
     params = [p for _, p in named]
-    with torch.enable_grad(), batch_statistics_only(net.model):
-        logits = net.classify(views, model=fp32_network(net.model))
+    frozen = batch_statistics_only(net.model) if model is None else nullcontext()
+    with torch.enable_grad(), frozen:
+        logits = net.classify(views, model=fp32_network(net.model if model is None else model))
         loss = augmix_objective(logits, labels, jsd=True, beta_jsd=beta_jsd).total
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     flat = flatten_like(list(grads), params)
