@@ -29,7 +29,7 @@ from torch import Tensor
 from ..augment.augmix import normalize_images
 from ..distributed import DistEnv
 from .horizon import HorizonPair
-from .hyper_passes import HeldoutBatch
+from .hyper_passes import HeldoutBatch, Hypergradient
 from .lookahead import paired_hypergradient, severity_hypergradient
 
 ESTIMATORS = ("pathwise", "paired")
@@ -211,24 +211,31 @@ class HeldoutSeverityUpdater:
                 self.net, net_optimizer, views, labels, held, self.env,
                 beta_jsd=self.beta_jsd, fixed_length=self.fixed_length,
             )  # fmt: skip
+        self._add(result, step_skipped)
+        if self._steps_to_update(global_step):
+            return {}
+        return self._step()
+
+    def _add(self, result: Hypergradient, step_skipped: Tensor | None = None) -> None:
+        """One lookahead's (or pair's) reading into the cycle's sums; not finite, or taken after
+        a skipped network step, it marks the cycle's update to be skipped."""
         bad = ~result.finite if step_skipped is None else step_skipped | ~result.finite
         self._sums += torch.stack(
             [result.grad_mu, result.grad_log_sigma, result.heldout_loss, bad.float()]
         )
-        if self._steps_to_update(global_step):
-            return {}
-        return self._step()
+
+    def _new_pair(self, net_optimizer: torch.optim.Optimizer) -> HorizonPair:
+        return HorizonPair(self.net, net_optimizer, log_step=self.log_step,
+                           beta_jsd=self.beta_jsd, grad_clip=self.grad_clip)  # fmt: skip
 
     def _horizon_update(self, net_optimizer, labels, global_step: int, images) -> dict:
         """Fork the pair (K steps before the update), step it, and at the update read it."""
         to_update = self._steps_to_update(global_step)
         if to_update == self.horizon:  # the pair starts from the weights after this step
-            self.pair = HorizonPair(self.net, net_optimizer, log_step=self.log_step,
-                                    beta_jsd=self.beta_jsd, grad_clip=self.grad_clip)  # fmt: skip
+            self.pair = self._new_pair(net_optimizer)
             return {}
         if self._pair_state is not None:  # resumed inside a window: the copies as saved
-            self.pair = HorizonPair(self.net, net_optimizer, log_step=self.log_step,
-                                    beta_jsd=self.beta_jsd, grad_clip=self.grad_clip)  # fmt: skip
+            self.pair = self._new_pair(net_optimizer)
             self.pair.load_state_dict(self._pair_state)
             self._pair_state = None
         if self.pair is None:  # a checkpoint from before the pair was saved: this window is lost
@@ -240,9 +247,7 @@ class HeldoutSeverityUpdater:
             return {}
         result = self.pair.result(self._heldout_batch(self._batch_index(global_step)), self.env)
         self.pair = None
-        self._sums += torch.stack(
-            [result.grad_mu, result.grad_log_sigma, result.heldout_loss, (~result.finite).float()]
-        )
+        self._add(result)
         return self._step()
 
     def _step(self) -> dict[str, Tensor]:
