@@ -34,6 +34,7 @@ one thread each, under ``nice``: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -161,6 +162,12 @@ def parse() -> argparse.Namespace:
         help="the metric the sweep's quadratic, the gate and the goal read",
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "severity_study_shift"))
+    p.add_argument("--records", nargs="+", default=[], metavar="JSON",
+                   help="with --report: study records (this script's JSON) whose runs stand in "
+                        "for runs not in --out (runs/ is not in git: a clean checkout can report "
+                        "a study again, and an arm can be judged against a committed sweep)")  # fmt: skip
+    p.add_argument("--record_variants", nargs="+", default=FIXED, choices=list(VARIANTS),
+                   help="the variants taken from --records (default: the fixed sweep)")  # fmt: skip
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags")
     return p.parse_args()
 
@@ -178,6 +185,33 @@ def make_runs(variants: list[str], args, out: Path) -> list[Run]:
     ]
 
 
+def _variant_config(variant: str) -> dict:
+    """The config keys the report reads (final severity, plots), from the variant's flags."""
+    flags = VARIANTS[variant]
+    config = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2])}
+    return {"severity_objective": "minimize", **config}
+
+
+def runs_from_records(paths: list[str], variants: list[str], args, out: Path) -> list[Run]:
+    """The runs of ``variants`` that study records (``per_run``) hold, their results rebuilt from
+    the record (history, trajectory, evaluation, timing): nothing is trained or evaluated again."""
+    runs = []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        for variant in variants:
+            for entry in record.get("per_run", {}).get(variant, []):
+                seed = entry["seed"]
+                run = Run(
+                    variant, seed, _flags(variant, args), out / "runs" / variant / f"seed{seed}"
+                )
+                run.result = {"config": _variant_config(variant), "history": entry["history"],
+                              "severity_trajectory": entry["severity_trajectory"],
+                              "evaluation": entry["evaluation"], "_seconds": entry["seconds"],
+                              "_cpu_seconds": entry["cpu_seconds"], "_record": str(path)}  # fmt: skip
+                runs.append(run)
+    return runs
+
+
 def _report(run: Run) -> None:
     r = run.result
     print(f"{run.variant:>24} seed {run.seed}: clean {METRICS['clean error'](r):.1f}%  "
@@ -186,8 +220,13 @@ def _report(run: Run) -> None:
 
 
 def train(runs: list[Run], args) -> None:
-    """Train what is not finished (two at a time, niced), then evaluate each run."""
+    """Train what is not finished (two at a time, niced), then evaluate each run; runs taken
+    from a record (their result is set) are left as they are."""
     from severity_study_eval import evaluate_run
+
+    runs = [run for run in runs if not run.result]
+    if not runs:
+        return
 
     heldout, val, c_root = prepare_sets(args)
 
@@ -330,6 +369,35 @@ def update_z(run: Run) -> float | None:
     return mean / (sd / math.sqrt(len(g))) if sd else None
 
 
+def readings_towards(runs: list[Run], s_opt: float) -> dict:
+    """Per held-out start, how often an update's reading of mu pointed towards the sweep's fitted
+    optimum from where the run was before it (above it: a reading > 0, which lowers s): the share
+    and its z against a coin. Why: an update rule can only use a reading's direction; near 0.5 no
+    rule (Adam's, the sign's) turns the readings into a way to the optimum."""
+    out = {}
+    for v in HELDOUT:
+        hits = []
+        for run in (r for r in runs if r.variant == v):
+            trajectory = run.result.get("severity_trajectory", [])
+            for before, t in zip(trajectory, trajectory[1:]):
+                if "hypergrad_mu" in t and t["hypergrad_mu"] != 0:
+                    hits.append((t["hypergrad_mu"] > 0) == (before["severity_median"] > s_opt))
+        if hits:
+            n, k = len(hits), sum(hits)
+            out[v] = {"readings": n, "towards": k, "share": k / n,
+                      "z vs a coin": (k - n / 2) / math.sqrt(n / 4)}  # fmt: skip
+    return out
+
+
+def towards_lines(towards: dict, s_opt: float) -> list[str]:
+    lines = [f"Update readings pointing towards the fitted optimum (s = {s_opt:.2f}) from where "
+             "the run was:"]  # fmt: skip
+    for v, t in towards.items():
+        lines.append(f"- {v}: {t['towards']}/{t['readings']} ({100 * t['share']:.0f} %), "
+                     f"z {t['z vs a coin']:+.2f} against a coin")  # fmt: skip
+    return lines
+
+
 def signal_lines(signal: dict) -> list[str]:
     lines = ["Hypergradient signal-to-noise per epoch, pooled over epochs and seeds (> 0: the "
              "severity is pushed down):"]  # fmt: skip
@@ -447,8 +515,15 @@ def main() -> None:
     start = time.perf_counter()
     pilot = args.variants is not None
     runs = make_runs(args.variants or FIXED, args, out)
-    if args.report:  # every finished run, the learned ones too
+    if args.report:  # every finished run, the learned ones too, and the records' where missing
         runs = [r for r in make_runs(args.variants or list(VARIANTS), args, out) if r.finished()]
+        here = {(r.variant, r.seed) for r in runs}
+        for run in runs_from_records(args.records, args.record_variants, args, out):
+            if (run.variant, run.seed) not in here and run.seed in args.seeds:
+                runs.append(run)
+                here.add((run.variant, run.seed))
+    elif args.records:
+        raise SystemExit("--records reports: add --report")
     train(runs, args)
     fit = sweep_fit(sweep_points(runs, args.judge), args.judge) if not pilot else None
     swept, sweep = sum(r.variant in FIXED for r in runs), len(make_runs(FIXED, args, out))
@@ -474,7 +549,10 @@ def main() -> None:
     if fit is not None and any(r.variant in HELDOUT for r in runs):
         record["goal"] = goal_check(runs, fit)
         record["comparisons"] = comparisons(summary, fit)
+        record["readings towards the optimum"] = readings_towards(runs, fit["optimum s"])
         text += ["\n".join(goal_lines(record["goal"])),
+                 "\n".join(towards_lines(record["readings towards the optimum"],
+                                          fit["optimum s"])),
                  "\n".join(comparison_lines(record["comparisons"]))]  # fmt: skip
     record["hypergradient signal"] = hypergradient_signal(runs)
     if record["hypergradient signal"]:

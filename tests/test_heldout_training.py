@@ -224,13 +224,15 @@ def test_the_estimator_flags_reach_the_hypergradient(cache, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_horizon_run_holds_its_first_epoch_and_resumes_inside_a_window(cache, tmp_path) -> None:
-    """--severity_horizon 2 every 3 steps, held for epoch 1: the severity stays at its start
-    through epoch 1 and is updated every third step after it; a run stopped with the pair
-    forked and one of its steps taken (its copies are in the checkpoint) and resumed ends as
-    the straight run does."""
+    """--severity_horizon 2 every 3 steps, held for epoch 1, with --severity_update_rule sign:
+    the severity stays at its start through epoch 1 and is updated every third step after it,
+    each update moving mu by 0.2 against its reading; a run stopped with the pair forked and one
+    of its steps taken (its copies are in the checkpoint) and resumed ends as the straight run
+    does."""
     common = SMALL + HELDOUT + PAIRED_HORIZON + [
         "--epochs", "3", "--seed", "4", "--severity_update_every", "3",
-        "--severity_hold_epochs", "1", "--severity_hyper_lr", "0.2"]  # fmt: skip
+        "--severity_hold_epochs", "1", "--severity_hyper_lr", "0.2",
+        "--severity_update_rule", "sign"]  # fmt: skip
     ok(run_train(common + ["--ckpt_dir_base", str(tmp_path / "straight")], cache))
     straight = tmp_path / "straight" / "learnable_augmix_jsd"
     res = results(straight)
@@ -241,6 +243,11 @@ def test_horizon_run_holds_its_first_epoch_and_resumes_inside_a_window(cache, tm
     mu0 = math.log(3.0)
     assert res["history"][0]["severity_mu"] == pytest.approx(mu0, abs=1e-6), "moved in the hold"
     assert res["history"][1]["severity_mu"] != pytest.approx(mu0, abs=1e-3)
+    mu = mu0  # the sign rule: each update's step is 0.2 against its reading, nothing between
+    for t in res["severity_trajectory"]:
+        if "hypergrad_mu" in t:
+            mu -= 0.2 * math.copysign(1, t["hypergrad_mu"])
+        assert t["severity_mu"] == pytest.approx(mu, abs=1e-5), t
     # stopped after `stop` steps: 0-based step stop - 1 has its update 1 step ahead, so the pair
     # forked after step stop - 2 and took step stop - 1; 2 steps before an update (-stop % 3 == 1)
     stop = next(c for c in range(first, 3 * steps) if -c % 3 == 1)

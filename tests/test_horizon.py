@@ -227,3 +227,52 @@ def test_updater_refuses_a_horizon_it_cannot_run() -> None:
         HeldoutSeverityUpdater(net, _HeldoutBatches(), SINGLE, horizon=2, **kw)
     with pytest.raises(ValueError, match="hold_steps must be >= 0"):
         HeldoutSeverityUpdater(net, _HeldoutBatches(), SINGLE, hold_steps=-1, **kw)
+
+
+def test_sign_rule_moves_mu_by_lr_against_each_reading_whatever_its_size() -> None:
+    """--severity_update_rule sign on the horizon's updates (every 5, K 3, hold 5): at each update
+    mu moves by exactly -lr sign(reading) and log sigma by -clamp(lr g_sigma / |g_mu|, +-lr),
+    the readings being the ones the updater reports (which Adam's run shows to be the same: the
+    rule changes the step, not the reading)."""
+    adam, adam_mus, _ = _updater_run()
+    net, sev, opt = _setup(seed=3)
+    lr = 0.1
+    updater = HeldoutSeverityUpdater(net, _HeldoutBatches(), SINGLE, every=5, lr=lr, beta_jsd=BETA,
+                                     estimator="paired", horizon=3, hold_steps=5, rule="sign")  # fmt: skip
+    before = (sev.log_severity_mu.item(), sev.log_severity_log_sigma.item())
+    for step in range(10):
+        images, labels = _batch(step)
+        _main_step(net, opt, images, labels, torch.Generator().manual_seed(step))
+        if updater.due(step):
+            out = updater.update(opt, None, labels, step, images=images)
+    g_mu, g_sigma = float(out["hypergrad_mu"]), float(out["hypergrad_log_sigma"])
+    assert g_mu == float(adam[9]["hypergrad_mu"]) and g_mu != 0
+    assert sev.log_severity_mu.item() == pytest.approx(before[0] - lr * math.copysign(1, g_mu))
+    sigma_step = max(-lr, min(lr, lr * g_sigma / abs(g_mu)))
+    assert sev.log_severity_log_sigma.item() == pytest.approx(before[1] - sigma_step, abs=1e-7)
+
+
+@pytest.mark.parametrize("sums, moved", [([0.3, 0.9, 1.0, 0.0], True),  # |g_sigma| > |g_mu|
+                                         ([-1e-6, 0.0, 1.0, 0.0], True),  # tiny: a full step
+                                         ([0.0, 0.5, 1.0, 0.0], False),  # no reading: no step
+                                         ([0.3, 0.1, 1.0, 1.0], False)])  # not finite: skipped  # fmt: skip
+def test_sign_rule_step_sizes(sums, moved) -> None:
+    net, sev, _ = _setup()
+    updater = HeldoutSeverityUpdater(net, _HeldoutBatches(), SINGLE, every=4, lr=0.2, beta_jsd=BETA,
+                                     rule="sign")  # fmt: skip
+    mu, log_sigma = sev.log_severity_mu.item(), sev.log_severity_log_sigma.item()
+    updater._sums.copy_(torch.tensor(sums))
+    updater._step()
+    g_mu, g_sigma = sums[0], sums[1]
+    d_mu = -0.2 * math.copysign(1, g_mu) if moved else 0.0
+    d_sigma = -max(-0.2, min(0.2, 0.2 * g_sigma / abs(g_mu))) if moved else 0.0
+    assert sev.log_severity_mu.item() - mu == pytest.approx(d_mu, abs=1e-6)
+    assert sev.log_severity_log_sigma.item() - log_sigma == pytest.approx(d_sigma, abs=1e-6)
+    assert updater.skipped_nonfinite == int(sums[3] > 0)
+
+
+def test_updater_refuses_an_unknown_rule() -> None:
+    net, *_ = _setup()
+    with pytest.raises(ValueError, match=r"rule must be one of \('adam', 'sign'\), got 'sgd'"):
+        HeldoutSeverityUpdater(net, _HeldoutBatches(), SINGLE, every=4, lr=0.1, beta_jsd=BETA,
+                               rule="sgd")  # fmt: skip

@@ -242,3 +242,49 @@ def test_the_horizon_probe_pairs_its_differences() -> None:
     assert s["mean"] == pytest.approx(0.014)
     assert s["t"] == pytest.approx(stats.ttest_1samp(d, 0.0).statistic)
     assert s["se"] == pytest.approx(stats.sem(d))
+
+
+def test_readings_towards_the_optimum_count_each_update_from_where_the_run_was() -> None:
+    """Above the optimum a reading > 0 (lower s) points towards it, below it a reading < 0; the
+    severity before each update is the entry before it; a zero reading is no vote; z against a
+    coin as scipy's binomial normal approximation."""
+    run = _run(study.HELDOUT[2], 0, 4.0, 30.0)
+    median = lambda s: {"severity_median": s}  # noqa: E731
+    run.result["severity_trajectory"] = [
+        median(8.0), {**median(7.0), "hypergrad_mu": 0.2},  # from 8: towards
+        median(7.0), {**median(7.5), "hypergrad_mu": -0.1},  # from 7: away
+        median(0.5), {**median(0.6), "hypergrad_mu": -0.3},  # from 0.5 (below 2): towards
+        median(0.6), {**median(0.6), "hypergrad_mu": 0.0},  # no vote
+    ]  # fmt: skip
+    t = study.readings_towards([run, _run("fixed_s1", 0, 1.0, 30.0)], s_opt=2.0)
+    assert list(t) == [study.HELDOUT[2]]
+    t = t[study.HELDOUT[2]]
+    assert (t["readings"], t["towards"]) == (3, 2)
+    assert t["z vs a coin"] == pytest.approx((2 - 1.5) / math.sqrt(0.75))
+    assert "2/3 (67 %), z +0.58" in "\n".join(study.towards_lines({study.HELDOUT[2]: t}, 2.0))
+
+
+def test_a_report_takes_missing_runs_from_a_record(tmp_path) -> None:
+    """--records: a study record's per_run entries become runs whose results read as the trained
+    runs' did (evaluation, final severity from the variant's flags, timing); only the variants
+    asked for."""
+    import json
+
+    entry = lambda seed, e: {"seed": seed, "history": [{"severity_median": 0.7}],  # noqa: E731
+                             "severity_trajectory": [], "evaluation": {study.MCE: e},
+                             "seconds": 10.0 + seed, "cpu_seconds": 9.0}  # fmt: skip
+    record = {"per_run": {"fixed_s4": [entry(0, 25.0), entry(1, 26.0)],
+                          "learned_heldout_s2": [entry(0, 27.0)]}}  # fmt: skip
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(record))
+    args = study.argparse.Namespace(shift="none", epochs=12, extra=[])
+    runs = study.runs_from_records([str(path)], ["fixed_s4"], args, tmp_path)
+    assert [(r.variant, r.seed) for r in runs] == [("fixed_s4", 0), ("fixed_s4", 1)]
+    assert [study.METRICS[study.MCE](r.result) for r in runs] == [25.0, 26.0]
+    assert (
+        study.final_severity(runs[0].result) == 4.0
+        and study.METRICS["wall s"](runs[1].result) == 11.0
+    )
+    learned = study.runs_from_records([str(path)], ["learned_heldout_s2"], args, tmp_path)[0]
+    assert study.final_severity(learned.result) == 0.7  # learned: the last epoch's median
+    assert learned.result["config"]["severity_objective"] == "heldout"

@@ -30,7 +30,7 @@ from ..eval.settings import NORMALIZATIONS
 from ..models import check_arch
 from ..protocols import EXTRA_CORRUPTIONS
 from ..runtime import PRECISIONS
-from .heldout_severity import ESTIMATORS
+from .heldout_severity import ESTIMATORS, UPDATE_RULES
 
 AUG_TYPES = ("none", "augmix", "augmix_jsd", "learnable_augmix_jsd")
 DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic")
@@ -339,8 +339,15 @@ class SeveritySettings:
     )
     severity_hyper_lr: float = flag(
         0.05,
-        "heldout: Adam learning rate of (mu, log_sigma), log-severity per update",
+        "heldout: the learning rate of (mu, log_sigma), log-severity per update",
         check=positive,
+    )
+    severity_update_rule: str = flag(
+        "adam",
+        "heldout: how an update moves (mu, log_sigma) along its reading: adam, or sign (mu by "
+        "exactly --severity_hyper_lr against the reading's sign: a few large readings do not "
+        "set the step of all others; docs/learnable-severity.md)",
+        choices=UPDATE_RULES,
     )
     heldout_images: float = flag(
         0,

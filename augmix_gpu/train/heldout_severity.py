@@ -33,6 +33,7 @@ from .hyper_passes import HeldoutBatch, Hypergradient
 from .lookahead import paired_hypergradient, severity_hypergradient
 
 ESTIMATORS = ("pathwise", "paired")
+UPDATE_RULES = ("adam", "sign")
 
 
 def hypergradient_snr(trajectory: list[dict[str, float]], after_step: int) -> dict[str, Any]:
@@ -70,10 +71,14 @@ class HeldoutSeverityUpdater:
     No update (and no lookahead) while the cycle's first lookahead step, or the pair's fork,
     comes before ``hold_steps``: the severity stays at its start there.
 
-    Adam, not the network's optimiser: the hypergradient's scale follows the network's learning
-    rate and loss landscape, and Adam's normalised step makes ``lr`` mean "log-severity per
-    update" whatever they are (the per-epoch signal-to-noise in results.json measures what an
-    update carries).
+    Adam (``rule`` "adam"), not the network's optimiser: the hypergradient's scale follows the
+    network's learning rate and loss landscape, and Adam's normalised step makes ``lr`` mean
+    "log-severity per update" whatever they are (the per-epoch signal-to-noise in results.json
+    measures what an update carries). ``rule`` "sign": every update moves mu by exactly ``lr``
+    against its reading's sign, and log sigma by its reading over mu's (at most ``lr``: the
+    direction of the reading, mu's step fixed). Why: with a horizon, a few readings 10x the
+    others set Adam's second moment, and the updates after them barely move (docs/studies.md,
+    take three); a sign step gives each update one vote, whatever its size.
 
     No prior: the KL to the prior exists to hold the training-loss objectives (``minimize``,
     ``adversarial``), which have no other place to stop. The held-out loss has one, and a prior
@@ -101,7 +106,10 @@ class HeldoutSeverityUpdater:
         horizon: int = 1,
         hold_steps: int = 0,
         grad_clip: float = 0.0,
+        rule: str = "adam",
     ) -> None:
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not log_step > 0:
@@ -126,6 +134,7 @@ class HeldoutSeverityUpdater:
         self.fixed_length = bool(fixed_length)
         self.estimator, self.log_step = estimator, float(log_step)
         self.horizon, self.hold_steps, self.grad_clip = int(horizon), int(hold_steps), grad_clip
+        self.rule, self.lr = rule, float(lr)
         # fused: a skipped update (non-finite) is skipped on the device, no host read
         self.optimizer = torch.optim.Adam(net.severity.parameters(), lr=lr, fused=True)
         self._batches: Any = None
@@ -251,22 +260,43 @@ class HeldoutSeverityUpdater:
         return self._step()
 
     def _step(self) -> dict[str, Tensor]:
-        """The Adam step along the cycle's mean hypergradient (skipped on the device if any of
-        its lookaheads was not finite), then the projection below the bound."""
+        """The step along the cycle's mean hypergradient (Adam's, or the sign step; skipped on the
+        device if any of its lookaheads was not finite), then the projection below the bound."""
         mean = self._sums / self.lookaheads
         skip = self._sums[3] > 0
-        severity = self.net.severity
-        for p, g in zip((severity.log_severity_mu, severity.log_severity_log_sigma), mean[:2]):
-            p.grad = torch.where(skip, torch.zeros_like(g), g).to(p.dtype).reshape(p.shape)
-        self.optimizer.found_inf = skip.float()  # read by the fused step
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.rule == "sign":
+            self._sign_step(mean[0], mean[1], skip)
+        else:
+            self._adam_step(mean[0], mean[1], skip)
         self.skipped += skip
         self._sums.zero_()
+        severity = self.net.severity
         with torch.no_grad():  # projected: a median beyond the bound would sit where no sample
             # carries a gradient, so nothing could bring it back
             severity.log_severity_mu.clamp_(max=math.log(severity.max_severity))
         return {"heldout_loss": mean[2], "hypergrad_mu": mean[0], "hypergrad_log_sigma": mean[1]}
+
+    def _adam_step(self, grad_mu: Tensor, grad_log_sigma: Tensor, skip: Tensor) -> None:
+        severity = self.net.severity
+        for p, g in zip((severity.log_severity_mu, severity.log_severity_log_sigma),
+                        (grad_mu, grad_log_sigma)):  # fmt: skip
+            p.grad = torch.where(skip, torch.zeros_like(g), g).to(p.dtype).reshape(p.shape)
+        self.optimizer.found_inf = skip.float()  # read by the fused step
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _sign_step(self, grad_mu: Tensor, grad_log_sigma: Tensor, skip: Tensor) -> None:
+        """mu -= lr sign(g_mu); log sigma -= clamp(lr g_sigma / |g_mu|, +-lr); none where skipped
+        or where g_mu is 0 (on the device: no host read)."""
+        severity = self.net.severity
+        ok = ~skip & (grad_mu != 0)
+        scale = self.lr / torch.where(ok, grad_mu.abs(), 1.0)
+        zero = torch.zeros_like(grad_mu)
+        steps = (torch.where(ok, scale * grad_mu, zero),
+                 torch.where(ok, (scale * grad_log_sigma).clamp(-self.lr, self.lr), zero))  # fmt: skip
+        with torch.no_grad():
+            for p, step in zip((severity.log_severity_mu, severity.log_severity_log_sigma), steps):
+                p.sub_(step.to(p.dtype).reshape(p.shape))
 
     @property
     def skipped_nonfinite(self) -> int:

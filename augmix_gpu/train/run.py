@@ -138,6 +138,7 @@ def build_run(settings: Settings, env: DistEnv) -> Run:
                                          estimator=sev.severity_estimator,
                                          log_step=sev.severity_log_step,
                                          horizon=sev.severity_horizon,
+                                         rule=sev.severity_update_rule,
                                          hold_steps=hold, grad_clip=settings.optim.grad_clip_val)  # fmt: skip
     run = settings.run
     return Run(
