@@ -125,3 +125,26 @@ def test_not_even_one_image_names_the_crop_and_arch(tmp_path):
     s = resolve_settings(["--config", "augmix_paper.toml", "--data", str(tmp_path)])
     with pytest.raises(ValueError, match="smaller --crop_size or --arch"):
         check_memory(s, _net(s), 10, CUDA, available=1.2 * GiB)
+
+
+def test_the_horizon_pair_counts_two_more_states_and_its_fp32_activations(tmp_path):
+    """--severity_horizon 10: the fixed part holds the run's state three times (the run's and
+    the pair's two copies), and in bf16 the activations are the fp32 copies' (larger), where a
+    one-step held-out run keeps bf16's; --precision bf16 is then no way to fit."""
+    from augmix_gpu.train.memory import estimate_memory
+
+    base = ["--config", "augmix_paper.toml", "--data", str(tmp_path), "--aug_type",
+            "learnable_augmix_jsd", "--severity_objective", "heldout", "--precision", "bf16",
+            "--severity_estimator", "paired", "--severity_update_every", "50"]  # fmt: skip
+    one, pair = resolve_settings(base), resolve_settings(base + ["--severity_horizon", "10"])
+    net = _net(one)
+    state = state_bytes(net, one.optim.optimizer, one.optim.momentum)
+    est_one, est_pair = (estimate_memory(s, net, 10, CUDA.device) for s in (one, pair))
+    assert est_one.fixed == state + WORKSPACE_BYTES
+    assert est_pair.fixed == 3 * state + WORKSPACE_BYTES
+    fp32 = network_bytes_per_image("resnet50", 10, 224, torch.float32)
+    bf16 = network_bytes_per_image("resnet50", 10, 224, torch.bfloat16)
+    assert bf16 < fp32 and est_one.network_per_view == bf16 and est_pair.network_per_view == fp32
+    line = str(pytest.raises(ValueError, check_memory, pair.replace(precision="32"), net, 10,
+                             CUDA, available=48 * GiB).value)  # fmt: skip
+    assert "--precision bf16" not in line and "GPUs (torchrun" in line

@@ -11,7 +11,10 @@ What is counted, per GPU:
   under autocast). ResNet-50 at 224 px: 82 MiB per image in fp32, 42 MiB in bf16.
 - AugMix's images kept for the learnable severity's gradient: **counted** the same way, on the
   CPU at 32 px with the run's AugMix form and scaled by the pixel count (0 for a fixed severity).
-- weights, gradients and optimizer state: fp32, counted from the parameters.
+- weights, gradients and optimizer state: fp32, counted from the parameters; with
+  ``--severity_horizon K > 1`` twice more (the horizon pair's two copies of the network and its
+  optimiser), and the copies' steps run in fp32: their activations, where the run's are in
+  bf16/fp16, are the larger ones (the copies step after the run's step has freed its own).
 - allowances, judged rather than measured: the backward pass holds each layer's input gradient
   while the saved tensors are still alive and the caching allocator rounds its blocks
   (``PEAK_OVER_SAVED``); cuDNN/cuBLAS workspaces (``WORKSPACE_BYTES``); DALI's decoded
@@ -63,6 +66,23 @@ def saved_bytes_per_image(
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run(x)
     return sum(kept.values()) / len(x)
+
+
+def horizon_copies(settings: Settings) -> int:
+    """Copies of the network and its optimiser the held-out objective keeps: the horizon pair's
+    two (``--severity_horizon K > 1``), else none."""
+    sev = settings.severity
+    return 2 if sev.severity_objective == "heldout" and sev.severity_horizon > 1 else 0
+
+
+def activation_bytes_per_view(settings: Settings, num_classes: int, dtype: torch.dtype) -> float:
+    """The network's saved activations per image in ``dtype``, or in fp32 where the horizon
+    pair's fp32 copy steps keep more."""
+    arch, crop = settings.model.arch, settings.data.crop_size
+    count = network_bytes_per_image(arch, num_classes, crop, dtype)
+    if horizon_copies(settings) and dtype != torch.float32:
+        count = max(count, network_bytes_per_image(arch, num_classes, crop, torch.float32))
+    return count
 
 
 def network_bytes_per_image(arch: str, num_classes: int, size: int, dtype: torch.dtype) -> float:
@@ -123,11 +143,11 @@ def estimate_memory(settings: Settings, net: AugmentedClassifier, num_classes: i
                     device: torch.device) -> MemoryEstimate:  # fmt: skip
     """The estimate for ``settings`` (its arch, crop, precision, mode and optimizer)."""
     dtype = amp_dtype(settings.model.precision) or torch.float32
-    crop = settings.data.crop_size
+    state = state_bytes(net, settings.optim.optimizer, settings.optim.momentum)
     return MemoryEstimate(
-        fixed=state_bytes(net, settings.optim.optimizer, settings.optim.momentum) + WORKSPACE_BYTES,
-        network_per_view=network_bytes_per_image(settings.model.arch, num_classes, crop, dtype),
-        augmix_per_image=augmix_bytes_per_image(net, device, crop),
+        fixed=(1 + horizon_copies(settings)) * state + WORKSPACE_BYTES,
+        network_per_view=activation_bytes_per_view(settings, num_classes, dtype),
+        augmix_per_image=augmix_bytes_per_image(net, device, settings.data.crop_size),
         views=3 if settings.augment.aug_type in JSD_MODES else 1,
     )
 
@@ -169,8 +189,7 @@ def what_would_fit(settings: Settings, est: MemoryEstimate, world_size: int, ava
     options = []
     batch, global_batch = settings.per_rank_batch(world_size), settings.run.batch
     if settings.model.precision == "32":
-        crop = settings.data.crop_size
-        half = network_bytes_per_image(settings.model.arch, num_classes, crop, torch.bfloat16)
+        half = activation_bytes_per_view(settings, num_classes, torch.bfloat16)
         bf16 = replace(est, network_per_view=half)
         if bf16.total(batch) <= available:
             options.append(f"--precision bf16 (~{bf16.total(batch) / GiB:.1f} GiB)")
