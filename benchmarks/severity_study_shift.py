@@ -372,20 +372,28 @@ def update_z(run: Run) -> float | None:
 def readings_towards(runs: list[Run], s_opt: float) -> dict:
     """Per held-out start, how often an update's reading of mu pointed towards the sweep's fitted
     optimum from where the run was before it (above it: a reading > 0, which lowers s): the share
-    and its z against a coin. Why: an update rule can only use a reading's direction; near 0.5 no
-    rule (Adam's, the sign's) turns the readings into a way to the optimum."""
+    and its z against a coin; and the readings signed towards it (+: towards), their mean and
+    std, and how many updates their mean needs to stand 2 standard errors clear of zero
+    ((2 std / mean)^2, None where it points away). Why: an update rule can only use what the
+    readings say; near 0.5, or with that count far above a run's updates, no rule (Adam's, the
+    sign's) turns them into a way to the optimum."""
     out = {}
     for v in HELDOUT:
-        hits = []
+        signed = []
         for run in (r for r in runs if r.variant == v):
             trajectory = run.result.get("severity_trajectory", [])
             for before, t in zip(trajectory, trajectory[1:]):
                 if "hypergrad_mu" in t and t["hypergrad_mu"] != 0:
-                    hits.append((t["hypergrad_mu"] > 0) == (before["severity_median"] > s_opt))
-        if hits:
-            n, k = len(hits), sum(hits)
+                    above = before["severity_median"] > s_opt
+                    signed.append(t["hypergrad_mu"] if above else -t["hypergrad_mu"])
+        if len(signed) > 1:
+            n, k = len(signed), sum(g > 0 for g in signed)
+            mean, sd = summarize(signed)
+            needed = (2 * sd / mean) ** 2 if mean > 0 else None
             out[v] = {"readings": n, "towards": k, "share": k / n,
-                      "z vs a coin": (k - n / 2) / math.sqrt(n / 4)}  # fmt: skip
+                      "z vs a coin": (k - n / 2) / math.sqrt(n / 4),
+                      "signed mean": mean, "signed std": sd,
+                      "updates for 2 se": needed}  # fmt: skip
     return out
 
 
@@ -393,8 +401,12 @@ def towards_lines(towards: dict, s_opt: float) -> list[str]:
     lines = [f"Update readings pointing towards the fitted optimum (s = {s_opt:.2f}) from where "
              "the run was:"]  # fmt: skip
     for v, t in towards.items():
+        need = t["updates for 2 se"]
+        need = f"after {need:.0f} updates" if need is not None else "never (its mean points away)"
         lines.append(f"- {v}: {t['towards']}/{t['readings']} ({100 * t['share']:.0f} %), "
-                     f"z {t['z vs a coin']:+.2f} against a coin")  # fmt: skip
+                     f"z {t['z vs a coin']:+.2f} against a coin; signed towards it "
+                     f"{t['signed mean']:+.4f} ± {t['signed std']:.4f} (mean ± std): "
+                     f"2 se clear of zero {need}")  # fmt: skip
     return lines
 
 

@@ -261,7 +261,12 @@ def test_readings_towards_the_optimum_count_each_update_from_where_the_run_was()
     t = t[study.HELDOUT[2]]
     assert (t["readings"], t["towards"]) == (3, 2)
     assert t["z vs a coin"] == pytest.approx((2 - 1.5) / math.sqrt(0.75))
-    assert "2/3 (67 %), z +0.58" in "\n".join(study.towards_lines({study.HELDOUT[2]: t}, 2.0))
+    signed = [0.2, -0.1, 0.3]  # towards: +
+    assert t["signed mean"] == pytest.approx(statistics.fmean(signed))
+    assert t["signed std"] == pytest.approx(statistics.stdev(signed))
+    assert t["updates for 2 se"] == pytest.approx((2 * statistics.stdev(signed) / 0.4 * 3) ** 2)
+    text = "\n".join(study.towards_lines({study.HELDOUT[2]: t}, 2.0))
+    assert "2/3 (67 %), z +0.58" in text and "2 se clear of zero after 10 updates" in text
 
 
 def test_a_report_takes_missing_runs_from_a_record(tmp_path) -> None:
