@@ -402,7 +402,8 @@ def towards_lines(towards: dict, s_opt: float) -> list[str]:
              "the run was:"]  # fmt: skip
     for v, t in towards.items():
         need = t["updates for 2 se"]
-        need = f"after {need:.0f} updates" if need is not None else "never (its mean points away)"
+        need = ("never (its mean points away)" if need is None
+                else "beyond 10,000 updates" if need > 1e4 else f"after {need:.0f} updates")  # fmt: skip
         lines.append(f"- {v}: {t['towards']}/{t['readings']} ({100 * t['share']:.0f} %), "
                      f"z {t['z vs a coin']:+.2f} against a coin; signed towards it "
                      f"{t['signed mean']:+.4f} ± {t['signed std']:.4f} (mean ± std): "
@@ -534,6 +535,8 @@ def main() -> None:
             if (run.variant, run.seed) not in here and run.seed in args.seeds:
                 runs.append(run)
                 here.add((run.variant, run.seed))
+        order = list(VARIANTS)  # one order, wherever a run came from: the same report
+        runs.sort(key=lambda r: (order.index(r.variant), r.seed))
     elif args.records:
         raise SystemExit("--records reports: add --report")
     train(runs, args)

@@ -267,6 +267,10 @@ def test_readings_towards_the_optimum_count_each_update_from_where_the_run_was()
     assert t["updates for 2 se"] == pytest.approx((2 * statistics.stdev(signed) / 0.4 * 3) ** 2)
     text = "\n".join(study.towards_lines({study.HELDOUT[2]: t}, 2.0))
     assert "2/3 (67 %), z +0.58" in text and "2 se clear of zero after 10 updates" in text
+    far = {study.HELDOUT[2]: {**t, "updates for 2 se": 2e5}}
+    assert "beyond 10,000 updates" in "\n".join(study.towards_lines(far, 2.0))
+    away = {study.HELDOUT[2]: {**t, "updates for 2 se": None}}
+    assert "never (its mean points away)" in "\n".join(study.towards_lines(away, 2.0))
 
 
 def test_a_report_takes_missing_runs_from_a_record(tmp_path) -> None:
