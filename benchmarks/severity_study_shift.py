@@ -21,6 +21,8 @@ and of the other starts, corruption error inside the sweep's 95 % interval for o
     python benchmarks/severity_study_shift.py            # the study (the gate first; 55 runs)
     python benchmarks/severity_study_shift.py --variants fixed_s0.25 fixed_s8 --seeds 0   # a pilot
     python benchmarks/severity_study_shift.py --report   # the finished runs only (partial.*)
+    python benchmarks/severity_study_shift.py --report --out DIR --records OTHER/study.json \
+        --record_variants fixed_s0.25 ...   # DIR's runs judged against a committed sweep
     python benchmarks/severity_study_shift.py --judge "-C NLL"   # fit, gate and goal on the -C NLL
 
 ``--judge "-C NLL"`` reads the -C NLL instead of the issue's mean corruption error, and writes
