@@ -209,7 +209,7 @@ def runs_from_records(paths: list[str], variants: list[str], args, out: Path) ->
                 run.result = {"config": _variant_config(variant), "history": entry["history"],
                               "severity_trajectory": entry["severity_trajectory"],
                               "evaluation": entry["evaluation"], "_seconds": entry["seconds"],
-                              "_cpu_seconds": entry["cpu_seconds"], "_record": str(path)}  # fmt: skip
+                              "_cpu_seconds": entry["cpu_seconds"]}  # fmt: skip
                 runs.append(run)
     return runs
 
