@@ -33,7 +33,7 @@ def _objective(run) -> str | None:
     return cfg["severity_objective"] if cfg["aug_type"] == LEARNED else None
 
 
-def error_vs_severity(runs, fit: dict | None, out: Path) -> Path:
+def error_vs_severity(runs, fit: dict | None, out: Path, prefix: str = "") -> Path:
     """Every run's judged metric (mean corruption error unless the fit says another) at the
     severity its ops received at the end; the fit."""
     import numpy as np
@@ -67,10 +67,10 @@ def error_vs_severity(runs, fit: dict | None, out: Path) -> Path:
     ax.set_title(f"Severity study: {metric} against severity")
     ax.legend(fontsize=6.5)
     name = "error" if metric == "mean corruption error" else metric.replace(" ", "_").strip("-")
-    return _save(fig, out / f"{name.lower()}_vs_severity.png")
+    return _save(fig, out / f"{prefix}{name.lower()}_vs_severity.png")
 
 
-def trajectories(runs, fit: dict | None, out: Path) -> Path:
+def trajectories(runs, fit: dict | None, out: Path, prefix: str = "") -> Path:
     """The learned severity's median over training, one line per run."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -93,10 +93,10 @@ def trajectories(runs, fit: dict | None, out: Path) -> Path:
     ax.set_ylabel("median severity received by the ops")
     ax.set_title("Where the learned severity went (one line per seed)")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out / "severity_trajectory.png")
+    return _save(fig, out / f"{prefix}severity_trajectory.png")
 
 
-def snr_per_epoch(runs, out: Path) -> Path:
+def snr_per_epoch(runs, out: Path, prefix: str = "") -> Path:
     """Each epoch's hypergradient signal-to-noise (mean / standard error of the updates' dL/dmu):
     beyond ±2 the severity moves by the held-out loss, inside it by noise."""
     plt = _plt()
@@ -119,13 +119,15 @@ def snr_per_epoch(runs, out: Path) -> Path:
     ax.set_ylabel("hypergradient of mu: mean / standard error")
     ax.set_title("Held-out hypergradient signal-to-noise per epoch (> 0: severity goes down)")
     ax.legend(fontsize=7)
-    return _save(fig, out / "snr_per_epoch.png")
+    return _save(fig, out / f"{prefix}snr_per_epoch.png")
 
 
-def plot_all(runs, summary: dict, fit: dict | None, out: Path) -> list[Path]:
-    paths = [error_vs_severity(runs, fit, out)]
+def plot_all(runs, summary: dict, fit: dict | None, out: Path, prefix: str = "") -> list[Path]:
+    """Every picture the runs call for, named ``prefix`` + its name (a pilot's: ``pilot-``, so
+    that it leaves a study's pictures in the same folder as they were)."""
+    paths = [error_vs_severity(runs, fit, out, prefix)]
     if any(_objective(r) for r in runs):
-        paths.append(trajectories(runs, fit, out))
+        paths.append(trajectories(runs, fit, out, prefix))
     if any(_objective(r) == "heldout" for r in runs):
-        paths.append(snr_per_epoch(runs, out))
+        paths.append(snr_per_epoch(runs, out, prefix))
     return paths

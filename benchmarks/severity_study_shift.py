@@ -577,7 +577,8 @@ def main() -> None:
     record["run-equivalents"] = run_equivalents(summary)
     from severity_study_plots import plot_all
 
-    record["pngs"] = [str(p) for p in plot_all(runs, summary, fit, out)]
+    pngs = plot_all(runs, summary, fit, out, prefix="pilot-" if pilot else "")
+    record["pngs"] = [str(p) for p in pngs]
     record["per_run"] = {v: [{"seed": r.seed, "history": r.result["history"],
                               "severity_trajectory": r.result["severity_trajectory"],
                               "evaluation": r.result["evaluation"],

@@ -166,6 +166,8 @@ def test_plots_are_written(tmp_path) -> None:
         "error_vs_severity.png", "severity_trajectory.png", "snr_per_epoch.png"
     ]  # fmt: skip
     assert all(p.stat().st_size > 10_000 for p in paths)
+    pilot = plot_all(runs, {}, fit, tmp_path, prefix="pilot-")  # beside, not over, the study's
+    assert [p.name for p in pilot] == ["pilot-" + p.name for p in paths]
 
 
 def test_a_cached_evaluation_gains_the_held_out_figures_in_one_pass(tmp_path, monkeypatch) -> None:
